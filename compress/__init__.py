@@ -1,0 +1,5 @@
+"""Stage 1: compression methods that return structurally smaller models."""
+from pocketformer.compress.registry import METHODS, Calibration, get_method, parse_params, run_step
+from pocketformer.compress import drop_layers as _drop_layers  # noqa: F401  (registers)
+
+__all__ = ["METHODS", "Calibration", "get_method", "parse_params", "run_step"]

@@ -1,0 +1,5 @@
+import sys
+
+from pocketformer.cli import main
+
+sys.exit(main())

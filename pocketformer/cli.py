@@ -1,0 +1,320 @@
+"""The `pocketformer` command. Exit codes: 0 ok, 2 bad input, 3 budget/gate failed,
+4 runtime or device failure, 130 interrupted."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+
+from pocketformer.errors import (EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME,
+                                 BadInputError, BudgetError, PocketformerError)
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party chatter (hub warnings, optional kernels) off the user's terminal."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("torchao", "torch.onnx", "torch._export", "torch.export", "torch.utils._pytree",
+                 "onnxscript", "executorch", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ---- compress options generated from the method registry --------------------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _arg_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) and args:
+        tp = args[0]
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1]
+        return lambda s: [inner(x) for x in s.split(",") if x.strip()]
+    if tp is bool:
+        return lambda s: {"true": True, "false": False, "1": True, "0": False}[s.lower()]
+    return tp
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> dict[str, set[str]]:
+    from pocketformer.compress import METHODS
+
+    owners: dict[str, set[str]] = {}
+    group = p.add_argument_group("method options (each applies to the methods named)")
+    seen = {}
+    for method in METHODS.values():
+        hints = typing.get_type_hints(method.config_cls)
+        for f in dataclasses.fields(method.config_cls):
+            owners.setdefault(f.name, set()).add(method.name)
+            if f.name in seen:
+                continue
+            seen[f.name] = True
+            group.add_argument(_flag(f.name), dest=f"opt_{f.name}", type=_arg_type(hints[f.name]),
+                               default=None, metavar=f.name.upper())
+    for name, methods in owners.items():
+        for action in group._group_actions:
+            if action.dest == f"opt_{name}":
+                action.help = f"({', '.join(sorted(methods))})"
+    return owners
+
+
+def _method_params(args, owners: dict[str, set[str]], method: str) -> dict:
+    params = {}
+    for name, methods in owners.items():
+        value = getattr(args, f"opt_{name}")
+        if value is None:
+            continue
+        if method not in methods:
+            raise BadInputError(f"option {_flag(name)} does not apply to method {method!r}",
+                                field=_flag(name))
+        params[name] = value
+    return params
+
+
+# ---- commands -------------------------------------------------------------------------------------
+
+def cmd_build(args) -> int:
+    from pocketformer.pipeline import build, check_out_dir
+    from pocketformer.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out or Path("out") / recipe.path.stem)
+    check_out_dir(out)
+    report = build(recipe, out)
+    _print_summary(report, out)
+    if not report.passed:
+        failed = "; ".join(f"{b['name']} {b.get('target') or ''} {b['detail']}".strip()
+                           for b in report.failed_checks())
+        raise BudgetError(f"budget failed: {failed} (see {out / 'report.md'})")
+    return EXIT_OK
+
+
+def _print_summary(report, out: Path) -> None:
+    from pocketformer.report import REPORT_MD
+
+    m = report.model
+    print(f"model      {m['source']} ({m['family']}): {m['before']['params']:,} -> "
+          f"{m['after']['params']:,} params, {m['before']['num_layers']} -> {m['after']['num_layers']} layers")
+    if report.quality:
+        q = report.quality
+        print(f"quality    {q['metric']} {q['before']:.4f} -> {q['after']:.4f} "
+              f"(relative drop {q['relative_drop']:+.2%})")
+    for a in report.artifacts:
+        print(f"artifact   {a['path']}: {a['size_mb']:.1f} MB, parity cos {a['parity']['cosine']:.6f}")
+    for b in report.bench:
+        print(f"bench      {b['artifact']} [{b['runtime']}, {b['target']}, {b['threads']} threads]: "
+              f"p50 {b['latency_ms']['p50']:.2f} ms, p90 {b['latency_ms']['p90']:.2f} ms, "
+              f"peak RSS {b['peak_rss_mb']:.0f} MB")
+    print("timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items()))
+    verdict = {True: "PASSED", False: "FAILED", None: "no budgets"}[report.passed]
+    print(f"budgets    {verdict}; report: {out / REPORT_MD}")
+
+
+def cmd_compress(args, owners) -> int:
+    from pocketformer.compress import Calibration, get_method, parse_params, run_step
+    from pocketformer.data import DataSpec, load_for
+    from pocketformer.models import load_model, save_model
+
+    method = get_method(args.method, field="--method")
+    config = parse_params(method, _method_params(args, owners, method.name))
+    calib = None
+    loaded = load_model(args.model)
+    if args.calibration:
+        spec = DataSpec.parse(args.calibration, field="--calibration")
+        spec.check_exists(field="--calibration")
+        calib = Calibration(load_for(loaded.adapter.data_kind, spec), seq_len=args.seq_len,
+                            max_samples=args.samples)
+    elif method.needs_calibration(config):
+        raise BadInputError(f"method {method.name!r} with these options needs --calibration FILE",
+                            field="--calibration")
+    before = loaded.adapter.describe(loaded.model)
+    record = run_step(loaded, method.name, config, calib)
+    after = loaded.adapter.describe(loaded.model)
+    save_model(loaded, args.out)
+    print(json.dumps({"out": str(args.out), "step": record,
+                      "params": [before["params"], after["params"]],
+                      "layers": [before["num_layers"], after["num_layers"]]}, indent=2))
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from pocketformer.export import ExportConfig, export_model
+    from pocketformer.models import load_model
+    from pocketformer.schema import from_dict
+
+    raw = {"formats": [f.strip() for f in args.format.split(",") if f.strip()],
+           "quantize": args.quantize, "batch": args.batch}
+    if args.seq_len:
+        raw["seq_len"] = args.seq_len
+    cfg = from_dict(ExportConfig, raw, prefix="export")
+    loaded = load_model(args.model)
+    records = export_model(loaded, args.out, cfg)
+    failed = []
+    for r in records:
+        p = r.parity
+        print(f"{Path(args.out) / r.path}: {r.size_mb:.1f} MB, parity cos {p['cosine']:.7f} "
+              f"max|diff| {p['max_abs_diff']:.2e} {'ok' if p['passed'] else 'FAILED'}")
+        if not p["passed"]:
+            failed.append(r.path)
+    if failed:
+        raise BudgetError(f"parity gate failed for {', '.join(failed)} (limits: cosine >= "
+                          f"{cfg.parity_min_cosine}, max |diff| <= {cfg.parity_max_abs})")
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from pocketformer import fsutil
+    from pocketformer.runtime_bench import BenchConfig, bench
+    from pocketformer.schema import from_dict
+
+    cfg = from_dict(BenchConfig, {"targets": [t.strip() for t in args.target.split(",")],
+                                  "runs": args.runs, "warmup": args.warmup, "threads": args.threads},
+                    prefix="bench")
+    results = bench(args.artifacts, cfg, inputs=args.inputs)
+    for r in results:
+        lat = r.latency_ms
+        print(f"{r.artifact} [{r.runtime}, {r.target}, {r.threads} threads]: load {r.load_ms:.1f} ms, "
+              f"first {r.first_inference_ms:.1f} ms, p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f}, "
+              f"p99 {lat['p99']:.2f}, peak RSS {r.peak_rss_mb:.0f} MB")
+    if args.json:
+        fsutil.write_json(args.json, {"schema_version": 1, "results": [r.to_dict() for r in results]})
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from pocketformer import fsutil
+    from pocketformer.data import DataSpec, load_for
+    from pocketformer.evaluation import EvalOptions, check_task, evaluate
+    from pocketformer.models import load_model
+
+    spec = DataSpec.parse(args.data, field="--data")
+    spec.check_exists(field="--data")
+    loaded = load_model(args.model)
+    task = args.task or loaded.adapter.task
+    check_task(loaded, task)
+    data = load_for(loaded.adapter.data_kind, spec)
+    result = evaluate(loaded, task, data, opts=EvalOptions(seq_len=args.seq_len,
+                                                           max_windows=args.max_windows))
+    print(f"{result.metric} {result.value:.6g} ({result.samples} samples of {result.data}, "
+          f"{result.seconds:.1f}s)")
+    if args.json:
+        blob = result.to_dict()
+        blob[result.metric] = result.value
+        blob["model"] = str(args.model)
+        fsutil.write_json(args.json, blob)
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from pocketformer.report import REPORT_MD, Report
+
+    report = Report.load(args.dir)
+    report.write(args.dir)
+    _print_summary(report, Path(args.dir))
+    if report.passed is False:
+        print(f"see {Path(args.dir) / REPORT_MD}", file=sys.stderr)
+        return EXIT_BUDGET
+    return EXIT_OK
+
+
+def cmd_models(args) -> int:
+    from pocketformer.compress import METHODS
+    from pocketformer.models import BUILTIN_MODELS, supported_families
+
+    print("built-in models:")
+    for name, desc in BUILTIN_MODELS.items():
+        print(f"  {name:10s} {desc}")
+    print(f"families: {supported_families()}")
+    print("compression methods:")
+    for m in METHODS.values():
+        print(f"  {m.name:14s} {m.summary}")
+    return EXIT_OK
+
+
+def make_parser():
+    p = argparse.ArgumentParser(
+        prog="pocketformer",
+        description="Compress a pre-trained transformer for your data, export it for phones, measure it.",
+        epilog="exit codes: 0 ok, 2 bad input, 3 budget failed, 4 runtime/device failure")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="run a recipe: compress -> export -> bench -> eval -> gate")
+    b.add_argument("recipe")
+    b.add_argument("--out", help="output directory (default out/<recipe name>)")
+
+    c = sub.add_parser("compress", help="apply one compression method and save the model")
+    c.add_argument("--model", required=True, help="built-in name, HF directory, .gguf or config.json")
+    c.add_argument("--method", required=True)
+    c.add_argument("--calibration", help="calibration data, PATH[@START:END]")
+    c.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
+    c.add_argument("--samples", type=int, default=128, help="calibration samples")
+    c.add_argument("--out", required=True)
+    owners = _add_method_options(c)
+
+    e = sub.add_parser("export", help="export a model to ONNX and/or ExecuTorch with parity checks")
+    e.add_argument("model")
+    e.add_argument("--format", default="onnx,pte")
+    e.add_argument("--quantize", default="fp32")
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--seq-len", type=int)
+    e.add_argument("--out", required=True)
+
+    n = sub.add_parser("bench", help="measure artifacts (latency distribution, load time, memory)")
+    n.add_argument("artifacts", nargs="+")
+    n.add_argument("--target", default="host")
+    n.add_argument("--runs", type=int, default=30)
+    n.add_argument("--warmup", type=int, default=5)
+    n.add_argument("--threads", type=int, default=2)
+    n.add_argument("--inputs", help=".npz of inputs (default: the artifact's .inputs.npz)")
+    n.add_argument("--json", help="write results here")
+
+    v = sub.add_parser("eval", help="perplexity, STS Spearman or accuracy of a model")
+    v.add_argument("model")
+    v.add_argument("--task", choices=["ppl", "sts", "accuracy"])
+    v.add_argument("--data", required=True, help="PATH[@START:END]")
+    v.add_argument("--seq-len", type=int, default=256, help="perplexity window")
+    v.add_argument("--max-windows", type=int, default=64, help="perplexity windows scored")
+    v.add_argument("--json")
+
+    r = sub.add_parser("report", help="re-render report.md from OUT/report.json and print the verdict")
+    r.add_argument("dir")
+
+    sub.add_parser("models", help="list built-in models, families and compression methods")
+    return p, owners
+
+
+def main(argv=None) -> int:
+    _quiet_libraries()
+    parser, owners = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "compress":
+            return cmd_compress(args, owners)
+        handler = {"build": cmd_build, "export": cmd_export, "bench": cmd_bench, "eval": cmd_eval,
+                   "report": cmd_report, "models": cmd_models}[args.command]
+        return handler(args)
+    except PocketformerError as e:
+        print(f"pocketformer: error: {e.describe()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("pocketformer: interrupted; no partial artifacts were kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug or an unexpected runtime failure: say so, keep exit code 4
+        if os.environ.get("POCKETFORMER_DEBUG"):
+            raise
+        print(f"pocketformer: error: unexpected {type(e).__name__}: {e} "
+              "(set POCKETFORMER_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Vision Transformers (transformers' ViTForImageClassification)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pocketformer.models.base import AttentionSpec, FFNSpec, LoadedModel, ModelAdapter
+
+
+class ClassifierLogits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+class ViTAdapter(ModelAdapter):
+    family = "vit"
+    model_types = ("vit",)
+    task = "accuracy"
+    data_kind = "images"
+    input_names = ("pixel_values",)
+    output_names = ("logits",)
+
+    def from_config(self, config, source: str) -> LoadedModel:
+        from transformers import ViTForImageClassification
+
+        torch.manual_seed(0)
+        model = ViTForImageClassification(config).eval()
+        return LoadedModel(self, model, None, source, self._preprocessing(None, config))
+
+    def load_dir(self, path: Path, config) -> LoadedModel:
+        from transformers import ViTForImageClassification
+
+        model = ViTForImageClassification.from_pretrained(path, dtype=torch.float32).eval()
+        return LoadedModel(self, model, None, str(path), self._preprocessing(path, model.config))
+
+    @staticmethod
+    def _preprocessing(path: Path | None, config) -> dict:
+        pre = {"image_size": config.image_size, "num_channels": config.num_channels,
+               "image_mean": [0.5] * config.num_channels, "image_std": [0.5] * config.num_channels}
+        for name in ("preprocessor_config.json", "pocketformer.json"):
+            f = path / name if path else None
+            if f is not None and f.is_file():
+                blob = json.loads(f.read_text())
+                blob = blob.get("extras", blob)
+                for key in ("image_mean", "image_std"):
+                    if key in blob:
+                        pre[key] = list(blob[key])
+        return pre
+
+    def layers(self, model):
+        return model.vit.layers
+
+    def _set_layer_list(self, model, layers):
+        model.vit.layers = layers
+
+    def attention(self, layer, config) -> AttentionSpec:
+        a = layer.attention
+        heads = a.q_proj.out_features // a.head_dim
+        return AttentionSpec(a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                             num_heads=heads, num_kv_heads=heads, head_dim=a.head_dim)
+
+    def ffn(self, layer) -> FFNSpec:
+        return FFNSpec([layer.mlp.fc1], layer.mlp.fc2)
+
+    def export_module(self, loaded):
+        return ClassifierLogits(loaded.model).eval()
+
+    def example_inputs(self, loaded, batch=1, seq_len=None):
+        c = loaded.model.config
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(batch, c.num_channels, c.image_size, c.image_size, generator=g),)
+
+    def dynamic_axes(self):
+        return {"pixel_values": {0: "batch"}}
+
+    def pixel_values(self, loaded, data) -> torch.Tensor:
+        """Raw images (N,H,W[,C], uint8 or float in [0,1]) -> normalised N,C,S,S tensors."""
+        x = torch.as_tensor(np.asarray(data.images))
+        if data.preprocessed:
+            return x.float()
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        x = x.float()
+        if x.ndim == 3:
+            x = x.unsqueeze(-1)
+        x = x.permute(0, 3, 1, 2)
+        pre = loaded.extras
+        c = pre["num_channels"]
+        if x.shape[1] != c:
+            x = x.mean(1, keepdim=True).expand(-1, c, -1, -1)
+        size = pre["image_size"]
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        mean = torch.tensor(pre["image_mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(pre["image_std"]).view(1, -1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def calibration_inputs(self, loaded, data, *, max_samples, seq_len, batch_size=8, seed=0):
+        x = self.pixel_values(loaded, data)[:max_samples]
+        return [(x[i:i + batch_size],) for i in range(0, len(x), batch_size)]

@@ -1,0 +1,109 @@
+"""`pocketformer build`: compress -> export -> bench -> eval -> gate, one recipe, one report.
+
+Output directory layout:
+    OUT/model/        the compressed model (Hugging Face format + pocketformer.json)
+    OUT/artifacts/    model.onnx, model.pte, each with .json sidecar and .inputs.npz
+    OUT/report.json   the versioned report; OUT/report.md the same for people
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pocketformer.compress import Calibration, run_step
+from pocketformer.data import load_for
+from pocketformer.errors import BadInputError
+from pocketformer.evaluation import EvalOptions, evaluate, relative_drop
+from pocketformer.export import export_model
+from pocketformer.models import load_model, save_model
+from pocketformer.progress import say
+from pocketformer.recipe import Recipe
+from pocketformer.report import Report, apply_budgets
+from pocketformer.runtime_bench import bench
+from pocketformer.versions import versions
+
+
+class StageClock:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def build(recipe: Recipe, out_dir: str | Path) -> Report:
+    out = Path(out_dir)
+    clock = StageClock()
+    report = Report(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    tool=versions(),
+                    recipe={"path": str(recipe.path), "sha256": recipe.sha256, "content": recipe.raw})
+
+    with clock.stage("load"):
+        say(f"load: {recipe.model.source}")
+        loaded = load_model(recipe.model.source)
+    adapter = loaded.adapter
+    task = recipe.data.task or adapter.task
+    eval_opts = EvalOptions(seq_len=recipe.data.eval_seq_len, max_windows=recipe.data.eval_max_windows)
+    with clock.stage("data"):
+        calib_data = load_for(adapter.data_kind, recipe.calibration) if recipe.calibration else None
+        eval_data = load_for(adapter.data_kind, recipe.evaluation) if recipe.evaluation else None
+    report.model = {"source": recipe.model.source, "family": adapter.family,
+                    "before": adapter.describe(loaded.model)}
+
+    quality_before = None
+    if eval_data is not None:
+        with clock.stage("eval_before"):
+            say(f"eval: {task} on the uncompressed model")
+            quality_before = evaluate(loaded, task, eval_data, opts=eval_opts)
+
+    calib = None
+    if calib_data is not None:
+        calib = Calibration(calib_data, seq_len=recipe.data.seq_len,
+                            max_samples=recipe.data.calibration_samples)
+    with clock.stage("compress"):
+        for step in recipe.steps:
+            run_step(loaded, step.method, step.config, calib)
+    report.compress = {"steps": loaded.history}
+    report.model["after"] = adapter.describe(loaded.model)
+    with clock.stage("save"):
+        save_model(loaded, out / "model")
+
+    if eval_data is not None:
+        with clock.stage("eval_after"):
+            say(f"eval: {task} on the compressed model")
+            after = evaluate(loaded, task, eval_data, opts=eval_opts)
+        report.quality = {
+            "task": task, "metric": after.metric, "higher_is_better": after.higher_is_better,
+            "before": quality_before.value, "after": after.value,
+            "relative_drop": relative_drop(quality_before.value, after.value, after.higher_is_better),
+            "data": after.data, "samples": after.samples,
+        }
+
+    with clock.stage("export"):
+        records = export_model(loaded, out / "artifacts", recipe.export)
+    report.artifacts = [dict(r.to_dict(), path=f"artifacts/{r.path}") for r in records]
+
+    with clock.stage("bench"):
+        results = bench([out / a["path"] for a in report.artifacts], recipe.bench)
+    report.bench = []
+    for r in results:
+        d = r.to_dict()
+        d["artifact"] = str(Path(d["artifact"]).relative_to(out))
+        report.bench.append(d)
+
+    report.timings_s = clock.timings
+    apply_budgets(report, recipe.budgets)
+    report.write(out)
+    return report
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadInputError("output path exists and is not a directory", file=str(out))

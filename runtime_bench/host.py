@@ -1,0 +1,130 @@
+"""Host target: each artifact benchmarked through its Python runtime in a fresh subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pocketformer.errors import BadInputError, RuntimeFailure
+from pocketformer.export import load_sidecar
+from pocketformer.export.runtimes import RUNNERS
+from pocketformer.progress import say
+from pocketformer.runtime_bench.stats import summarize
+
+TARGETS = ("host",)
+
+
+@dataclass
+class BenchConfig:
+    targets: list[str] = field(default_factory=lambda: ["host"])
+    warmup: int = 5
+    runs: int = 30
+    threads: int = 2
+
+    def validate(self) -> None:
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise BadInputError(f"unsupported target(s) {bad}; supported: {', '.join(TARGETS)}",
+                                field="targets")
+        if self.runs < 1 or self.warmup < 0 or self.threads < 1:
+            raise BadInputError("runs >= 1, warmup >= 0 and threads >= 1 are required",
+                                field="runs")
+
+
+@dataclass
+class BenchResult:
+    artifact: str
+    format: str
+    runtime: str
+    runner: str
+    target: str
+    threads: int
+    warmup: int
+    runs: int
+    load_ms: float
+    first_inference_ms: float
+    latency_ms: dict
+    inferences_per_s: float
+    peak_rss_mb: float
+    runtime_overhead_rss_mb: float
+    input_shapes: dict
+    device: dict
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def host_device() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"target": "host", "machine": platform.machine(), "cpu": model,
+            "logical_cores": os.cpu_count(), "os": platform.platform()}
+
+
+def _inputs_file(artifact: Path, inputs: str | None) -> Path:
+    if inputs:
+        path = Path(inputs)
+        if not path.is_file():
+            raise BadInputError("inputs file not found", file=inputs)
+        return path
+    path = Path(f"{artifact}.inputs.npz")
+    if not path.is_file():
+        raise BadInputError("no inputs: this artifact has no <artifact>.inputs.npz beside it "
+                            "(pocketformer export writes one); pass --inputs FILE.npz",
+                            file=str(artifact))
+    return path
+
+
+def bench_host(artifact: str | Path, cfg: BenchConfig, *, inputs: str | None = None) -> BenchResult:
+    import numpy as np
+
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise BadInputError("artifact not found", file=str(artifact))
+    if artifact.suffix not in RUNNERS:
+        raise BadInputError(f"unknown artifact type {artifact.suffix!r}; expected .onnx or .pte",
+                            file=str(artifact))
+    inputs_path = _inputs_file(artifact, inputs)
+    say(f"bench: {artifact.name} on host ({cfg.warmup} warm-up, {cfg.runs} runs, {cfg.threads} threads)")
+    cmd = [sys.executable, "-m", "pocketformer.runtime_bench.worker", str(artifact),
+           "--inputs", str(inputs_path), "--warmup", str(cfg.warmup), "--runs", str(cfg.runs),
+           "--threads", str(cfg.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeFailure(f"benchmark process failed (exit {proc.returncode}): {tail}",
+                             file=str(artifact), device="host")
+    raw = json.loads(proc.stdout)
+    with np.load(inputs_path) as z:
+        shapes = {k: list(z[k].shape) for k in z.files}
+    stats = summarize(raw["latencies_ms"])
+    side = load_sidecar(artifact) or {}
+    return BenchResult(
+        artifact=str(artifact), format=artifact.suffix.lstrip("."), runtime=raw["runtime"],
+        runner="python", target="host", threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs,
+        load_ms=raw["load_ms"], first_inference_ms=raw["first_inference_ms"], latency_ms=stats,
+        inferences_per_s=1e3 / stats["mean"], peak_rss_mb=raw["peak_rss_mb"],
+        runtime_overhead_rss_mb=raw["peak_rss_mb"] - raw["baseline_rss_mb"],
+        input_shapes=shapes or {i["name"]: i["shape"] for i in side.get("inputs", [])},
+        device=host_device(), latencies_ms=raw["latencies_ms"])
+
+
+def bench(artifacts, cfg: BenchConfig, *, inputs: str | None = None) -> list[BenchResult]:
+    results = []
+    for target in cfg.targets:
+        for artifact in artifacts:
+            if target == "host":
+                results.append(bench_host(artifact, cfg, inputs=inputs))
+    return results

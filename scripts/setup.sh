@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install pocketformer (editable) with its pinned runtimes and built-in models.
+#   scripts/setup.sh        runtime only
+#   scripts/setup.sh dev    plus the test dependencies
+# Idempotent: a second run only re-checks what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+extra=""
+[ "${1:-}" = "dev" ] && extra="[dev]"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.pocketformer-installed${extra:+-dev}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    # torch first and exactly pinned: a looser request pulls a multi-GB CUDA build here.
+    .venv/bin/pip install --quiet "torch==2.13.0"
+    .venv/bin/pip install --quiet -e ".${extra}"
+    touch "$stamp"
+fi

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random-weight models of each family (fast structural tests) and the
+paths of the real data in ../shared/data (quality tests on the real pre-trained models)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("POCKETFORMER_NO_PROGRESS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+WIKITEXT = SHARED / "wikitext-2" / "valid.txt"
+STS_DEV = SHARED / "stsbenchmark" / "sts-dev.csv"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> dict[str, Path]:
+    missing = [p for p in (WIKITEXT, STS_DEV) if not p.is_file()]
+    assert not missing, f"shared data missing (expected beside the repo): {missing}"
+    return {"wikitext": WIKITEXT, "sts": STS_DEV}
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> Path:
+    """~40 KB of WikiText for tiny-model calibration."""
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(WIKITEXT.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
+
+
+def _byte_bpe_tokenizer(text_file: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(text_file)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def _save_causal(tmp_path_factory, small_text, model_type: str) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp(f"tiny_{model_type}")
+    tok = _byte_bpe_tokenizer(small_text)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=6,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, small_text) -> Path:
+    return _save_causal(tmp_path_factory, small_text, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, small_text) -> Path:
+    return _save_causal(tmp_path_factory, small_text, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pocketformer.models import builtin_path
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(builtin_path("minilm"))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_config(tmp_path_factory) -> Path:
+    from transformers import ViTConfig
+
+    out = tmp_path_factory.mktemp("tiny_vit")
+    ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=4,
+              num_attention_heads=4, intermediate_size=64, num_labels=10).save_pretrained(out)
+    return out / "config.json"
+
+
+@pytest.fixture(scope="session")
+def digits_npz(tmp_path_factory) -> Path:
+    """scikit-learn's 8x8 digits, as raw images + labels."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    out = tmp_path_factory.mktemp("digits") / "digits.npz"
+    np.savez(out, images=(d.images / 16.0).astype("float32"), labels=d.target)
+    return out
