@@ -64,13 +64,37 @@ def builtin_path(name: str) -> Path:
     raise KeyError(name)
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("POCKETFORMER_CACHE", Path.home() / ".cache" / "pocketformer"))
+
+
+def _builtin_dir(name: str) -> Path:
+    """A built-in model as a Hugging Face directory.
+
+    A GGUF package is dequantised once into an fp32 directory under the cache (keyed by the
+    file's size and mtime), because parsing the GGUF and its tokenizer costs ~20 s per load.
+    """
+    path = builtin_path(name)
+    if path.is_dir():
+        return path
+    stat = path.stat()
+    cached = cache_dir() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (cached / "config.json").is_file():
+        from pocketformer.progress import say
+
+        say(f"converting {path.name} to an fp32 directory in {cached} (once)")
+        save_model(LlamaAdapter().load_gguf(path), cached)
+    return cached
+
+
 def load_model(source: str | os.PathLike) -> LoadedModel:
     """Load a built-in name, a local HF directory, a .gguf file or a config.json."""
     text = str(source)
     if text in BUILTIN_MODELS:
-        loaded = load_model(builtin_path(text))
+        loaded = load_model(_builtin_dir(text))
         loaded.source = text
         loaded.origin = text
+        loaded.history = []
         return loaded
     path = Path(text).expanduser()
     if not path.exists():

@@ -1,0 +1,64 @@
+"""The real SmolLM2-135M: drop layers, reload with plain transformers, ONNX parity on logits,
+perplexity on held-out WikiText (calibration on the first half, scoring on the second)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pocketformer.cli import main
+
+from conftest import WIKITEXT
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).parent / "pocketformer")
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smol") / "pruned"
+    code = main(["compress", "--model", "smollm2", "--method", "drop-layers", "--remove-layers", "2",
+                 "--calibration", f"{WIKITEXT}@0:0.5", "--seq-len", "128", "--samples", "16",
+                 "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_reloads_with_plain_transformers(pruned):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pruned)
+    assert model.config.num_hidden_layers == 28
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings
+    meta = json.loads((pruned / "pocketformer.json").read_text())
+    step = meta["history"][0]
+    assert step["details"]["layers_before"] == 30 and len(step["details"]["removed"]) == 2
+    # ShortGPT's observation holds on this model: the first layer is never the one to drop.
+    assert 0 not in step["details"]["removed"]
+
+
+def test_onnx_logits_parity(pruned, tmp_path):
+    out = tmp_path / "art"
+    code = main(["export", str(pruned), "--format", "onnx", "--seq-len", "64", "--out", str(out)])
+    assert code == 0
+    side = json.loads((out / "model.onnx.json").read_text())
+    assert side["parity"]["passed"] and side["parity"]["cosine"] >= 0.99999
+    assert side["parity"]["max_abs_diff"] < 1e-3
+    assert side["inputs"][0]["name"] == "input_ids" and side["outputs"] == ["logits"]
+
+
+def test_perplexity_on_held_out_text(pruned, tmp_path):
+    dense_json, pruned_json = tmp_path / "dense.json", tmp_path / "pruned.json"
+    for model, path in (("smollm2", dense_json), (str(pruned), pruned_json)):
+        proc = subprocess.run([CLI, "eval", model, "--task", "ppl", "--data", f"{WIKITEXT}@0.5:1",
+                               "--seq-len", "256", "--max-windows", "8", "--json", str(path)],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    dense = json.loads(dense_json.read_text())["perplexity"]
+    pruned_ppl = json.loads(pruned_json.read_text())["perplexity"]
+    assert 10 < dense < 60, "SmolLM2-135M on detokenised WikiText-2 with 256-token windows"
+    # Two of thirty layers, chosen by Block Influence, with no recovery.
+    assert dense < pruned_ppl < 1.5 * dense
