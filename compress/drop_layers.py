@@ -1,21 +1,20 @@
-"""`drop-layers`: remove whole transformer layers, chosen explicitly or by a simple criterion."""
+"""`drop-layers`: remove whole transformer layers, chosen explicitly or by one of the layer
+criteria (compress/criteria.py), in one shot and without recovery."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pocketformer.compress.criteria import CRITERIA, CriterionOptions, select_layers
 from pocketformer.compress.registry import Calibration, register
-from pocketformer.compress.scoring import block_influence
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
-
-CRITERIA = ("block-influence", "last")
 
 
 @dataclass
 class DropLayersConfig:
     layers: list[int] | None = None     # explicit 0-based indices to remove
     remove_layers: int | None = None    # or: how many to remove, picked by `criterion`
-    criterion: str = "block-influence"  # block-influence (ShortGPT) | last
+    criterion: str = "shortgpt"         # any layer criterion; see `pocketformer models`
 
     def validate(self) -> None:
         if (self.layers is None) == (self.remove_layers is None):
@@ -28,13 +27,12 @@ class DropLayersConfig:
                                 field="criterion")
 
     def needs_calibration(self) -> bool:
-        return self.layers is None and self.criterion == "block-influence"
-
+        return self.layers is None and self.criterion not in ("last", "random")
 
 
 @register("drop-layers", DropLayersConfig,
-          summary="remove whole layers: an explicit list, the last N, or the N with the lowest "
-                  "Block Influence on the calibration data")
+          summary="remove whole layers: an explicit list, or N chosen by a layer criterion "
+                  "(shortgpt, gromov, sleb, personalized, last, random), no recovery")
 def drop_layers(loaded: LoadedModel, config: DropLayersConfig, calib: Calibration | None) -> dict:
     n = len(loaded.adapter.layers(loaded.model))
     details: dict = {"layers_before": n}
@@ -47,16 +45,12 @@ def drop_layers(loaded: LoadedModel, config: DropLayersConfig, calib: Calibratio
             raise BadInputError("duplicate layer indices", field="layers")
         remove = sorted(config.layers)
     else:
-        k = config.remove_layers
-        if k >= n:
-            raise BadInputError(f"cannot remove {k} layers: the model has {n} (at least one must remain)",
-                                field="remove_layers")
-        if config.criterion == "last":
-            remove = list(range(n - k, n))
-        else:
-            scores = block_influence(loaded, calib.inputs(loaded))
-            details["scores"] = [round(s, 6) for s in scores]
-            remove = sorted(sorted(range(n), key=lambda i: scores[i])[:k])
+        batches = calib.inputs(loaded) if calib is not None else []
+        sel = select_layers(config.criterion, loaded, batches, config.remove_layers, CriterionOptions())
+        remove = sel.remove
+        if sel.scores is not None:
+            details["scores"] = [round(s, 6) for s in sel.scores]
+        details["scoring_seconds"] = sel.seconds
     if len(remove) >= n:
         raise BadInputError(f"cannot remove all {n} layers", field="layers")
     keep = [i for i in range(n) if i not in set(remove)]

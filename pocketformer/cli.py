@@ -126,16 +126,18 @@ def cmd_compress(args, owners) -> int:
 
     method = get_method(args.method, field="--method")
     config = parse_params(method, _method_params(args, owners, method.name))
-    calib = None
-    loaded = load_model(args.model)
+    spec = None
     if args.calibration:
         spec = DataSpec.parse(args.calibration, field="--calibration")
         spec.check_exists(field="--calibration")
-        calib = Calibration(load_for(loaded.adapter.data_kind, spec), seq_len=args.seq_len,
-                            max_samples=args.samples)
     elif method.needs_calibration(config):
         raise BadInputError(f"method {method.name!r} with these options needs --calibration FILE",
                             field="--calibration")
+    loaded = load_model(args.model)
+    calib = None
+    if spec is not None:
+        calib = Calibration(load_for(loaded.adapter.data_kind, spec), seq_len=args.seq_len,
+                            max_samples=args.samples)
     before = loaded.adapter.describe(loaded.model)
     record = run_step(loaded, method.name, config, calib)
     after = loaded.adapter.describe(loaded.model)

@@ -5,6 +5,7 @@ Compression methods, exporters and evaluators ask an adapter instead of reaching
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,19 @@ class LoadedModel:
         return self.model.config
 
 
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    """Shrink `linear` in place to the output features `rows` (real smaller tensors, not masks)."""
+    linear.weight = nn.Parameter(linear.weight.detach()[rows].clone())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach()[rows].clone())
+    linear.out_features = len(rows)
+
+
+def _keep_cols(linear: nn.Linear, cols: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())
+    linear.in_features = len(cols)
+
+
 def count_params(module: nn.Module) -> int:
     # parameters() yields a tied tensor once, which is the count that matters for size.
     return sum(p.numel() for p in module.parameters())
@@ -79,6 +93,7 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]]
     task: ClassVar[str]              # default eval task: ppl | sts | accuracy
     data_kind: ClassVar[str]         # text | pairs | images
+    pre_norm: ClassVar[bool]         # blocks add to the residual stream before normalising
     input_names: ClassVar[tuple[str, ...]]
     output_names: ClassVar[tuple[str, ...]]
 
@@ -86,16 +101,37 @@ class ModelAdapter:
     def load_dir(self, path: Path, config) -> LoadedModel:
         raise NotImplementedError
 
+    @staticmethod
+    def has_per_layer_shapes(path: Path) -> bool:
+        config = path / "config.json"
+        return config.is_file() and "pocketformer_layers" in json.loads(config.read_text())
+
     def save(self, loaded: LoadedModel, out_dir: Path) -> None:
-        """Write a directory that `load_dir` (and, for uniform shapes, plain transformers) reloads."""
+        """Write a directory that `load_dir` reloads.
+
+        Uniform shapes are written as plain config fields, so plain transformers loads the result.
+        Per-layer widths that differ are written as `pocketformer_layers` (a list of
+        {num_attention_heads, num_key_value_heads, intermediate_size}) in config.json; such a
+        directory needs `pocketformer.models.load_model`, which builds each layer at its size.
+        """
         out_dir.mkdir(parents=True, exist_ok=True)
-        config = loaded.model.config
+        model = loaded.model
+        config = model.config
         if getattr(config, "quantization_config", None) is not None:
             # A GGUF-loaded model is dequantized in memory; what we save is plain fp32.
             del config.quantization_config
-        if hasattr(loaded.model, "hf_quantizer"):
-            loaded.model.hf_quantizer = None
-        loaded.model.save_pretrained(out_dir)
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        shapes = self.layer_shapes(model)
+        uniform = self.uniform_config_fields(shapes, config) if shapes else {}
+        if hasattr(config, "pocketformer_layers"):
+            del config.pocketformer_layers
+        if uniform is None:
+            config.pocketformer_layers = shapes
+        else:
+            for key, value in uniform.items():
+                setattr(config, key, value)
+        model.save_pretrained(out_dir)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(out_dir)
         meta = {
@@ -103,9 +139,31 @@ class ModelAdapter:
             "origin": loaded.origin or loaded.source,
             "history": loaded.history,
             "extras": loaded.extras,
-            "params": count_params(loaded.model),
+            "params": count_params(model),
+            "per_layer_shapes": uniform is None,
         }
         (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def load_per_layer(self, path: Path, build) -> nn.Module:
+        """Build a model whose layers have different widths (config `pocketformer_layers`)."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        shapes = config.pocketformer_layers
+        model = build(config)
+        self.resize_to(model, shapes)
+        state = {}
+        for f in sorted(path.glob("*.safetensors")):
+            state.update(load_file(f))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"weights do not match the per-layer shapes: missing "
+                             f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        if tied:
+            model.tie_weights()
+        return model.eval()
 
     # ---- structure ----------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -152,6 +210,64 @@ class ModelAdapter:
                 if hasattr(sub, "layer_idx"):
                     sub.layer_idx = new_idx
 
+    # ---- width ---------------------------------------------------------------------------------
+    def keep_kv_heads(self, layer: nn.Module, config, keep_kv: Sequence[int]) -> None:
+        """Keep the KV heads `keep_kv` with their whole query groups; head_dim is untouched (RoPE).
+
+        Query head h reads KV head h // group_size (transformers' repeat_kv layout), so a group is
+        the contiguous query heads [kv * g, (kv + 1) * g). Without GQA a KV head is a head.
+        """
+        spec = self.attention(layer, config)
+        g, hd = spec.group_size, spec.head_dim
+        keep_kv = sorted(keep_kv)
+        if not keep_kv or keep_kv[0] < 0 or keep_kv[-1] >= spec.num_kv_heads:
+            raise ValueError(f"keep_kv must be non-empty indices < {spec.num_kv_heads}")
+        kv_rows = torch.cat([torch.arange(k * hd, (k + 1) * hd) for k in keep_kv])
+        q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd)
+                            for k in keep_kv for h in range(k * g, (k + 1) * g)])
+        _keep_rows(spec.q_proj, q_rows)
+        _keep_rows(spec.k_proj, kv_rows)
+        _keep_rows(spec.v_proj, kv_rows)
+        _keep_cols(spec.o_proj, q_rows)
+        self._sync_attention(layer, len(keep_kv) * g, len(keep_kv))
+
+    def _sync_attention(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        """Update the attention module's own head counters after a resize (family-specific)."""
+
+    def keep_ffn_channels(self, layer: nn.Module, keep: Sequence[int]) -> None:
+        spec = self.ffn(layer)
+        idx = torch.as_tensor(sorted(keep), dtype=torch.long)
+        if len(idx) == 0 or int(idx[-1]) >= spec.width:
+            raise ValueError(f"keep must be non-empty channel indices < {spec.width}")
+        for lin in spec.inputs:
+            _keep_rows(lin, idx)
+        _keep_cols(spec.output, idx)
+
+    def layer_shapes(self, model: nn.Module) -> list[dict]:
+        """Per-layer widths read off the weights (the source of truth after pruning)."""
+        shapes = []
+        for layer in self.layers(model):
+            a = self.attention(layer, model.config)
+            shapes.append({"num_attention_heads": a.num_heads, "num_key_value_heads": a.num_kv_heads,
+                           "intermediate_size": self.ffn(layer).width})
+        return shapes
+
+    def uniform_config_fields(self, shapes: list[dict], config) -> dict | None:
+        """Config fields that make plain transformers build these uniform shapes, or None when
+        the family's config cannot express them (then the per-layer loader is needed)."""
+        if any(s != shapes[0] for s in shapes):
+            return None
+        return dict(shapes[0])
+
+    def resize_to(self, model: nn.Module, shapes: list[dict]) -> None:
+        """Shrink a freshly built model's layers to `shapes` (weights are loaded afterwards)."""
+        for layer, shape in zip(self.layers(model), shapes):
+            a = self.attention(layer, model.config)
+            if shape["num_key_value_heads"] != a.num_kv_heads or shape["num_attention_heads"] != a.num_heads:
+                self.keep_kv_heads(layer, model.config, range(shape["num_key_value_heads"]))
+            if shape["intermediate_size"] != self.ffn(layer).width:
+                self.keep_ffn_channels(layer, range(shape["intermediate_size"]))
+
     def describe(self, model: nn.Module) -> dict:
         """Shapes and parameter counts, as the report shows them."""
         layers = self.layers(model)
@@ -178,6 +294,27 @@ class ModelAdapter:
             info["head_dim"] = attn[0].head_dim
             info["ffn_widths"] = [self.ffn(layer).width for layer in layers]
         return info
+
+    @contextlib.contextmanager
+    def active_layers(self, model: nn.Module, active: Sequence[int]):
+        """Run the model through the layers `active` only (no cache), restoring the stack after."""
+        full = self.layers(model)
+        self._set_layer_list(model, nn.ModuleList([full[i] for i in active]))
+        try:
+            yield
+        finally:
+            self._set_layer_list(model, full)
+
+    # ---- what the network outputs, for measuring a change in it ------------------------------
+    def output_features(self, loaded: LoadedModel, hidden: torch.Tensor,
+                        batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Map the last layer's output [B, T, d] to the features the task head reads, one row per
+        scored position ([N, d]): final-normed tokens, pooled sentences or the CLS token."""
+        raise NotImplementedError
+
+    def output_head(self, model: nn.Module) -> nn.Linear | None:
+        """The linear map from output features to logits (None when the output is an embedding)."""
+        return None
 
     # ---- inputs, outputs and export -----------------------------------------------------------
     def export_module(self, loaded: LoadedModel) -> nn.Module:

@@ -16,6 +16,12 @@ _ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_trans
              "1_Pooling")
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, normalize: bool) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return nn.functional.normalize(pooled, p=2.0, dim=-1) if normalize else pooled
+
+
 class SentenceEmbedding(nn.Module):
     """(input_ids, attention_mask) [B, T] -> sentence embedding [B, d]: masked mean pooling,
     then L2 normalisation when the model was trained with it (all-MiniLM-L6-v2 is)."""
@@ -27,11 +33,7 @@ class SentenceEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        if self.normalize:
-            pooled = nn.functional.normalize(pooled, p=2.0, dim=-1)
-        return pooled
+        return pool(hidden, attention_mask, self.normalize)
 
 
 class BertAdapter(ModelAdapter):
@@ -39,6 +41,7 @@ class BertAdapter(ModelAdapter):
     model_types = ("bert",)
     task = "sts"
     data_kind = "pairs"
+    pre_norm = False  # residual add before any normalisation (lsq recovery relies on it)
     input_names = ("input_ids", "attention_mask")
     output_names = ("sentence_embedding",)
     default_seq_len = 128
@@ -46,7 +49,10 @@ class BertAdapter(ModelAdapter):
     def load_dir(self, path: Path, config) -> LoadedModel:
         from transformers import AutoModel, AutoTokenizer
 
-        model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        if self.has_per_layer_shapes(path):
+            model = self.load_per_layer(path, AutoModel.from_config)
+        else:
+            model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         extras = {"normalize": False, "max_seq_length": 256, "source_dir": str(path)}
         modules = path / "modules.json"
@@ -84,11 +90,27 @@ class BertAdapter(ModelAdapter):
         return AttentionSpec(sa.query, sa.key, sa.value, layer.attention.output.dense,
                              num_heads=heads, num_kv_heads=heads, head_dim=head_dim)
 
+    def _sync_attention(self, layer, num_heads, num_kv_heads):
+        sa = layer.attention.self
+        sa.num_attention_heads = num_heads
+        sa.all_head_size = num_heads * sa.attention_head_size
+
+    def uniform_config_fields(self, shapes, config):
+        # BERT derives the head size from hidden_size / num_attention_heads, so a uniform head
+        # count other than the original cannot be expressed in its config.
+        fields = super().uniform_config_fields(shapes, config)
+        if fields is None or fields["num_attention_heads"] != config.num_attention_heads:
+            return None
+        return {"intermediate_size": fields["intermediate_size"]}
+
     def ffn(self, layer) -> FFNSpec:
         return FFNSpec([layer.intermediate.dense], layer.output.dense)
 
     def embeddings(self, model):
         return model.embeddings.word_embeddings
+
+    def output_features(self, loaded, hidden, batch):
+        return pool(hidden, batch[1], bool(loaded.extras.get("normalize")))
 
     def export_module(self, loaded):
         return SentenceEmbedding(loaded.model, bool(loaded.extras.get("normalize"))).eval()

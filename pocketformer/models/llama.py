@@ -26,6 +26,7 @@ class LlamaAdapter(ModelAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     task = "ppl"
     data_kind = "text"
+    pre_norm = True  # residual add before any normalisation (lsq recovery relies on it)
     input_names = ("input_ids",)
     output_names = ("logits",)
     default_seq_len = 128
@@ -33,7 +34,10 @@ class LlamaAdapter(ModelAdapter):
     def load_dir(self, path: Path, config) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if self.has_per_layer_shapes(path):
+            model = self.load_per_layer(path, AutoModelForCausalLM.from_config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         return LoadedModel(self, model, tokenizer, str(path))
 
@@ -65,6 +69,11 @@ class LlamaAdapter(ModelAdapter):
                              num_kv_heads=sa.k_proj.out_features // head_dim,
                              head_dim=head_dim)
 
+    def _sync_attention(self, layer, num_heads, num_kv_heads):
+        # Forward infers head counts from the projection sizes; the group size is unchanged
+        # because whole groups are removed.
+        layer.self_attn.num_key_value_groups = num_heads // num_kv_heads
+
     def ffn(self, layer) -> FFNSpec:
         mlp = layer.mlp
         return FFNSpec([mlp.gate_proj, mlp.up_proj], mlp.down_proj)
@@ -73,6 +82,12 @@ class LlamaAdapter(ModelAdapter):
         return model.model.embed_tokens
 
     def lm_head(self, model):
+        return model.lm_head
+
+    def output_features(self, loaded, hidden, batch):
+        return loaded.model.model.norm(hidden).reshape(-1, hidden.shape[-1])
+
+    def output_head(self, model):
         return model.lm_head
 
     def export_module(self, loaded: LoadedModel) -> nn.Module:

@@ -25,6 +25,7 @@ class ViTAdapter(ModelAdapter):
     model_types = ("vit",)
     task = "accuracy"
     data_kind = "images"
+    pre_norm = True  # residual add before any normalisation (lsq recovery relies on it)
     input_names = ("pixel_values",)
     output_names = ("logits",)
 
@@ -38,7 +39,10 @@ class ViTAdapter(ModelAdapter):
     def load_dir(self, path: Path, config) -> LoadedModel:
         from transformers import ViTForImageClassification
 
-        model = ViTForImageClassification.from_pretrained(path, dtype=torch.float32).eval()
+        if self.has_per_layer_shapes(path):
+            model = self.load_per_layer(path, ViTForImageClassification)
+        else:
+            model = ViTForImageClassification.from_pretrained(path, dtype=torch.float32).eval()
         return LoadedModel(self, model, None, str(path), self._preprocessing(path, model.config))
 
     @staticmethod
@@ -67,8 +71,26 @@ class ViTAdapter(ModelAdapter):
         return AttentionSpec(a.q_proj, a.k_proj, a.v_proj, a.o_proj,
                              num_heads=heads, num_kv_heads=heads, head_dim=a.head_dim)
 
+    def _sync_attention(self, layer, num_heads, num_kv_heads):
+        layer.attention.num_attention_heads = num_heads
+
+    def uniform_config_fields(self, shapes, config):
+        fields = super().uniform_config_fields(shapes, config)
+        if fields is None:
+            return None
+        # ViTAttention reads config.head_dim when present, so the head count can change.
+        return {"num_attention_heads": fields["num_attention_heads"],
+                "head_dim": getattr(config, "head_dim", config.hidden_size // config.num_attention_heads),
+                "intermediate_size": fields["intermediate_size"]}
+
     def ffn(self, layer) -> FFNSpec:
         return FFNSpec([layer.mlp.fc1], layer.mlp.fc2)
+
+    def output_features(self, loaded, hidden, batch):
+        return loaded.model.vit.layernorm(hidden)[:, 0]
+
+    def output_head(self, model):
+        return model.classifier
 
     def export_module(self, loaded):
         return ClassifierLogits(loaded.model).eval()

@@ -1,0 +1,195 @@
+"""Recovery after a pruning step: a closed-form least-squares correction, or distillation from
+the unpruned model on the user's data within a wall-clock budget."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pocketformer.errors import BadInputError
+from pocketformer.models import LoadedModel
+from pocketformer.progress import say
+
+RECOVERIES = ("none", "lsq", "distill")
+
+
+@dataclass
+class DistillOptions:
+    minutes: float = 5.0
+    lr: float = 5e-5
+    kd_weight: float = 1.0        # KL(teacher || student) on output distributions / embeddings
+    ce_weight: float = 1.0        # next-token cross-entropy on the user's text (decoders only)
+    hidden_weight: float = 1.0    # normalised MSE of each kept layer's output vs its teacher layer
+    seed: int = 0
+
+
+def _layer_outputs_hooks(layers, indices, store: dict):
+    def make(i):
+        def hook(mod, args, output):
+            store[i] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+    return [layers[i].register_forward_hook(make(i)) for i in indices]
+
+
+# ---- closed form --------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def lsq_correct(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
+                ridge: float = 1e-2) -> dict:
+    """For each gap of removed teacher layers, refit the FFN output projection W of the kept layer
+    just before the gap so that its output matches the teacher's state after the gap:
+
+        W = argmin sum_t ||x_mid,t + W u_t + b - target_t||^2 + lam ||W - W0||^2
+          = (sum_t (target_t - x_mid,t - b) u_t^T + lam W0) (sum_t u_t u_t^T + lam I)^-1
+
+    u is the FFN's hidden activation, x_mid the residual stream before the FFN adds to it
+    (x_mid = x_out - W u - b), lam = ridge * tr(sum u u^T) / F. Valid for pre-norm blocks, where
+    the FFN output is added straight to the residual stream.
+    """
+    adapter = loaded.adapter
+    if not adapter.pre_norm:
+        raise BadInputError(f"lsq recovery needs a pre-norm family; {loaded.family} normalises after "
+                            "the residual add (use --recovery distill)", field="recovery")
+    s_layers = adapter.layers(loaded.model)
+    t_layers = adapter.layers(teacher.model)
+    s_module = adapter.export_module(loaded)
+    t_module = adapter.export_module(teacher)
+    n_teacher = len(t_layers)
+    gaps = []
+    for pos, t_idx in enumerate(kept):
+        nxt = kept[pos + 1] if pos + 1 < len(kept) else n_teacher
+        if nxt > t_idx + 1:
+            gaps.append((pos, t_idx, nxt))
+    corrected = []
+    for pos, t_idx, nxt in gaps:
+        down = adapter.ffn(s_layers[pos]).output
+        F = down.in_features
+        A = torch.zeros(F, F, dtype=torch.float64)
+        B = torch.zeros(down.out_features, F, dtype=torch.float64)
+        grab: dict = {}
+        h1 = down.register_forward_pre_hook(lambda m, a: grab.__setitem__("u", a[0]))
+        h2 = _layer_outputs_hooks(s_layers, [pos], grab)
+        t_store: dict = {}
+        if nxt < n_teacher:
+            h3 = [t_layers[nxt].register_forward_pre_hook(
+                lambda m, a, kw: t_store.__setitem__("target", a[0] if a else kw["hidden_states"]),
+                with_kwargs=True)]
+        else:
+            h3 = _layer_outputs_hooks(t_layers, [n_teacher - 1], t_store)
+        try:
+            for batch in batches:
+                s_module(*batch)
+                t_module(*batch)
+                u = grab["u"].reshape(-1, F).double()
+                x_out = grab[pos].reshape(-1, down.out_features).double()
+                w_u = u @ down.weight.double().T
+                bias = down.bias.double() if down.bias is not None else 0.0
+                x_mid = x_out - w_u - bias
+                target = t_store.get("target", t_store.get(n_teacher - 1)).reshape(-1, down.out_features).double()
+                A += u.T @ u
+                B += (target - x_mid - bias).T @ u
+        finally:
+            for h in [h1, *h2, *h3]:
+                h.remove()
+        lam = ridge * float(torch.trace(A)) / F
+        W0 = down.weight.detach().double()
+        W = torch.linalg.solve(A + lam * torch.eye(F, dtype=torch.float64), (B + lam * W0).T).T
+        down.weight.copy_(W.float())
+        corrected.append({"student_layer": pos, "teacher_layer": t_idx, "gap_to": nxt})
+    skipped = [k for k in range(kept[0])] if kept and kept[0] > 0 else []
+    return {"recovery": "lsq", "corrected": corrected, "uncorrected_leading_gap": skipped,
+            "ridge": ridge}
+
+
+# ---- distillation -------------------------------------------------------------------------------
+
+def _kd_loss(family: str, s_out: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+    if family == "bert":
+        return (1 - nn.functional.cosine_similarity(s_out, t_out, dim=-1)).mean()
+    t_logp = torch.log_softmax(t_out.float(), dim=-1)
+    s_logp = torch.log_softmax(s_out.float(), dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+
+
+def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
+            opts: DistillOptions, *, label: str = "distill") -> dict:
+    """Train the whole pruned model against the unpruned one on the calibration batches until the
+    wall-clock budget runs out: output KD (KL for distributions, 1 - cos for embeddings), the
+    next-token loss on the user's text for decoders, and each kept layer's output matched to its
+    teacher layer (MSE normalised by the teacher state's energy). AdamW, linear warm-up over the
+    first 5% of the budget and linear decay to zero at its end (time-based, since the number of
+    steps a budget buys is not known in advance)."""
+    adapter = loaded.adapter
+    model = loaded.model
+    if not batches:
+        raise BadInputError("distillation needs calibration data", field="calibration")
+    budget = opts.minutes * 60.0
+    torch.manual_seed(opts.seed)
+    s_module = adapter.export_module(loaded)
+    t_module = adapter.export_module(teacher)
+    s_layers, t_layers = adapter.layers(model), adapter.layers(teacher.model)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    s_store: dict = {}
+    t_store: dict = {}
+    hooks = _layer_outputs_hooks(s_layers, range(len(s_layers)), s_store)
+    hooks += _layer_outputs_hooks(t_layers, kept, t_store)
+    gen = torch.Generator().manual_seed(opts.seed)
+    steps = tokens = 0
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.eval()   # no dropout: recovery is deterministic for a seed
+    try:
+        while True:
+            order = torch.randperm(len(batches), generator=gen).tolist()
+            for bi in order:
+                elapsed = time.perf_counter() - start
+                if elapsed >= budget:
+                    raise StopIteration
+                frac = elapsed / budget
+                for group in opt.param_groups:
+                    group["lr"] = opts.lr * min(1.0, frac / 0.05) * (1.0 - frac)
+                batch = batches[bi]
+                with torch.no_grad():
+                    t_out = t_module(*batch)
+                s_out = s_module(*batch)
+                loss = opts.kd_weight * _kd_loss(loaded.family, s_out, t_out)
+                if opts.ce_weight and loaded.family == "llama":
+                    ids = batch[0]
+                    loss = loss + opts.ce_weight * nn.functional.cross_entropy(
+                        s_out[:, :-1].reshape(-1, s_out.shape[-1]).float(), ids[:, 1:].reshape(-1))
+                if opts.hidden_weight:
+                    h = 0.0
+                    for pos, t_idx in enumerate(kept):
+                        t = t_store[t_idx].detach()
+                        h = h + ((s_store[pos] - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
+                    loss = loss + opts.hidden_weight * h / len(kept)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                steps += 1
+                tokens += int(batch[0].numel())
+                losses.append(float(loss))
+                if steps == 1 or steps % 10 == 0:
+                    say(f"{label}: step {steps}, loss {losses[-1]:.4f}, "
+                        f"{elapsed:.0f}/{budget:.0f} s")
+    except StopIteration:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in params:
+            p.requires_grad_(False)
+        opt.zero_grad(set_to_none=True)
+    head = losses[: max(1, min(5, len(losses)))]
+    tail = losses[-max(1, min(5, len(losses))):]
+    return {"recovery": "distill", "steps": steps, "tokens": tokens,
+            "seconds": round(time.perf_counter() - start, 1), "budget_seconds": budget,
+            "loss_first": float(sum(head) / len(head)) if losses else math.nan,
+            "loss_last": float(sum(tail) / len(tail)) if losses else math.nan, "lr": opts.lr}
