@@ -250,6 +250,50 @@ def _stable_after(per_sample: np.ndarray, k: int) -> int:
     return stable
 
 
+def _measure_round(probe: LayerProbe, traces: list[Trace], S: torch.Tensor, phi: torch.Tensor
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample and per active layer: the sketched output change when the layer is skipped
+    (global view) and 1 - cos of the layer's sketched input and output (local view)."""
+    per_sample, local = [], []
+    for trace in progress(traces, "personalized"):
+        n = len(trace.active)
+        bsz = trace.batch[0].shape[0]
+        y0 = probe.features(trace, trace.final) @ S.T
+        dist = np.zeros((bsz, n))
+        loc = np.zeros((bsz, n))
+        outs = _layer_outputs(trace)
+        mask = _token_mask(probe.loaded, trace.batch)
+        for pos in range(n):
+            y = probe.features(trace, probe.without(trace, pos)) @ S.T
+            dist[:, pos] = ((y - y0) ** 2).sum(-1).view(bsz, -1).mean(1).numpy()
+            c = torch.nn.functional.cosine_similarity(trace.inputs[pos] @ phi.T, outs[pos] @ phi.T, dim=-1)
+            c = c.masked_fill(~mask, 1.0) if mask is not None else c
+            loc[:, pos] = (1 - c).mean(-1).numpy()
+        per_sample.append(dist)
+        local.append(loc)
+    return np.concatenate(per_sample), np.concatenate(local)
+
+
+def _sketch_for(probe: LayerProbe, traces: list[Trace], opts: CriterionOptions):
+    G = fisher_metric(probe, traces)
+    return measurement_matrix(G, traces[0].final.shape[-1], opts)
+
+
+def layer_sensitivity(loaded: LoadedModel, batches, opts: CriterionOptions) -> list[float]:
+    """One personalized round on the current stack without removing anything: how much the
+    output on the user's data moves when each layer is skipped (used to allocate widths)."""
+    probe = LayerProbe(loaded)
+    rng = np.random.default_rng(opts.seed)
+    nb = len(batches)
+    picked = sorted(rng.choice(nb, size=max(1, min(nb, int(round(opts.sample_fraction * nb)))),
+                               replace=False).tolist())
+    with torch.inference_mode():
+        traces = [probe.trace(batches[i], range(len(probe.layers))) for i in picked]
+        phi, S = _sketch_for(probe, traces, opts)
+        per_sample, _ = _measure_round(probe, traces, S, phi)
+    return per_sample.mean(0).tolist()
+
+
 def personalized(loaded, batches, k, opts) -> Selection:
     """Personalized layered pruning (docs/layered_pruning.md): in rounds, draw a random subset of
     the user's calibration batches; for each remaining layer measure, through a random projection
@@ -263,68 +307,40 @@ def personalized(loaded, batches, k, opts) -> Selection:
     rng = np.random.default_rng(opts.seed)
     rounds: list[dict] = []
     phi = S = None
-    first_scores = None
     nb = len(batches)
-    draw = max(1, int(round(opts.sample_fraction * nb)))
+    draw = max(1, min(nb, int(round(opts.sample_fraction * nb))))
     while len(order) < k:
-        picked = sorted(rng.choice(nb, size=min(draw, nb), replace=False).tolist())
+        picked = sorted(rng.choice(nb, size=draw, replace=False).tolist())
         traces = [probe.trace(batches[i], active) for i in picked]
         if S is None:
-            G = fisher_metric(probe, traces)
-            d = traces[0].final.shape[-1]
-            phi, S = measurement_matrix(G, d, opts)
-        per_sample_rows = []     # one row per calibration sample: distortion per candidate layer
-        local_rows = []
-        for trace in progress(traces, f"personalized round {len(rounds) + 1}"):
-            bsz = trace.batch[0].shape[0]
-            y0 = probe.features(trace, trace.final) @ S.T
-            dist = np.zeros((bsz, len(active)))
-            loc = np.zeros((bsz, len(active)))
-            outs = _layer_outputs(trace)
-            mask = _token_mask(loaded, trace.batch)
-            for pos in range(len(active)):
-                y = probe.features(trace, probe.without(trace, pos)) @ S.T
-                dist[:, pos] = ((y - y0) ** 2).sum(-1).view(bsz, -1).mean(1).numpy()
-                # the local view: a layer's input vs its output, both seen through the sketch
-                xi, xo = trace.inputs[pos] @ phi.T, outs[pos] @ phi.T
-                c = torch.nn.functional.cosine_similarity(xi, xo, dim=-1)
-                c = c.masked_fill(~mask, 1.0) if mask is not None else c
-                loc[:, pos] = (1 - c).mean(-1).numpy()
-            per_sample_rows.append(dist)
-            local_rows.append(loc)
-        per_sample = np.concatenate(per_sample_rows)
+            phi, S = _sketch_for(probe, traces, opts)
+        per_sample, local = _measure_round(probe, traces, S, phi)
         scores = per_sample.mean(0)
         take = min(opts.per_round, k - len(order))
         boot = _bootstrap(per_sample, take, opts.bootstrap, opts.seed + len(rounds))
-        positions = _bottom(scores, take)
-        chosen = [active[p] for p in positions]
+        chosen = [active[p] for p in _bottom(scores, take)]
         rounds.append({
             "active": list(active), "samples": int(per_sample.shape[0]), "batches": picked,
             "scores": scores.tolist(), "interval_low": boot["low"], "interval_high": boot["high"],
-            "selected_share": boot["selected_share"],
-            "local_scores": np.concatenate(local_rows).mean(0).tolist(),
-            "stable_after_samples": _stable_after(per_sample, take),
-            "removed": chosen,
+            "selected_share": boot["selected_share"], "local_scores": local.mean(0).tolist(),
+            "stable_after_samples": _stable_after(per_sample, take), "removed": chosen,
         })
-        if first_scores is None:
-            first_scores = scores.tolist()
         order += chosen
         active = [i for i in active if i not in chosen]
-    kept_first = rounds[0]
-    threshold = max(kept_first["scores"][kept_first["active"].index(i)] for i in rounds[0]["removed"])
-    classes = {}
+    first = rounds[0]
+    threshold = max(first["scores"][first["active"].index(i)] for i in first["removed"])
+    classes = []
     for i in range(n):
         if i in order:
-            classes[i] = "common"
+            classes.append("common")
         else:
-            p = kept_first["active"].index(i)
-            classes[i] = "personalized" if kept_first["interval_low"][p] > threshold else "uncertain"
-    return Selection("personalized", sorted(order), order, first_scores,
+            p = first["active"].index(i)
+            classes.append("personalized" if first["interval_low"][p] > threshold else "uncertain")
+    metric = "fisher" if probe.adapter.output_head(loaded.model) is not None else "euclidean"
+    return Selection("personalized", sorted(order), order, first["scores"],
                      layer_evals=probe.layer_evals,
-                     details={"sketch_dim": opts.sketch_dim, "sketch": opts.sketch,
-                              "metric": "fisher" if probe.adapter.output_head(loaded.model) is not None
-                              else "euclidean", "rounds": rounds,
-                              "classes": [classes[i] for i in range(n)]})
+                     details={"sketch_dim": opts.sketch_dim, "sketch": opts.sketch, "metric": metric,
+                              "rounds": rounds, "classes": classes})
 
 
 CRITERIA: dict[str, Callable] = {

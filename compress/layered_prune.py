@@ -10,18 +10,24 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from pocketformer.compress.criteria import CRITERIA, CriterionOptions, select_layers
+from pocketformer.compress import width
+from pocketformer.compress.criteria import CRITERIA, CriterionOptions, layer_sensitivity, select_layers
 from pocketformer.compress.recovery import RECOVERIES, DistillOptions, distill, lsq_correct
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
-from pocketformer.models import LoadedModel
+from pocketformer.models import LoadedModel, count_params
 from pocketformer.progress import say
 
 
 @dataclass
 class LayeredPruneConfig:
-    remove_layers: int
+    remove_layers: int = 0            # whole layers to remove (depth)
     criterion: str = "personalized"   # personalized | shortgpt | gromov | sleb | last | random
+    ffn_keep: float = 1.0             # width: share of FFN channels kept in the kept layers
+    kv_keep: float = 1.0              # width: share of KV-head groups kept (query groups follow)
+    params_fraction: float | None = None  # or: share of non-embedding params to remove in all;
+                                          # sets ffn_keep to reach it after the depth cut
+    width_multiple: int = 64          # kept FFN widths are multiples of this (kernel-friendly)
     steps: int = 1                    # step buffering: prune in this many steps
     recovery: str = "none"            # none | lsq | distill, run after every step
     recovery_minutes: float = 5.0     # total distillation budget, split evenly over the steps
@@ -35,15 +41,27 @@ class LayeredPruneConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.remove_layers < 1:
-            raise BadInputError("must be at least 1", field="remove_layers")
+        if self.remove_layers < 0:
+            raise BadInputError("must be >= 0", field="remove_layers")
+        if not (0 < self.ffn_keep <= 1 and 0 < self.kv_keep <= 1):
+            raise BadInputError("ffn_keep and kv_keep must be in (0, 1]", field="ffn_keep")
+        if self.params_fraction is not None and not 0 < self.params_fraction < 1:
+            raise BadInputError("must be in (0, 1)", field="params_fraction")
+        if self.params_fraction is not None and self.ffn_keep < 1:
+            raise BadInputError("give ffn_keep or params_fraction, not both", field="params_fraction")
+        if (self.remove_layers == 0 and self.ffn_keep == 1 and self.kv_keep == 1
+                and self.params_fraction is None):
+            raise BadInputError("nothing to prune: set remove_layers, ffn_keep, kv_keep or "
+                                "params_fraction", field="remove_layers")
+        if self.width_multiple < 1:
+            raise BadInputError("must be >= 1", field="width_multiple")
         if self.criterion not in CRITERIA:
             raise BadInputError(f"expected one of {', '.join(CRITERIA)}, got {self.criterion!r}",
                                 field="criterion")
         if self.recovery not in RECOVERIES:
             raise BadInputError(f"expected one of {', '.join(RECOVERIES)}, got {self.recovery!r}",
                                 field="recovery")
-        if not 1 <= self.steps <= self.remove_layers:
+        if self.steps < 1 or (self.remove_layers and self.steps > self.remove_layers):
             raise BadInputError(f"must be between 1 and remove_layers ({self.remove_layers})",
                                 field="steps")
         if self.recovery_minutes < 0 or self.lr <= 0:
@@ -55,8 +73,12 @@ class LayeredPruneConfig:
             raise BadInputError("sample_fraction in (0, 1], per_round >= 1, bootstrap >= 10",
                                 field="sample_fraction")
 
+    def prunes_width(self) -> bool:
+        return self.ffn_keep < 1 or self.kv_keep < 1 or self.params_fraction is not None
+
     def needs_calibration(self) -> bool:
-        return self.criterion not in ("last", "random") or self.recovery != "none"
+        return (self.criterion not in ("last", "random") or self.recovery != "none"
+                or self.prunes_width())
 
     def criterion_options(self) -> CriterionOptions:
         return CriterionOptions(seed=self.seed, sketch_dim=self.sketch_dim, sketch=self.sketch,
@@ -67,6 +89,35 @@ class LayeredPruneConfig:
 def _split(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _ffn_keep_for_target(loaded: LoadedModel, config: LayeredPruneConfig) -> float:
+    """The FFN keep share that, after removing `remove_layers` whole layers, removes
+    `params_fraction` of the non-embedding parameters (KV groups as `kv_keep` says)."""
+    adapter = loaded.adapter
+    info = adapter.describe(loaded.model)
+    layers = adapter.layers(loaded.model)
+    per_layer = count_params(layers[0])
+    n = len(layers)
+    kept = n - config.remove_layers
+    target = config.params_fraction * info["non_embedding_params"]
+    ffn = adapter.ffn(layers[0])
+    per_channel = sum(l.in_features + (1 if l.bias is not None else 0) for l in ffn.inputs) \
+        + ffn.output.out_features
+    attn = adapter.attention(layers[0], loaded.model.config)
+    per_group = count_params(attn.q_proj) + count_params(attn.k_proj) + count_params(attn.v_proj)
+    per_group = (per_group + attn.o_proj.weight.numel()) / attn.num_kv_heads
+    kv_removed = kept * attn.num_kv_heads * (1 - config.kv_keep) * per_group
+    width_needed = target - config.remove_layers * per_layer - kv_removed
+    if width_needed <= 0:
+        return 1.0
+    channels = kept * ffn.width
+    keep = 1 - width_needed / (channels * per_channel)
+    if keep <= 0.05:
+        raise BadInputError(f"params_fraction {config.params_fraction} cannot be met by removing "
+                            f"{config.remove_layers} layers and FFN channels; remove more layers",
+                            field="params_fraction")
+    return keep
 
 
 def _labels(loaded: LoadedModel, calib: Calibration | None):
@@ -99,16 +150,30 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
     if config.recovery != "none":
         teacher = LoadedModel(adapter, copy.deepcopy(loaded.model), loaded.tokenizer, loaded.source,
                               dict(loaded.extras))
+    ffn_keep = _ffn_keep_for_target(loaded, config) if config.params_fraction else config.ffn_keep
+    ffn_width0 = adapter.ffn(adapter.layers(loaded.model)[0]).width
+    kv0 = adapter.attention(adapter.layers(loaded.model)[0], loaded.model.config).num_kv_heads
     kept = list(range(n))            # current layer i is original layer kept[i]
     steps = []
     for step, k in enumerate(_split(config.remove_layers, config.steps), 1):
-        say(f"layered-prune step {step}/{config.steps}: choose {k} layer(s) by {config.criterion}")
-        sel = select_layers(config.criterion, loaded, batches, k, config.criterion_options(), labels)
-        removed_original = [kept[i] for i in sel.remove]
-        keep_now = [i for i in range(len(kept)) if i not in set(sel.remove)]
-        adapter.keep_layers(loaded.model, keep_now)
-        kept = [kept[i] for i in keep_now]
-        record = {"step": step, "removed": removed_original, "selection": sel.to_dict()}
+        record: dict = {"step": step, "removed": []}
+        if k:
+            say(f"layered-prune step {step}/{config.steps}: choose {k} layer(s) by {config.criterion}")
+            sel = select_layers(config.criterion, loaded, batches, k, config.criterion_options(), labels)
+            keep_now = [i for i in range(len(kept)) if i not in set(sel.remove)]
+            adapter.keep_layers(loaded.model, keep_now)
+            record.update(removed=[kept[i] for i in sel.remove], selection=sel.to_dict())
+            kept = [kept[i] for i in keep_now]
+        if ffn_keep < 1 or config.kv_keep < 1:
+            # Widths shrink by the same share each step, towards the final targets.
+            f = 1 - (1 - ffn_keep) * step / config.steps
+            g = 1 - (1 - config.kv_keep) * step / config.steps
+            say(f"layered-prune step {step}/{config.steps}: width to {f:.0%} FFN, {g:.0%} KV groups")
+            weights = layer_sensitivity(loaded, batches, config.criterion_options())
+            record["width"] = width.shrink(
+                loaded, batches, ffn_keep_total=int(round(f * len(kept) * ffn_width0)),
+                kv_keep_total=int(round(g * len(kept) * kv0)), layer_weights=weights,
+                multiple=config.width_multiple)
         if config.recovery == "lsq":
             record["recovery"] = lsq_correct(loaded, teacher, kept, batches)
         elif config.recovery == "distill" and config.recovery_minutes > 0:
@@ -120,7 +185,8 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
     removed = sorted(set(range(n)) - set(kept))
     return {"layers_before": n, "layers_after": len(kept), "removed": removed, "kept": kept,
             "criterion": config.criterion, "recovery": config.recovery, "steps": steps,
-            "scoring_seconds": round(sum(s["selection"]["seconds"] for s in steps), 3),
-            "scoring_layer_evals": sum(s["selection"]["layer_evals"] for s in steps),
-            "scoring_head_evals": sum(s["selection"]["head_evals"] for s in steps),
+            "ffn_keep": ffn_keep, "kv_keep": config.kv_keep,
+            "scoring_seconds": round(sum(s["selection"]["seconds"] for s in steps if "selection" in s), 3),
+            "scoring_layer_evals": sum(s["selection"]["layer_evals"] for s in steps if "selection" in s),
+            "scoring_head_evals": sum(s["selection"]["head_evals"] for s in steps if "selection" in s),
             "recovery_seconds": round(sum(s.get("recovery", {}).get("seconds", 0.0) for s in steps), 1)}

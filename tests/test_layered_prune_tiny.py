@@ -143,3 +143,29 @@ def test_layered_prune_bad_input(tiny_llama, tiny_bert, small_text, tmp_path, ca
     with pytest.raises(BadInputError, match="steps"):
         parse_params(get_method("layered-prune"), {"remove_layers": 2, "steps": 3})
     assert not (tmp_path / "o").exists()
+
+
+def test_depth_plus_width_hits_params_target_and_reloads(tiny_llama, small_text, tmp_path):
+    loaded = load_model(tiny_llama)
+    before = loaded.adapter.describe(loaded.model)
+    cfg = parse_params(get_method("layered-prune"), {
+        "remove_layers": 1, "params_fraction": 0.35, "kv_keep": 0.5, "width_multiple": 16,
+        "steps": 1, "bootstrap": 50})
+    rec = run_step(loaded, "layered-prune", cfg, _calib(loaded, small_text))
+    after = loaded.adapter.describe(loaded.model)
+    removed = 1 - after["non_embedding_params"] / before["non_embedding_params"]
+    assert 0.30 <= removed <= 0.40, removed       # rounding widths up keeps a little more
+    assert after["num_layers"] == 5
+    assert all(w % 16 == 0 and 16 <= w <= 128 for w in after["ffn_widths"])
+    assert all(h == 2 * kv for h, kv in zip(after["attention_heads"], after["kv_heads"]))  # whole groups
+    assert sum(after["kv_heads"]) == 5            # half of 2 groups x 5 layers
+    assert len(set(after["ffn_widths"])) > 1, "widths follow each layer's importance"
+    assert rec["details"]["steps"][0]["width"]["ffn_widths"] == after["ffn_widths"]
+    ids = loaded.adapter.example_inputs(loaded, seq_len=12)
+    with torch.inference_mode():
+        expected = loaded.adapter.export_module(loaded)(*ids)
+    save_model(loaded, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert again.adapter.describe(again.model)["ffn_widths"] == after["ffn_widths"]
+    with torch.inference_mode():
+        torch.testing.assert_close(again.adapter.export_module(again)(*ids), expected)
