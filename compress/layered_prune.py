@@ -124,10 +124,8 @@ def _labels(loaded: LoadedModel, calib: Calibration | None):
     """Per-batch labels for classifiers (SLEB's loss on a ViT), else None."""
     if calib is None or loaded.family != "vit":
         return None
-    import torch
-
-    labels = torch.as_tensor(calib.data.labels)[: calib.max_samples]
-    return [labels[i:i + calib.batch_size] for i in range(0, len(labels), calib.batch_size)]
+    return loaded.adapter.calibration_labels(calib.data, max_samples=calib.max_samples,
+                                             batch_size=calib.batch_size, seed=calib.seed)
 
 
 @register("layered-prune", LayeredPruneConfig,

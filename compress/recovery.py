@@ -116,8 +116,8 @@ def _kd_loss(family: str, s_out: torch.Tensor, t_out: torch.Tensor) -> torch.Ten
 
 def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
             opts: DistillOptions, *, label: str = "distill") -> dict:
-    """Train the whole pruned model against the unpruned one on the calibration batches until the
-    wall-clock budget runs out: output KD (KL for distributions, 1 - cos for embeddings), the
+    """Train the pruned model (all but the token embeddings and LM head) against the unpruned one
+    on the calibration batches until the wall-clock budget runs out: output KD (KL for distributions, 1 - cos for embeddings), the
     next-token loss on the user's text for decoders, and each kept layer's output matched to its
     teacher layer (MSE normalised by the teacher state's energy). AdamW, linear warm-up over the
     first 5% of the budget and linear decay to zero at its end (time-based, since the number of
@@ -131,7 +131,12 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
     s_module = adapter.export_module(loaded)
     t_module = adapter.export_module(teacher)
     s_layers, t_layers = adapter.layers(model), adapter.layers(teacher.model)
-    params = [p for p in model.parameters()]
+    # Token embeddings and the (tied) LM head stay frozen: their gradient is a dense V x d update
+    # per step, about a quarter of the backward cost of a small decoder, and the table is what
+    # SEE compresses separately.
+    frozen = {id(p) for mod in (adapter.embeddings(model), adapter.lm_head(model)) if mod is not None
+              for p in mod.parameters()}
+    params = [p for p in model.parameters() if id(p) not in frozen]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
@@ -175,7 +180,7 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
                 opt.step()
                 steps += 1
                 tokens += int(batch[0].numel())
-                losses.append(float(loss))
+                losses.append(loss.item())
                 if steps == 1 or steps % 10 == 0:
                     say(f"{label}: step {steps}, loss {losses[-1]:.4f}, "
                         f"{elapsed:.0f}/{budget:.0f} s")

@@ -1,11 +1,11 @@
 """Train the small ViT that pocketformer's ViT figures and tests use (no pre-trained ViT ships
 through PyPI, so the project trains its own on data every machine has: scikit-learn's 8x8 digits).
 
-    .venv/bin/python examples/vit_digits.py OUT_DIR [--epochs 40] [--seed 0]
+    .venv/bin/python examples/vit_digits.py OUT_DIR [--epochs 30] [--seed 0]
 
 Writes OUT_DIR/model (a transformers ViTForImageClassification directory) and
 OUT_DIR/{calibration,evaluation,train}.npz (disjoint splits: raw images in [0,1] and labels).
-Deterministic for a seed; about a minute on 2 CPU cores.
+Deterministic for a seed; about 25 s on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def splits(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for name, idx in (("train", train), ("calibration", calib), ("evaluation", evaluation))}
 
 
-def train(out_dir: str | Path, epochs: int = 40, seed: int = 0) -> dict:
+def train(out_dir: str | Path, epochs: int = 30, seed: int = 0) -> dict:
     from transformers import ViTConfig, ViTForImageClassification
 
     out = Path(out_dir)
@@ -45,19 +45,19 @@ def train(out_dir: str | Path, epochs: int = 40, seed: int = 0) -> dict:
     model = ViTForImageClassification(ViTConfig(**CONFIG))
     x = (torch.from_numpy(data["train"][0]).unsqueeze(1) - 0.5) / 0.5   # ViT default mean/std 0.5
     y = torch.from_numpy(data["train"][1])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * (len(x) // 50))
+    batch_size = 32
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3,
+                                                total_steps=epochs * (len(x) // batch_size))
     gen = torch.Generator().manual_seed(seed)
     model.train()
+    # No augmentation: shifting 8x8 digits by a pixel moves them across 2x2 patch borders and cost
+    # 30 points of accuracy in a trial (0.63 vs 0.96 after 30 epochs).
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x) - 49, 50):
-            idx = perm[i:i + 50]
-            batch = x[idx]
-            # light augmentation: a random shift of up to one pixel
-            batch = torch.roll(batch, shifts=tuple(torch.randint(-1, 2, (2,), generator=gen).tolist()),
-                               dims=(2, 3))
-            loss = torch.nn.functional.cross_entropy(model(pixel_values=batch).logits, y[idx])
+        for i in range(0, len(x) - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=x[idx]).logits, y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -76,7 +76,7 @@ def train(out_dir: str | Path, epochs: int = 40, seed: int = 0) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     info = train(a.out, a.epochs, a.seed)

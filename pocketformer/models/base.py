@@ -268,6 +268,23 @@ class ModelAdapter:
             if shape["intermediate_size"] != self.ffn(layer).width:
                 self.keep_ffn_channels(layer, range(shape["intermediate_size"]))
 
+    def flops(self, model: nn.Module, seq_len: int) -> int:
+        """Multiply-adds x 2 of one forward pass over one sequence of `seq_len` positions, from the
+        actual (possibly per-layer) weight shapes: linear layers, attention scores and the
+        weighted sum (full T x T, as the exported graphs compute it), and the output head."""
+        total = 0
+        for layer in self.layers(model):
+            a = self.attention(layer, model.config)
+            f = self.ffn(layer)
+            linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, *f.inputs, f.output]
+            total += 2 * seq_len * sum(l.in_features * l.out_features for l in linears)
+            total += 2 * 2 * seq_len * seq_len * a.num_heads * a.head_dim
+        head = self.output_head(model)
+        if head is not None:
+            rows = seq_len if self.family == "llama" else 1
+            total += 2 * rows * head.in_features * head.out_features
+        return total
+
     def describe(self, model: nn.Module) -> dict:
         """Shapes and parameter counts, as the report shows them."""
         layers = self.layers(model)

@@ -139,5 +139,8 @@ class BertAdapter(ModelAdapter):
         return out
 
     def calibration_inputs(self, loaded, data, *, max_samples, seq_len, batch_size=8, seed=0):
-        sentences = data.sentences()[:max_samples]
+        sentences = data.sentences()
+        if len(sentences) > max_samples:   # a seeded random sample, in file order
+            pick = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))
+            sentences = [sentences[i] for i in sorted(pick[:max_samples].tolist())]
         return self.encode_batches(loaded, sentences, batch_size=batch_size, max_len=seq_len)

@@ -107,10 +107,14 @@ class LlamaAdapter(ModelAdapter):
                             dtype=torch.long)
 
     def calibration_inputs(self, loaded, data, *, max_samples, seq_len, batch_size=8, seed=0):
+        """`max_samples` windows of `seq_len` tokens drawn at random (seeded, without replacement)
+        from all non-overlapping windows of the text, so a small sample still spans the data."""
         ids = self.token_ids(loaded, data.text)
-        n = min(max_samples, len(ids) // seq_len)
-        if n < 1:
+        available = len(ids) // seq_len
+        if available < 1:
             raise BadInputError(f"needs at least {seq_len} tokens, the text has {len(ids)}",
                                 file=data.source)
-        windows = ids[: n * seq_len].view(n, seq_len)
+        n = min(max_samples, available)
+        pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n]
+        windows = ids[: available * seq_len].view(available, seq_len)[pick.sort().values]
         return [(windows[i:i + batch_size],) for i in range(0, n, batch_size)]

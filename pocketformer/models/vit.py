@@ -126,5 +126,17 @@ class ViTAdapter(ModelAdapter):
         return ((x - mean) / std).contiguous()
 
     def calibration_inputs(self, loaded, data, *, max_samples, seq_len, batch_size=8, seed=0):
-        x = self.pixel_values(loaded, data)[:max_samples]
+        x = self.pixel_values(loaded, data)[self._sample(len(data.labels), max_samples, seed)]
         return [(x[i:i + batch_size],) for i in range(0, len(x), batch_size)]
+
+    def calibration_labels(self, data, *, max_samples, batch_size=8, seed=0) -> list[torch.Tensor]:
+        """The labels of exactly the images calibration_inputs returns, batched the same way."""
+        y = torch.as_tensor(data.labels)[self._sample(len(data.labels), max_samples, seed)]
+        return [y[i:i + batch_size] for i in range(0, len(y), batch_size)]
+
+    @staticmethod
+    def _sample(n: int, max_samples: int, seed: int) -> torch.Tensor:
+        """A seeded random sample of indices, in file order (all of them when n <= max_samples)."""
+        if n <= max_samples:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values

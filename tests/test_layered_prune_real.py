@@ -1,0 +1,55 @@
+"""layered-prune on the real pre-trained models, with quality assertions on held-out data."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pocketformer.cli import main
+from pocketformer.compress import Calibration, get_method, parse_params, run_step
+from pocketformer.data import DataSpec, load_for
+from pocketformer.evaluation import EvalOptions, evaluate
+from pocketformer.models import load_model
+
+from conftest import REPO, STS_DEV, WIKITEXT
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).parent / "pocketformer")
+
+
+def test_smollm2_personalized_two_layers(tmp_path):
+    """Criterion only, no recovery: 2 of 30 layers chosen on the first half of WikiText-2
+    validation; perplexity on 8 held-out windows of the second half."""
+    out = tmp_path / "pruned"
+    code = main(["compress", "--model", "smollm2", "--method", "layered-prune", "--remove-layers", "2",
+                 "--criterion", "personalized", "--calibration", f"{WIKITEXT}@0:0.5", "--seq-len", "256",
+                 "--samples", "8", "--bootstrap", "200", "--out", str(out)])
+    assert code == 0
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 28
+    step = json.loads((out / "pocketformer.json").read_text())["history"][0]["details"]
+    sel = step["steps"][0]["selection"]
+    assert sel["details"]["classes"].count("common") == 2 and 0 not in step["removed"]
+    ev = load_for("text", DataSpec.parse(f"{WIKITEXT}@0.5:1"))
+    opts = EvalOptions(seq_len=256, max_windows=8)
+    dense = evaluate(load_model("smollm2"), "ppl", ev, opts=opts).value
+    pruned = evaluate(load_model(out), "ppl", ev, opts=opts).value
+    assert pruned <= 1.25 * dense, (pruned, dense)
+
+
+def test_minilm_two_layers_with_recovery(tmp_path):
+    """2 of 6 layers removed, 1 minute of distillation on the calibration half of STS dev."""
+    loaded = load_model("minilm")
+    ev = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0.5:1"))
+    dense = evaluate(loaded, "sts", ev).value
+    cal = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0:0.5"))
+    cfg = parse_params(get_method("layered-prune"), {
+        "remove_layers": 2, "steps": 2, "recovery": "distill", "recovery_minutes": 1.0, "lr": 1e-4,
+        "bootstrap": 200})
+    run_step(loaded, "layered-prune", cfg, Calibration(cal, seq_len=128, max_samples=750, batch_size=32))
+    pruned = evaluate(loaded, "sts", ev).value
+    assert len(loaded.adapter.layers(loaded.model)) == 4
+    assert pruned >= 0.97 * dense, (pruned, dense)
