@@ -11,15 +11,16 @@ the evaluation slice, which no criterion sees. Prints one table and writes --jso
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import sys
 import time
 
 from pocketformer import fsutil
 from pocketformer.compress import Calibration, get_method, parse_params, run_step
+from pocketformer.compress.recovery import DistillOptions, distill
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
-from pocketformer.models import count_params, load_model
+from pocketformer.models import LoadedModel, count_params, load_model
 
 
 def main() -> int:
@@ -33,6 +34,7 @@ def main() -> int:
     p.add_argument("--recovery", default="none")
     p.add_argument("--recovery-minutes", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
@@ -65,20 +67,17 @@ def main() -> int:
         loaded = load_model(a.model)
         calib = Calibration(cal, seq_len=a.seq_len, max_samples=a.samples, batch_size=a.batch_size)
         if criterion == "dense+recovery":
-            from pocketformer.compress.recovery import DistillOptions, distill
-            import copy
-            from pocketformer.models import LoadedModel
             teacher = LoadedModel(loaded.adapter, copy.deepcopy(loaded.model), loaded.tokenizer,
                                   loaded.source, dict(loaded.extras))
             n = len(loaded.adapter.layers(loaded.model))
             rec = distill(loaded, teacher, list(range(n)), calib.inputs(loaded),
-                          DistillOptions(minutes=a.recovery_minutes), label="dense recovery")
+                          DistillOptions(minutes=a.recovery_minutes, lr=a.lr), label="dense recovery")
             details = {"removed": [], "scoring_seconds": 0.0, "recovery_seconds": rec["seconds"],
                        "scoring_layer_evals": 0, "scoring_head_evals": 0}
         else:
             cfg = parse_params(method, {"remove_layers": a.remove_layers, "criterion": criterion,
                                         "recovery": a.recovery, "recovery_minutes": a.recovery_minutes,
-                                        "steps": a.steps})
+                                        "steps": a.steps, "lr": a.lr})
             details = run_step(loaded, "layered-prune", cfg, calib)["details"]
         q = evaluate(loaded, task, ev, opts=opts)
         row = {"criterion": criterion, "removed": details["removed"],

@@ -53,3 +53,38 @@ def test_minilm_two_layers_with_recovery(tmp_path):
     pruned = evaluate(loaded, "sts", ev).value
     assert len(loaded.adapter.layers(loaded.model)) == 4
     assert pruned >= 0.97 * dense, (pruned, dense)
+
+
+@pytest.fixture(scope="module")
+def vit_digits(tmp_path_factory):
+    """The project's own small ViT, trained on scikit-learn's digits (examples/vit_digits.py)."""
+    sys.path.insert(0, str(REPO / "examples"))
+    import vit_digits as vd
+
+    out = tmp_path_factory.mktemp("vit")
+    info = vd.train(out)
+    assert info["evaluation_accuracy"] >= 0.93
+    return out
+
+
+def test_vit_quarter_of_params_removed_within_one_point(vit_digits, tmp_path):
+    from pocketformer.models import count_params
+
+    ev = load_for("images", DataSpec.parse(vit_digits / "evaluation.npz"))
+    cal = load_for("images", DataSpec.parse(vit_digits / "calibration.npz"))
+    dense_model = load_model(vit_digits / "model")
+    dense = evaluate(dense_model, "accuracy", ev).value
+    loaded = load_model(vit_digits / "model")
+    cfg = parse_params(get_method("layered-prune"), {
+        "remove_layers": 1, "params_fraction": 0.26, "width_multiple": 16, "recovery": "lsq",
+        "bootstrap": 200})
+    run_step(loaded, "layered-prune", cfg, Calibration(cal, max_samples=300, batch_size=32))
+    removed = 1 - count_params(loaded.model) / count_params(dense_model.model)
+    assert removed >= 0.25
+    pruned = evaluate(loaded, "accuracy", ev).value
+    assert dense - pruned <= 0.01, (dense, pruned)
+    # heterogeneous FFN widths: saved with per-layer shapes and reloaded by pocketformer
+    from pocketformer.models import save_model
+    save_model(loaded, tmp_path / "vit")
+    again = load_model(tmp_path / "vit")
+    assert evaluate(again, "accuracy", ev).value == pytest.approx(pruned)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pocketformer.errors import BadInputError
+from pocketformer.models import factored
 
 METADATA_FILE = "pocketformer.json"
 
@@ -81,6 +82,13 @@ def _keep_cols(linear: nn.Linear, cols: torch.Tensor) -> None:
     linear.in_features = len(cols)
 
 
+def _prefix_of(model: nn.Module, module: nn.Module) -> str:
+    for name, sub in model.named_modules():
+        if sub is module:
+            return name + "."
+    return "\0"
+
+
 def count_params(module: nn.Module) -> int:
     # parameters() yields a tied tensor once, which is the count that matters for size.
     return sum(p.numel() for p in module.parameters())
@@ -103,8 +111,13 @@ class ModelAdapter:
 
     @staticmethod
     def has_per_layer_shapes(path: Path) -> bool:
+        """Whether the saved config needs pocketformer's loader (per-layer widths or a factored
+        token embedding) rather than plain from_pretrained."""
         config = path / "config.json"
-        return config.is_file() and "pocketformer_layers" in json.loads(config.read_text())
+        if not config.is_file():
+            return False
+        blob = json.loads(config.read_text())
+        return "pocketformer_layers" in blob or "pocketformer_embedding" in blob
 
     def save(self, loaded: LoadedModel, out_dir: Path) -> None:
         """Write a directory that `load_dir` reloads.
@@ -124,14 +137,25 @@ class ModelAdapter:
             model.hf_quantizer = None
         shapes = self.layer_shapes(model)
         uniform = self.uniform_config_fields(shapes, config) if shapes else {}
-        if hasattr(config, "pocketformer_layers"):
-            del config.pocketformer_layers
+        for key in ("pocketformer_layers", "pocketformer_embedding"):
+            if hasattr(config, key):
+                delattr(config, key)
         if uniform is None:
             config.pocketformer_layers = shapes
         else:
             for key, value in uniform.items():
                 setattr(config, key, value)
-        model.save_pretrained(out_dir)
+        emb = self.embeddings(model)
+        entry = factored.describe(emb) if emb is not None else None
+        state_dict = None
+        if entry is not None:
+            config.pocketformer_embedding = entry
+            head = self.lm_head(model)
+            if head is not None and self.tied_head(model):
+                # A tied factored head holds no tensors of its own: save the table once.
+                head_prefix = _prefix_of(model, head)
+                state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith(head_prefix)}
+        model.save_pretrained(out_dir, state_dict=state_dict)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(out_dir)
         meta = {
@@ -145,23 +169,33 @@ class ModelAdapter:
         (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     def load_per_layer(self, path: Path, build) -> nn.Module:
-        """Build a model whose layers have different widths (config `pocketformer_layers`)."""
+        """Build a model whose structure plain transformers cannot express from its config:
+        per-layer widths (`pocketformer_layers`) and/or a factored token embedding
+        (`pocketformer_embedding`), then load the weights strictly."""
         from safetensors.torch import load_file
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path)
-        shapes = config.pocketformer_layers
         model = build(config)
-        self.resize_to(model, shapes)
+        shapes = getattr(config, "pocketformer_layers", None)
+        if shapes:
+            self.resize_to(model, shapes)
+        entry = getattr(config, "pocketformer_embedding", None)
+        tied = bool(getattr(config, "tie_word_embeddings", False)) and self.lm_head(model) is not None
+        if entry:
+            module = factored.build(entry)
+            self.set_embeddings(model, module)
+            if tied:
+                self.set_lm_head(model, factored.head_for(module))
         state = {}
         for f in sorted(path.glob("*.safetensors")):
             state.update(load_file(f))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
-            raise ValueError(f"weights do not match the per-layer shapes: missing "
-                             f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        if tied:
+        head_keys = {k for k in missing if k.startswith(("lm_head.", "cls."))} if tied else set()
+        if set(missing) - head_keys or unexpected:
+            raise ValueError(f"weights do not match the recorded shapes: missing "
+                             f"{sorted(set(missing) - head_keys)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        if tied and not entry:
             model.tie_weights()
         return model.eval()
 
@@ -187,7 +221,25 @@ class ModelAdapter:
 
     def tied_head(self, model: nn.Module) -> bool:
         head, emb = self.lm_head(model), self.embeddings(model)
-        return head is not None and emb is not None and head.weight is emb.weight
+        if head is None or emb is None:
+            return False
+        if getattr(head, "embedding", None) is emb:      # a factored head reading the same table
+            return True
+        return isinstance(emb, nn.Embedding) and head.weight is emb.weight
+
+    def set_embeddings(self, model: nn.Module, module: nn.Module) -> None:
+        model.set_input_embeddings(module)
+
+    def set_lm_head(self, model: nn.Module, module: nn.Module) -> None:
+        model.set_output_embeddings(module)
+
+    def vocabulary(self, loaded: LoadedModel) -> list[str]:
+        """Token strings by id (empty strings past the tokenizer's vocabulary)."""
+        V = self.embeddings(loaded.model).num_embeddings
+        tok = loaded.tokenizer
+        n = min(V, len(tok)) if tok is not None else 0
+        names = tok.convert_ids_to_tokens(list(range(n))) if n else []
+        return [t or "" for t in names] + [""] * (V - n)
 
     def keep_layers(self, model: nn.Module, keep: Sequence[int]) -> None:
         """Keep only the layers at `keep` (in order), updating the config and cache indices."""

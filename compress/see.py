@@ -1,0 +1,389 @@
+"""`see`: Sememe Entanglement Encoding of the token embedding (and a tied LM head), and the
+`embed-svd` baseline (ALBERT-style factorisation) trained with the same budget.
+
+Formulation (docs/see.md): e_v = sum_r c[v, r] * A[ia[v, r]] (x) B[ib[v, r]], with
+- A: semantic units. Whole-word tokens get one rank term per WordNet sense (up to max_rank); the
+  term's unit is the sense's hypernym ancestor at the depth that fits the knowledge budget, so
+  words whose senses share an ancestor share that unit. Tokens WordNet does not cover (sub-words,
+  numbers, punctuation, other scripts, words without senses) get data-driven units: k-means
+  clusters of the original embeddings.
+- B: sub-word/form units: k-means clusters of the original embeddings; a token's r-th term uses its
+  r-th nearest cluster, so the terms of one token differ.
+Training: stage 1 reconstructs the original rows (whole vocabulary) and then the original hidden
+states on the calibration data; stage 2 distils the original model's outputs.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pocketformer.models.factored import EntangledEmbedding, FactoredEmbedding, factor_dim, head_for
+from pocketformer.compress.registry import Calibration, register
+from pocketformer.errors import BadInputError
+from pocketformer.models import LoadedModel
+from pocketformer.progress import progress, say
+
+INVENTORIES = ("wordnet", "random")
+
+
+@dataclass
+class SEEConfig:
+    ratio: float = 10.0              # embedding (+ tied head) parameters / SEE parameters
+    order: int = 2                   # Kronecker factors per term (2 is implemented)
+    d1: int | None = None            # first factor's size (d = d1 * d2); default: near sqrt(d)
+    max_rank: int | None = None      # rank terms per token; default 4, or 2 above ratio 20
+    inventory: str = "wordnet"       # wordnet | random (same structure, units assigned at random)
+    knowledge_share: float = 0.6     # share of the A table reserved for WordNet units
+    reconstruct_steps: int = 1500    # stage 1a: full-vocabulary row reconstruction (Adam)
+    hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
+    distill_minutes: float = 2.0     # stage 2: output distillation
+    lr: float = 3e-3                 # stage 1a
+    distill_lr: float = 1e-3         # stages 1b and 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.ratio <= 1:
+            raise BadInputError("must be > 1", field="ratio")
+        if self.order != 2:
+            raise BadInputError("only order 2 (d = d1 x d2) is implemented", field="order")
+        if self.inventory not in INVENTORIES:
+            raise BadInputError(f"expected one of {', '.join(INVENTORIES)}", field="inventory")
+        if self.max_rank is not None and not 1 <= self.max_rank <= 16:
+            raise BadInputError("must be in 1..16", field="max_rank")
+        if not 0 <= self.knowledge_share < 1:
+            raise BadInputError("must be in [0, 1)", field="knowledge_share")
+        if min(self.hidden_minutes, self.distill_minutes) < 0 or self.reconstruct_steps < 0:
+            raise BadInputError("budgets must be >= 0", field="distill_minutes")
+
+    def needs_calibration(self) -> bool:
+        return self.hidden_minutes > 0 or self.distill_minutes > 0
+
+    def rank(self) -> int:
+        return self.max_rank or (4 if self.ratio <= 20 else 2)
+
+
+# ---- vocabulary and units -----------------------------------------------------------------------
+
+_WORD = re.compile(r"^[A-Za-z]{2,}$")
+
+
+def word_of(token: str, family: str) -> str | None:
+    """The whole word a token spells, or None for sub-words, numbers, punctuation, specials."""
+    if family == "bert":
+        return token if _WORD.match(token) else None          # "##ing" is a continuation piece
+    if token.startswith("Ġ") and _WORD.match(token[1:]):      # byte-level BPE: leading space marker
+        return token[1:]
+    return None
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine k-means (k-means++ seeding on a sample); returns (centroids, assignment)."""
+    g = torch.Generator().manual_seed(seed)
+    x = nn.functional.normalize(x.float(), dim=-1)
+    n = x.shape[0]
+    k = min(k, n)
+    cent = x[torch.randperm(n, generator=g)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cat([(x[i:i + 4096] @ cent.T).argmax(-1) for i in range(0, n, 4096)])
+        sums = torch.zeros_like(cent).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(-1)
+        empty = counts.squeeze(-1) == 0
+        cent = torch.where(empty.unsqueeze(-1), cent, sums / counts.clamp(min=1))
+        cent = nn.functional.normalize(cent, dim=-1)
+    return cent, assign
+
+
+def _nearest(x: torch.Tensor, cent: torch.Tensor, r: int) -> torch.Tensor:
+    x = nn.functional.normalize(x.float(), dim=-1)
+    return torch.cat([(x[i:i + 4096] @ cent.T).topk(r, dim=-1).indices for i in range(0, len(x), 4096)])
+
+
+@dataclass
+class Plan:
+    index_a: torch.Tensor      # V x R
+    index_b: torch.Tensor      # V x R
+    active: torch.Tensor       # V x R bool: which terms a token uses (its rank)
+    units_a: int
+    units_b: int
+    knowledge_units: int
+    covered_tokens: int
+    stats: dict
+
+
+def budget(V: int, d: int, d1: int, d2: int, ratio: float, R: int) -> tuple[int, int]:
+    """Unit counts (U_a, U_b) whose tables plus the V x R coefficients fit V d / ratio parameters,
+    split evenly between the two tables."""
+    total = V * d / ratio - V * R
+    if total <= d1 + d2:
+        raise BadInputError(f"ratio {ratio:g} cannot be met: the {V} x {R} coefficients alone need "
+                            f"{V * R:,} of the {int(V * d / ratio):,} parameters allowed; "
+                            "lower the ratio or max_rank", field="ratio")
+    return max(1, int(total / 2 / d1)), max(1, int(total / 2 / d2))
+
+
+def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int, cfg: SEEConfig,
+               wordnet=None) -> Plan:
+    V, d = E.shape
+    R = cfg.rank()
+    Ua, Ub = budget(V, d, d1, d2, cfg.ratio, R)
+    index_a = torch.zeros(V, R, dtype=torch.long)
+    active = torch.zeros(V, R, dtype=torch.bool)
+    senses: dict[int, list[tuple[str, ...]]] = {}
+    if cfg.inventory == "wordnet" or cfg.inventory == "random":
+        # The random baseline keeps the WordNet structure (which tokens get how many terms) and
+        # only assigns the units at random, so the comparison isolates the knowledge.
+        if wordnet is None:
+            from pocketformer.compress.wordnet import WordNet
+            wordnet = WordNet()
+        for v, tok in enumerate(tokens):
+            w = word_of(tok, family)
+            if w is None:
+                continue
+            chains = [wordnet.ancestors(s.key) for s in wordnet.senses(w)[:R]]
+            if chains:
+                senses[v] = chains
+    K = int(cfg.knowledge_share * Ua) if senses else 0
+    # Deepest cut of the hypernym chains whose distinct units fit K: depth counted from the root.
+    unit_of: dict[str, int] = {}
+    depth_used = None
+    if K:
+        max_depth = max(len(c) for chains in senses.values() for c in chains)
+        for depth in range(max_depth, -1, -1):
+            units = {c[max(0, len(c) - 1 - depth)] for chains in senses.values() for c in chains}
+            if len(units) <= K:
+                depth_used = depth
+                unit_of = {u: i for i, u in enumerate(sorted(units))}
+                break
+    covered = 0
+    for v, chains in senses.items():
+        if depth_used is None:
+            break
+        for r, c in enumerate(chains):
+            index_a[v, r] = unit_of[c[max(0, len(c) - 1 - depth_used)]]
+            active[v, r] = True
+        covered += 1
+    knowledge_units = len(unit_of)
+    # Data-driven A units for everything else: k-means of the original rows.
+    rest = [v for v in range(V) if not active[v, 0]]
+    n_data = max(1, Ua - knowledge_units)
+    if rest:
+        cent_a, _ = kmeans(E[rest], n_data, seed=cfg.seed)
+        near = _nearest(E[rest], cent_a, min(2, R, len(cent_a)))
+        for j, v in enumerate(rest):
+            for r in range(near.shape[1]):
+                index_a[v, r] = knowledge_units + int(near[j, r])
+                active[v, r] = True
+    units_a = knowledge_units + (len(cent_a) if rest else 0)
+    if cfg.inventory == "random":
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        index_a = torch.randint(0, units_a, (V, R), generator=g)
+    cent_b, _ = kmeans(E, Ub, seed=cfg.seed + 2)
+    index_b = _nearest(E, cent_b, min(R, len(cent_b)))
+    if index_b.shape[1] < R:
+        index_b = torch.cat([index_b, index_b[:, :1].expand(-1, R - index_b.shape[1])], 1)
+    ranks = active.sum(1).float()
+    stats = {"vocab": V, "knowledge_covered_tokens": covered,
+             "knowledge_coverage": covered / V, "knowledge_units": knowledge_units,
+             "hypernym_depth": depth_used, "data_units_a": units_a - knowledge_units,
+             "units_a": units_a, "units_b": len(cent_b), "max_rank": R,
+             "mean_rank": float(ranks.mean()),
+             "rank_histogram": torch.bincount(ranks.long(), minlength=R + 1).tolist()}
+    return Plan(index_a, index_b, active, units_a, len(cent_b), knowledge_units, covered, stats)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, seed: int) -> dict:
+    """Stage 1a: minimise ||E_see - E||_F^2 / ||E||_F^2 over the whole vocabulary (full batch)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam([emb.table_a, emb.table_b, emb.coef], lr=lr)
+    norm = float((E ** 2).sum())
+    ids = torch.arange(E.shape[0])
+    first = last = math.nan
+    for step in progress(range(steps), "SEE rows", total=steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+        loss = ((emb.rows(ids) - E) ** 2).sum() / norm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step == 0:
+            first = loss.item()
+        last = loss.item()
+    with torch.no_grad():
+        rel = float(((emb.rows(ids) - E) ** 2).sum() / norm)
+    return {"steps": steps, "loss_first": first, "loss_last": last, "relative_error": rel}
+
+
+def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> EntangledEmbedding:
+    g = torch.Generator().manual_seed(seed)
+    scale = float(E.std()) ** 0.5
+    A = torch.randn(plan.units_a, d1, generator=g) * scale / math.sqrt(d1) * 2
+    B = torch.randn(plan.units_b, d2, generator=g) * scale / math.sqrt(d2) * 2
+    coef = plan.active.float()
+    return EntangledEmbedding(A, B, plan.index_a, plan.index_b, coef)
+
+
+def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, batches, minutes: float,
+                           lr: float, seed: int, loss_kind: str, label: str) -> dict:
+    """Train `params` for `minutes` of wall time: 'hidden' matches the last hidden state,
+    'output' matches the output (KL of next-token distributions, or 1 - cos of embeddings)."""
+    if minutes <= 0 or not batches:
+        return {"steps": 0, "seconds": 0.0}
+    adapter = loaded.adapter
+    s_module, t_module = adapter.export_module(loaded), adapter.export_module(teacher)
+    s_layers, t_layers = adapter.layers(loaded.model), adapter.layers(teacher.model)
+    store: dict = {}
+    hooks = []
+    if loss_kind == "hidden":
+        hooks.append(s_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("s", o[0] if isinstance(o, tuple) else o)))
+        hooks.append(t_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("t", o[0] if isinstance(o, tuple) else o)))
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    budget_s = minutes * 60
+    start = time.perf_counter()
+    steps = 0
+    losses = []
+    try:
+        while time.perf_counter() - start < budget_s:
+            for bi in torch.randperm(len(batches), generator=gen).tolist():
+                frac = (time.perf_counter() - start) / budget_s
+                if frac >= 1:
+                    break
+                for group in opt.param_groups:
+                    group["lr"] = lr * (1 - frac)
+                batch = batches[bi]
+                with torch.no_grad():
+                    t_out = t_module(*batch)
+                s_out = s_module(*batch)
+                if loss_kind == "hidden":
+                    t = store["t"].detach()
+                    loss = ((store["s"] - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
+                elif loaded.family == "bert":
+                    loss = (1 - nn.functional.cosine_similarity(s_out, t_out, dim=-1)).mean()
+                else:
+                    t_logp = torch.log_softmax(t_out.float(), -1)
+                    loss = (t_logp.exp() * (t_logp - torch.log_softmax(s_out.float(), -1))).sum(-1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                losses.append(loss.item())
+                if steps % 25 == 1:
+                    say(f"{label}: step {steps}, loss {losses[-1]:.4f}")
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in params:
+            p.requires_grad_(False)
+    k = max(1, min(5, len(losses)))
+    return {"steps": steps, "seconds": round(time.perf_counter() - start, 1),
+            "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
+            "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}
+
+
+def _install(loaded: LoadedModel, module: nn.Module, *, tied: bool) -> None:
+    loaded.adapter.set_embeddings(loaded.model, module)
+    if tied:
+        loaded.adapter.set_lm_head(loaded.model, head_for(module))
+
+
+def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, calib: Calibration | None,
+            cfg, label: str) -> dict:
+    batches = calib.inputs(loaded) if calib is not None else []
+    params = [p for p in module.parameters()]
+    hidden = _train_against_teacher(loaded, teacher, params, batches, cfg.hidden_minutes,
+                                    cfg.distill_lr, cfg.seed, "hidden", f"{label} stage 1b")
+    output = _train_against_teacher(loaded, teacher, params, batches, cfg.distill_minutes,
+                                    cfg.distill_lr, cfg.seed + 1, "output", f"{label} stage 2")
+    return {"stage1_hidden": hidden, "stage2_distill": output}
+
+
+def _teacher(loaded: LoadedModel) -> LoadedModel:
+    import copy
+
+    return LoadedModel(loaded.adapter, copy.deepcopy(loaded.model), loaded.tokenizer, loaded.source,
+                       dict(loaded.extras))
+
+
+def _check_embedding(loaded: LoadedModel) -> nn.Embedding:
+    emb = loaded.adapter.embeddings(loaded.model)
+    if emb is None:
+        raise BadInputError(f"{loaded.family} models have no token embedding table to encode",
+                            field="method")
+    if not isinstance(emb, nn.Embedding):
+        raise BadInputError("the embedding is already factored; apply see / embed-svd once",
+                            field="method")
+    return emb
+
+
+@register("see", SEEConfig,
+          summary="Sememe Entanglement Encoding: rebuild the token embedding (and a tied LM head) "
+                  "from shared WordNet-guided unit tables by sums of Kronecker products")
+def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> dict:
+    emb = _check_embedding(loaded)
+    E = emb.weight.detach().clone()
+    V, d = E.shape
+    try:
+        d1, d2 = factor_dim(d, config.d1)
+    except ValueError as e:
+        raise BadInputError(f"{e}: d1 must divide the embedding width {d}", field="d1") from None
+    tied = loaded.adapter.tied_head(loaded.model)
+    teacher = _teacher(loaded)
+    tokens = loaded.adapter.vocabulary(loaded)
+    say(f"see: planning units for {V} tokens (d = {d1} x {d2}, ratio {config.ratio:g})")
+    plan = plan_units(tokens, loaded.family, E, d1, d2, config)
+    module = init_entangled(plan, d1, d2, E, config.seed)
+    rows = fit_rows(module, E, config.reconstruct_steps, config.lr, config.seed)
+    _install(loaded, module, tied=tied)
+    stages = _stages(loaded, teacher, module, calib, config, "see")
+    before = V * d
+    return {"vocab": V, "d": d, "factors": [d1, d2], "tied_head": tied, "plan": plan.stats,
+            "params_before": before, "params_after": module.param_count(),
+            "ratio": before / module.param_count(), "stage1_rows": rows, **stages}
+
+
+@dataclass
+class EmbedSVDConfig:
+    ratio: float = 10.0
+    hidden_minutes: float = 0.5
+    distill_minutes: float = 2.0
+    distill_lr: float = 1e-3
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.ratio <= 1:
+            raise BadInputError("must be > 1", field="ratio")
+
+    def needs_calibration(self) -> bool:
+        return self.hidden_minutes > 0 or self.distill_minutes > 0
+
+
+@register("embed-svd", EmbedSVDConfig,
+          summary="baseline: truncated SVD of the embedding (ALBERT-style V x k table + k x d "
+                  "projection) at the same ratio, trained with the same stages as see")
+def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | None) -> dict:
+    emb = _check_embedding(loaded)
+    E = emb.weight.detach().clone()
+    V, d = E.shape
+    k = int(V * d / config.ratio / (V + d))
+    if k < 1:
+        raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table", field="ratio")
+    U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
+    module = FactoredEmbedding((U[:, :k] * S[:k]).float(), Vh[:k].float())
+    rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
+    tied = loaded.adapter.tied_head(loaded.model)
+    teacher = _teacher(loaded)
+    _install(loaded, module, tied=tied)
+    stages = _stages(loaded, teacher, module, calib, config, "embed-svd")
+    return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,
+            "params_after": module.param_count(), "ratio": V * d / module.param_count(),
+            "stage1_rows": {"relative_error": rel}, **stages}

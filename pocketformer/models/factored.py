@@ -1,0 +1,192 @@
+"""Factored token embeddings that replace nn.Embedding (and a tied LM head) in a model: the
+entangled (Kronecker) embedding SEE builds word vectors with, and the ALBERT-style low-rank table.
+They live with the adapters because saved models, exporters and runtimes all need them.
+
+Each token v has R rank terms; term r picks one row of each shared unit table and weights their
+Kronecker product:
+
+    e_v = sum_r c[v, r] * A[ia[v, r]] (x) B[ib[v, r]]        A: U_a x d1, B: U_b x d2, d = d1 d2
+
+(order 2; a term with c = 0 is unused, so tokens may have different ranks). Read as a d1 x d2
+matrix, e_v = sum_r c A[ia]^T B[ib] is a rank <= R matrix assembled from shared pieces.
+
+The tied output head never forms the V x d matrix: for a hidden state h (a d1 x d2 matrix H),
+
+    <h, e_v> = sum_r c[v, r] * A[ia[v, r]] H B[ib[v, r]]^T = sum_r c[v, r] * M[ia[v, r], ib[v, r]]
+
+with M = A H B^T (U_a x U_b) computed per position: U_a d1 d2 + U_a U_b d2 multiply-adds, then a
+gather of V x R entries, instead of V d for a dense head.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def factor_dim(d: int, d1: int | None = None) -> tuple[int, int]:
+    """Split d = d1 * d2 with d1 <= d2 as close as possible (or d1 as given)."""
+    if d1 is not None:
+        if d % d1:
+            raise ValueError(f"{d1} does not divide {d}")
+        return d1, d // d1
+    best = 1
+    for a in range(1, int(d ** 0.5) + 1):
+        if d % a == 0:
+            best = a
+    return best, d // best
+
+
+class EntangledEmbedding(nn.Module):
+    def __init__(self, table_a: torch.Tensor, table_b: torch.Tensor, index_a: torch.Tensor,
+                 index_b: torch.Tensor, coef: torch.Tensor, padding_idx: int | None = None):
+        super().__init__()
+        if index_a.shape != index_b.shape or index_a.shape != coef.shape:
+            raise ValueError("index_a, index_b and coef must all be V x R")
+        self.table_a = nn.Parameter(table_a.float())
+        self.table_b = nn.Parameter(table_b.float())
+        self.coef = nn.Parameter(coef.float())
+        self.register_buffer("index_a", index_a.to(torch.int64))
+        self.register_buffer("index_b", index_b.to(torch.int64))
+        self.padding_idx = padding_idx
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.index_a.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.table_a.shape[1] * self.table_b.shape[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense V x d table (for inspection and tests; forward never builds it)."""
+        return self.rows(torch.arange(self.num_embeddings))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        a = self.table_a[self.index_a[ids]]              # ... x R x d1
+        b = self.table_b[self.index_b[ids]]              # ... x R x d2
+        c = self.coef[ids]                               # ... x R
+        out = torch.einsum("...r,...ri,...rj->...ij", c, a, b)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., d] -> [..., V], equal to hidden @ weight.T without forming weight."""
+        d1, d2 = self.table_a.shape[1], self.table_b.shape[1]
+        H = hidden.reshape(*hidden.shape[:-1], d1, d2)
+        M = torch.matmul(torch.matmul(self.table_a, H), self.table_b.T)   # ... x U_a x U_b
+        flat = M.reshape(*M.shape[:-2], -1)
+        idx = self.index_a * self.table_b.shape[0] + self.index_b         # V x R
+        picked = flat[..., idx.reshape(-1)].reshape(*flat.shape[:-1], *idx.shape)
+        return (picked * self.coef).sum(-1)
+
+    def param_count(self) -> int:
+        return self.table_a.numel() + self.table_b.numel() + self.coef.numel()
+
+
+class EntangledHead(nn.Module):
+    """A tied LM head that reads the entangled table (replaces nn.Linear(d, V, bias=False))."""
+
+    def __init__(self, embedding: EntangledEmbedding):
+        super().__init__()
+        self.embedding = embedding
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.embedding.num_embeddings
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.embedding.logits(hidden)
+
+
+class FactoredEmbedding(nn.Module):
+    """ALBERT-style E = P Q: a V x k table and a k x d projection."""
+
+    def __init__(self, P: torch.Tensor, Q: torch.Tensor):
+        super().__init__()
+        self.P = nn.Parameter(P.float())
+        self.Q = nn.Parameter(Q.float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.P @ self.Q
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.P.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.Q.shape[1]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.P) @ self.Q
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.Q.T) @ self.P.T
+
+    def param_count(self) -> int:
+        return self.P.numel() + self.Q.numel()
+
+
+class FactoredHead(nn.Module):
+    def __init__(self, embedding: FactoredEmbedding):
+        super().__init__()
+        self.embedding = embedding
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.embedding.num_embeddings
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.embedding.logits(hidden)
+
+
+def head_for(embedding: nn.Module) -> nn.Module:
+    """The tied output head that reads `embedding` without forming its dense table."""
+    return EntangledHead(embedding) if isinstance(embedding, EntangledEmbedding) else FactoredHead(embedding)
+
+
+def describe(embedding: nn.Module) -> dict | None:
+    """Config entry that lets a loader rebuild `embedding`'s shapes (None for nn.Embedding)."""
+    if isinstance(embedding, EntangledEmbedding):
+        return {"kind": "entangled", "units_a": embedding.table_a.shape[0],
+                "units_b": embedding.table_b.shape[0], "d1": embedding.table_a.shape[1],
+                "d2": embedding.table_b.shape[1], "vocab": embedding.num_embeddings,
+                "rank": embedding.coef.shape[1]}
+    if isinstance(embedding, FactoredEmbedding):
+        return {"kind": "factored", "vocab": embedding.num_embeddings, "rank": embedding.P.shape[1],
+                "d": embedding.embedding_dim}
+    return None
+
+
+def build(entry: dict) -> nn.Module:
+    """An empty module of the shapes `describe` recorded (weights are loaded afterwards)."""
+    if entry["kind"] == "entangled":
+        V, R = entry["vocab"], entry["rank"]
+        return EntangledEmbedding(torch.zeros(entry["units_a"], entry["d1"]),
+                                  torch.zeros(entry["units_b"], entry["d2"]),
+                                  torch.zeros(V, R, dtype=torch.long), torch.zeros(V, R, dtype=torch.long),
+                                  torch.zeros(V, R))
+    if entry["kind"] == "factored":
+        return FactoredEmbedding(torch.zeros(entry["vocab"], entry["rank"]),
+                                 torch.zeros(entry["rank"], entry["d"]))
+    raise ValueError(f"unknown embedding kind {entry['kind']!r}")

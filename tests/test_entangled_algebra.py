@@ -1,0 +1,51 @@
+"""Exact algebra of the entangled (Kronecker) embedding on small shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocketformer.models.factored import EntangledEmbedding, EntangledHead, factor_dim
+
+
+def _random(V=11, R=3, Ua=5, Ub=4, d1=3, d2=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return EntangledEmbedding(torch.randn(Ua, d1, generator=g), torch.randn(Ub, d2, generator=g),
+                              torch.randint(0, Ua, (V, R), generator=g),
+                              torch.randint(0, Ub, (V, R), generator=g), torch.randn(V, R, generator=g))
+
+
+def test_rows_are_sums_of_kronecker_products():
+    emb = _random()
+    for v in range(emb.num_embeddings):
+        expected = sum(emb.coef[v, r] * torch.kron(emb.table_a[emb.index_a[v, r]],
+                                                   emb.table_b[emb.index_b[v, r]])
+                       for r in range(emb.coef.shape[1]))
+        torch.testing.assert_close(emb(torch.tensor([v]))[0], expected)
+
+
+def test_head_equals_dense_matmul_without_forming_it():
+    emb = _random()
+    h = torch.randn(2, 5, emb.embedding_dim)
+    torch.testing.assert_close(EntangledHead(emb)(h), h @ emb.weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_reconstruction_of_a_rank_r_table():
+    """A table that is exactly a sum of Kronecker products of its units is reproduced exactly."""
+    emb = _random(V=7, R=2)
+    dense = emb.weight.detach().clone()
+    again = EntangledEmbedding(emb.table_a.detach(), emb.table_b.detach(), emb.index_a, emb.index_b,
+                               emb.coef.detach())
+    torch.testing.assert_close(again.weight, dense)
+    # zero coefficients switch rank terms off: a token's rank can be smaller than R
+    again.coef.data[0, 1] = 0.0
+    torch.testing.assert_close(again.weight[0], emb.coef[0, 0] * torch.kron(
+        emb.table_a[emb.index_a[0, 0]], emb.table_b[emb.index_b[0, 0]]))
+    assert again.param_count() == 5 * 3 + 4 * 4 + 7 * 2
+
+
+def test_factor_dim():
+    assert factor_dim(384) == (16, 24)
+    assert factor_dim(576) == (24, 24)
+    assert factor_dim(576, 16) == (16, 36)
+    with pytest.raises(ValueError):
+        factor_dim(384, 7)

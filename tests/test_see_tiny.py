@@ -1,0 +1,98 @@
+"""SEE and the SVD baseline on tiny models: structure, save/reload, export parity, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pocketformer.cli import main
+from pocketformer.compress import Calibration, get_method, parse_params, run_step
+from pocketformer.data import DataSpec, load_for
+from pocketformer.export import ExportConfig, export_model
+from pocketformer.models import load_model, save_model
+from pocketformer.models.factored import EntangledEmbedding, EntangledHead
+
+from conftest import STS_DEV
+
+FAST = {"hidden_minutes": 0.02, "distill_minutes": 0.02}
+
+
+def _calib(loaded, path):
+    return Calibration(load_for(loaded.adapter.data_kind, DataSpec.parse(path)), seq_len=32,
+                       max_samples=16, batch_size=4)
+
+
+def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama, small_text, tmp_path):
+    loaded = load_model(tiny_llama)
+    cfg = parse_params(get_method("see"), {"ratio": 4, "reconstruct_steps": 300, **FAST})
+    rec = run_step(loaded, "see", cfg, _calib(loaded, small_text))
+    d = rec["details"]
+    assert d["params_after"] * 4 <= d["params_before"] * 1.01 and d["tied_head"]
+    emb = loaded.adapter.embeddings(loaded.model)
+    assert isinstance(emb, EntangledEmbedding)
+    assert isinstance(loaded.adapter.lm_head(loaded.model), EntangledHead)
+    assert d["stage1_rows"]["loss_last"] < d["stage1_rows"]["loss_first"]
+    ids = loaded.adapter.example_inputs(loaded, seq_len=16)
+    with torch.inference_mode():
+        expected = loaded.adapter.export_module(loaded)(*ids)
+        # the factored head equals the dense product it avoids
+        h = torch.randn(3, emb.embedding_dim)
+        torch.testing.assert_close(loaded.adapter.lm_head(loaded.model)(h), h @ emb.weight.T,
+                                   rtol=1e-4, atol=1e-4)
+    save_model(loaded, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["pocketformer_embedding"]["kind"] == "entangled"
+    again = load_model(tmp_path / "m")
+    with torch.inference_mode():
+        torch.testing.assert_close(again.adapter.export_module(again)(*ids), expected)
+    records = export_model(again, tmp_path / "art", ExportConfig(seq_len=16))
+    assert all(r.parity["passed"] for r in records), [r.parity for r in records]
+
+
+def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
+    """tiny_bert carries all-MiniLM-L6-v2's real WordPiece vocabulary."""
+    from pocketformer.compress.see import SEEConfig, plan_units
+
+    loaded = load_model(tiny_bert)
+    E = loaded.adapter.embeddings(loaded.model).weight.detach()
+    tokens = loaded.adapter.vocabulary(loaded)
+    plan = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4))
+    s = plan.stats
+    assert 0.4 < s["knowledge_coverage"] < 0.8            # whole words with WordNet senses
+    assert s["knowledge_units"] > 0 and s["units_a"] > s["knowledge_units"]
+    bank, cls = tokens.index("bank"), tokens.index("[CLS]")
+    assert int(plan.active[bank].sum()) == 4              # many senses: full rank
+    assert int(plan.active[cls].sum()) <= 2               # no senses: data-driven units
+    # Words whose first senses share a hypernym ancestor share a semantic unit
+    cat, dog = tokens.index("cat"), tokens.index("dog")
+    assert set(plan.index_a[cat].tolist()) & set(plan.index_a[dog].tolist())
+    random_plan = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4, inventory="random"))
+    assert torch.equal(random_plan.active, plan.active) and torch.equal(random_plan.index_b, plan.index_b)
+    assert not torch.equal(random_plan.index_a, plan.index_a)
+
+
+def test_embed_svd_baseline(tiny_bert, tmp_path):
+    loaded = load_model(tiny_bert)
+    cfg = parse_params(get_method("embed-svd"), {"ratio": 4, **FAST})
+    rec = run_step(loaded, "embed-svd", cfg, _calib(loaded, f"{STS_DEV}@0:0.05"))
+    assert rec["details"]["ratio"] >= 4 and 0 < rec["details"]["stage1_rows"]["relative_error"] < 1
+    save_model(loaded, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    ids = again.adapter.example_inputs(again, batch=2, seq_len=12)
+    with torch.inference_mode():
+        torch.testing.assert_close(again.adapter.export_module(again)(*ids),
+                                   loaded.adapter.export_module(loaded)(*ids))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--ratio", "100000"], "cannot be met"),
+    (["--d1", "7"], "d1"),
+    (["--order", "3"], "order 2"),
+    (["--inventory", "hownet"], "wordnet"),
+])
+def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
+    code = main(["compress", "--model", str(tiny_bert), "--method", "see", *args,
+                 "--calibration", f"{STS_DEV}@0:0.05", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
