@@ -8,6 +8,15 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 extra=""
 [ "${1:-}" = "dev" ] && extra="[dev]"
+# WordNet 3.0 (Debian's wordnet-base): the lexical knowledge SEE builds its semantic units from.
+if [ ! -f /usr/share/wordnet/index.noun ] && [ -z "${WORDNET_DIR:-}" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -qq wordnet-base >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null && apt-get install -y -qq wordnet-base >/dev/null; }
+    else
+        echo "setup: WordNet is missing; run 'sudo apt-get install wordnet-base' (needed by --method see)" >&2
+    fi
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi

@@ -1,0 +1,91 @@
+"""Embedding compression side by side: SEE with WordNet units, the same structure with random
+units, and truncated SVD, at each ratio, with the same training budget (a benchmark, not a test).
+
+    .venv/bin/python benchmarks/see_ratios.py --model minilm --ratios 10,40 \
+        --calibration ../shared/data/stsbenchmark/sts-dev.csv@0:0.5 \
+        --evaluation ../shared/data/stsbenchmark/sts-dev.csv@0.5:1 [--distill-minutes 2]
+
+Prints one table: ratio x method x quality (and x dense), with the embedding parameters and the
+knowledge coverage; writes --json/--markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pocketformer import fsutil
+from pocketformer.compress import Calibration, get_method, parse_params, run_step
+from pocketformer.data import DataSpec, load_for
+from pocketformer.evaluation import EvalOptions, evaluate
+from pocketformer.models import load_model
+
+METHODS = {"see-wordnet": ("see", {"inventory": "wordnet"}),
+           "see-random": ("see", {"inventory": "random"}),
+           "svd": ("embed-svd", {})}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--ratios", default="10,40")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--evaluation", required=True)
+    p.add_argument("--samples", type=int, default=1500)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--hidden-minutes", type=float, default=0.5)
+    p.add_argument("--distill-minutes", type=float, default=2.0)
+    p.add_argument("--eval-max-windows", type=int, default=32)
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    a = p.parse_args()
+
+    base = load_model(a.model)
+    task = base.adapter.task
+    cal = load_for(base.adapter.data_kind, DataSpec.parse(a.calibration))
+    ev = load_for(base.adapter.data_kind, DataSpec.parse(a.evaluation))
+    opts = EvalOptions(seq_len=256, max_windows=a.eval_max_windows)
+    dense = evaluate(base, task, ev, opts=opts)
+    print(f"dense {dense.metric} {dense.value:.4f}", flush=True)
+    rows = [{"ratio": 1.0, "method": "dense", "quality": dense.value, "x_dense": 1.0,
+             "embedding_params": base.adapter.describe(base.model)["embedding_params"],
+             "coverage": None, "seconds": 0.0}]
+    for ratio in [float(r) for r in a.ratios.split(",")]:
+        for name in a.methods.split(","):
+            method, extra = METHODS[name]
+            loaded = load_model(a.model)
+            cfg = parse_params(get_method(method), {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
+                                                    "distill_minutes": a.distill_minutes, **extra})
+            start = time.perf_counter()
+            details = run_step(loaded, method, cfg, Calibration(cal, seq_len=a.seq_len, max_samples=a.samples,
+                                                                 batch_size=a.batch_size))["details"]
+            seconds = time.perf_counter() - start
+            q = evaluate(loaded, task, ev, opts=opts)
+            row = {"ratio": ratio, "method": name, "quality": q.value, "x_dense": q.value / dense.value,
+                   "embedding_params": details["params_after"], "achieved_ratio": details["ratio"],
+                   "coverage": details.get("plan", {}).get("knowledge_coverage"),
+                   "row_error": details["stage1_rows"]["relative_error"], "seconds": seconds}
+            rows.append(row)
+            print(f"ratio {ratio:g} {name}: {q.metric} {q.value:.4f} ({row['x_dense']:.3f}x dense), "
+                  f"{row['embedding_params']:,} params ({row['achieved_ratio']:.1f}x), "
+                  f"row error {row['row_error']:.3f}, {seconds:.0f}s", flush=True)
+    lines = [f"| ratio | method | {dense.metric} | x dense | embedding params | achieved ratio | "
+             "row rel. error after stage 1a | WordNet coverage | seconds |", "|" + "---|" * 9]
+    for r in rows:
+        cov = f"{r['coverage']:.1%}" if r.get("coverage") is not None else ""
+        lines.append(f"| {r['ratio']:g} | {r['method']} | {r['quality']:.4f} | {r['x_dense']:.3f} | "
+                     f"{r['embedding_params']:,} | {r.get('achieved_ratio', 1.0):.1f} | "
+                     f"{r.get('row_error', 0.0):.3f} | {cov} | {r['seconds']:.0f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if a.json:
+        fsutil.write_json(a.json, {"model": a.model, "metric": dense.metric, "args": vars(a), "rows": rows})
+    if a.markdown:
+        fsutil.write_text(a.markdown, table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
