@@ -169,3 +169,19 @@ def test_depth_plus_width_hits_params_target_and_reloads(tiny_llama, small_text,
     assert again.adapter.describe(again.model)["ffn_widths"] == after["ffn_widths"]
     with torch.inference_mode():
         torch.testing.assert_close(again.adapter.export_module(again)(*ids), expected)
+
+
+def test_vit_per_layer_widths_reload(tiny_vit_config, tmp_path):
+    """transformers 5 saves ViT under its legacy checkpoint names; a per-layer-width ViT must
+    still reload through our loader with identical outputs."""
+    loaded = load_model(tiny_vit_config)
+    adapter = loaded.adapter
+    adapter.keep_ffn_channels(adapter.layers(loaded.model)[1], list(range(0, 64, 2)))
+    x = adapter.example_inputs(loaded, seq_len=0)
+    with torch.inference_mode():
+        expected = adapter.export_module(loaded)(*x)
+    save_model(loaded, tmp_path / "vit")
+    again = load_model(tmp_path / "vit")
+    assert again.adapter.describe(again.model)["ffn_widths"] == [64, 32, 64, 64]
+    with torch.inference_mode():
+        torch.testing.assert_close(again.adapter.export_module(again)(*x), expected)

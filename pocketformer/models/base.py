@@ -190,6 +190,7 @@ class ModelAdapter:
         state = {}
         for f in sorted(path.glob("*.safetensors")):
             state.update(load_file(f))
+        state = _to_module_names(model, state)
         missing, unexpected = model.load_state_dict(state, strict=False)
         head_keys = {k for k in missing if k.startswith(("lm_head.", "cls."))} if tied else set()
         if set(missing) - head_keys or unexpected:
@@ -403,3 +404,22 @@ class ModelAdapter:
                            ) -> list[tuple[torch.Tensor, ...]]:
         """Turn a dataset (see pocketformer.data) into batches for export_module(...)."""
         raise NotImplementedError
+
+
+def _to_module_names(model: nn.Module, state: dict) -> dict:
+    """`save_pretrained` writes some families (ViT in transformers 5) under their legacy checkpoint
+    names; map those back to the module's own parameter names. Only one-to-one renames are
+    handled, which is all the supported families use."""
+    own = model.state_dict()
+    if all(k in own for k in state):
+        return state
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers: no renaming on save
+        return state
+    saved_name = {}
+    for key, value in own.items():
+        reverted = revert_weight_conversion(model, {key: value})
+        if len(reverted) == 1:
+            saved_name[next(iter(reverted))] = key
+    return {saved_name.get(k, k): v for k, v in state.items()}
