@@ -175,6 +175,9 @@ def render_markdown(r: Report) -> str:
         for s in steps:
             d = s.get("details", {})
             what = f"removed layers {d['removed']}" if "removed" in d else ""
+            if "ratio" in d and "vocab" in d:
+                what = (f"embedding {d['params_before']:,} -> {d['params_after']:,} params "
+                        f"({d['ratio']:.1f}x{', tied head' if d.get('tied_head') else ''})")
             rows.append([s["method"], s["params_before"], s["params_after"], what, s["seconds"]])
         out += [_table(["method", "params before", "params after", "what", "seconds"], rows), ""]
     q = r.quality
