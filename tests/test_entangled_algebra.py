@@ -49,3 +49,28 @@ def test_factor_dim():
     assert factor_dim(576, 16) == (16, 36)
     with pytest.raises(ValueError):
         factor_dim(384, 7)
+
+
+@pytest.mark.parametrize("units,strategy", [((3, 5), "pairs"), ((400, 300), "gather-b"),
+                                            ((300, 400), "gather-a")])
+def test_every_head_strategy_equals_the_dense_product(units, strategy):
+    """Small inventories contract through M = A H B^T, large ones gather on the cheaper side;
+    each equals h @ E^T."""
+    torch.manual_seed(0)
+    ua, ub = units
+    V, R, d1, d2 = 50, 3, 4, 6
+    emb = EntangledEmbedding(torch.randn(ua, d1), torch.randn(ub, d2), torch.randint(0, ua, (V, R)),
+                             torch.randint(0, ub, (V, R)), torch.randn(V, R))
+    h = torch.randn(2, 7, d1 * d2)
+    assert emb.head_strategy() == strategy
+    torch.testing.assert_close(emb.logits(h), h @ emb.weight.T, rtol=1e-4, atol=1e-4)
+
+
+def test_strategy_choice_follows_cost():
+    V, R = 50, 3
+    small = EntangledEmbedding(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(V, R, dtype=torch.long),
+                               torch.zeros(V, R, dtype=torch.long), torch.ones(V, R))
+    assert small.head_strategy() == "pairs"
+    big = EntangledEmbedding(torch.randn(400, 4), torch.randn(300, 6), torch.zeros(V, R, dtype=torch.long),
+                             torch.zeros(V, R, dtype=torch.long), torch.ones(V, R))
+    assert big.head_strategy() == "gather-b"   # U_b d1 d2 + V R d1 is the smallest

@@ -10,12 +10,19 @@ Kronecker product:
 (order 2; a term with c = 0 is unused, so tokens may have different ranks). Read as a d1 x d2
 matrix, e_v = sum_r c A[ia]^T B[ib] is a rank <= R matrix assembled from shared pieces.
 
-The tied output head never forms the V x d matrix: for a hidden state h (a d1 x d2 matrix H),
+The tied output head never forms the V x d matrix. For a hidden state h (a d1 x d2 matrix H),
 
-    <h, e_v> = sum_r c[v, r] * A[ia[v, r]] H B[ib[v, r]]^T = sum_r c[v, r] * M[ia[v, r], ib[v, r]]
+    <h, e_v> = sum_r c[v, r] * A[ia[v, r]] H B[ib[v, r]]^T
 
-with M = A H B^T (U_a x U_b) computed per position: U_a d1 d2 + U_a U_b d2 multiply-adds, then a
-gather of V x R entries, instead of V d for a dense head.
+and the head picks, once per module, the cheapest of three contractions (multiply-adds per
+position; the dense head costs V d):
+
+    pairs:     M = A H B^T (U_a x U_b), gather V R entries      U_a d1 d2 + U_a U_b d2 + V R
+    gather-a:  A H (U_a x d2), gather its rows, dot with B[ib]  U_a d1 d2 + V R d2
+    gather-b:  H B^T (d1 x U_b), gather its columns, dot A[ia] U_b d1 d2 + V R d1
+
+"pairs" wins for small inventories; at high parameter budgets (large unit tables) one of the
+gathers does, and its run-time intermediate is V R d_small per position instead of V d.
 """
 from __future__ import annotations
 
@@ -72,15 +79,39 @@ class EntangledEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.rows(input_ids)
 
+    def head_costs(self) -> dict[str, int]:
+        """Multiply-adds per position of each way to compute the tied head (see the module doc)."""
+        (ua, d1), (ub, d2) = self.table_a.shape, self.table_b.shape
+        vr = self.index_a.numel()
+        return {"pairs": ua * d1 * d2 + ua * ub * d2 + vr, "gather-a": ua * d1 * d2 + vr * d2,
+                "gather-b": ub * d1 * d2 + vr * d1}
+
+    def head_strategy(self) -> str:
+        costs = self.head_costs()
+        return min(costs, key=costs.get)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> [..., V], equal to hidden @ weight.T without forming weight."""
         d1, d2 = self.table_a.shape[1], self.table_b.shape[1]
         H = hidden.reshape(*hidden.shape[:-1], d1, d2)
-        M = torch.matmul(torch.matmul(self.table_a, H), self.table_b.T)   # ... x U_a x U_b
-        flat = M.reshape(*M.shape[:-2], -1)
-        idx = self.index_a * self.table_b.shape[0] + self.index_b         # V x R
-        picked = flat[..., idx.reshape(-1)].reshape(*flat.shape[:-1], *idx.shape)
-        return (picked * self.coef).sum(-1)
+        strategy = self.head_strategy()
+        if strategy == "pairs":
+            M = torch.matmul(torch.matmul(self.table_a, H), self.table_b.T)   # ... x U_a x U_b
+            flat = M.reshape(*M.shape[:-2], -1)
+            idx = self.index_a * self.table_b.shape[0] + self.index_b         # V x R
+            picked = flat[..., idx.reshape(-1)].reshape(*flat.shape[:-1], *idx.shape)
+            return (picked * self.coef).sum(-1)
+        if strategy == "gather-a":
+            side = torch.matmul(self.table_a, H)                              # ... x U_a x d2
+            index, other = self.index_a, self.table_b[self.index_b]           # V x R x d2
+        else:
+            side = torch.matmul(H, self.table_b.T).transpose(-1, -2)          # ... x U_b x d1
+            index, other = self.index_b, self.table_a[self.index_a]           # V x R x d1
+        V, R = index.shape
+        k = side.shape[-1]
+        picked = side[..., index.reshape(-1), :].reshape(*side.shape[:-2], V, R * k)
+        weights = (other * self.coef.unsqueeze(-1)).reshape(V, R * k)
+        return (picked * weights).sum(-1)
 
     def param_count(self) -> int:
         return self.table_a.numel() + self.table_b.numel() + self.coef.numel()
