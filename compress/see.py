@@ -171,14 +171,27 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
                 depth_used = depth
                 unit_of = {u: i for i, u in enumerate(sorted(units))}
                 break
+    if K and depth_used is None:
+        # Even the roots do not fit (adjectives and adverbs have no hypernyms, so every one of
+        # their synsets is a root): keep the K roots shared by most senses; senses under the
+        # others fall back to data-driven units.
+        depth_used = 0
+        counts: dict[str, int] = {}
+        for chains in senses.values():
+            for c in chains:
+                counts[c[-1]] = counts.get(c[-1], 0) + 1
+        kept = sorted(counts, key=lambda u: (-counts[u], u))[:K]
+        unit_of = {u: i for i, u in enumerate(sorted(kept))}
     covered = 0
     for v, chains in senses.items():
         if depth_used is None:
             break
-        for r, c in enumerate(chains):
-            index_a[v, r] = unit_of[c[max(0, len(c) - 1 - depth_used)]]
+        units = [unit_of.get(c[max(0, len(c) - 1 - depth_used)]) for c in chains]
+        units = [u for u in units if u is not None]
+        for r, u in enumerate(units):
+            index_a[v, r] = u
             active[v, r] = True
-        covered += 1
+        covered += bool(units)
     knowledge_units = len(unit_of)
     # Data-driven A units for everything else: k-means of the original rows.
     rest = [v for v in range(V) if not active[v, 0]]

@@ -69,6 +69,11 @@ def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
     random_plan = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4, inventory="random"))
     assert torch.equal(random_plan.active, plan.active) and torch.equal(random_plan.index_b, plan.index_b)
     assert not torch.equal(random_plan.index_a, plan.index_a)
+    # A knowledge budget smaller than the number of hypernym roots (every adjective synset is
+    # one) keeps the roots shared by most senses instead of dropping WordNet altogether.
+    tight = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4, knowledge_share=0.01)).stats
+    assert tight["hypernym_depth"] == 0 and 0 < tight["knowledge_units"] < s["knowledge_units"]
+    assert 0.1 < tight["knowledge_coverage"] < s["knowledge_coverage"]
 
 
 def test_embed_svd_baseline(tiny_bert, tmp_path):
