@@ -398,6 +398,16 @@ def _check_embedding(loaded: LoadedModel) -> nn.Embedding:
     return emb
 
 
+def _replace_and_train(loaded: LoadedModel, module: nn.Module, calib: Calibration | None, config,
+                       label: str) -> tuple[bool, dict]:
+    """Install `module` as the embedding (and the tied head), then run stages 1b and 2 against a
+    copy of the model as it was; returns (tied, stage records)."""
+    tied = loaded.adapter.tied_head(loaded.model)
+    teacher = _teacher(loaded)
+    _install(loaded, module, tied=tied)
+    return tied, _stages(loaded, teacher, module, calib, config, label)
+
+
 @register("see", SEEConfig,
           summary="Sememe Entanglement Encoding: rebuild the token embedding (and a tied LM head) "
                   "from shared WordNet-guided unit tables by sums of Kronecker products")
@@ -409,15 +419,12 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
         d1, d2 = factor_dim(d, config.d1)
     except ValueError as e:
         raise BadInputError(f"{e}: d1 must divide the embedding width {d}", field="d1") from None
-    tied = loaded.adapter.tied_head(loaded.model)
-    teacher = _teacher(loaded)
     tokens = loaded.adapter.vocabulary(loaded)
     say(f"see: planning units for {V} tokens (d = {d1} x {d2}, ratio {config.ratio:g})")
     plan = plan_units(tokens, loaded.family, E, d1, d2, config)
     module = init_entangled(plan, d1, d2, E, config.seed)
     rows = fit_rows(module, E, config.reconstruct_steps, config.lr, config.seed, plan.active)
-    _install(loaded, module, tied=tied)
-    stages = _stages(loaded, teacher, module, calib, config, "see")
+    tied, stages = _replace_and_train(loaded, module, calib, config, "see")
     before = V * d
     return {"vocab": V, "d": d, "factors": [d1, d2], "tied_head": tied, "plan": plan.stats,
             "params_before": before, "params_after": module.param_count(),
@@ -453,10 +460,7 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
     module = FactoredEmbedding((U[:, :k] * S[:k]).float(), Vh[:k].float())
     rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
-    tied = loaded.adapter.tied_head(loaded.model)
-    teacher = _teacher(loaded)
-    _install(loaded, module, tied=tied)
-    stages = _stages(loaded, teacher, module, calib, config, "embed-svd")
+    tied, stages = _replace_and_train(loaded, module, calib, config, "embed-svd")
     return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,
             "params_after": module.param_count(), "ratio": V * d / module.param_count(),
             "stage1_rows": {"relative_error": rel}, **stages}

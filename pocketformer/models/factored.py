@@ -117,10 +117,11 @@ class EntangledEmbedding(nn.Module):
         return self.table_a.numel() + self.table_b.numel() + self.coef.numel()
 
 
-class EntangledHead(nn.Module):
-    """A tied LM head that reads the entangled table (replaces nn.Linear(d, V, bias=False))."""
+class _TiedHead(nn.Module):
+    """A tied LM head (replaces nn.Linear(d, V, bias=False)) that computes logits from a factored
+    embedding's `logits` without forming its dense table."""
 
-    def __init__(self, embedding: EntangledEmbedding):
+    def __init__(self, embedding: nn.Module):
         super().__init__()
         self.embedding = embedding
 
@@ -138,6 +139,10 @@ class EntangledHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.embedding.logits(hidden)
+
+
+class EntangledHead(_TiedHead):
+    """The tied head of an EntangledEmbedding."""
 
 
 class FactoredEmbedding(nn.Module):
@@ -170,25 +175,8 @@ class FactoredEmbedding(nn.Module):
         return self.P.numel() + self.Q.numel()
 
 
-class FactoredHead(nn.Module):
-    def __init__(self, embedding: FactoredEmbedding):
-        super().__init__()
-        self.embedding = embedding
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.embedding.weight
-
-    @property
-    def in_features(self) -> int:
-        return self.embedding.embedding_dim
-
-    @property
-    def out_features(self) -> int:
-        return self.embedding.num_embeddings
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.embedding.logits(hidden)
+class FactoredHead(_TiedHead):
+    """The tied head of a FactoredEmbedding."""
 
 
 def head_for(embedding: nn.Module) -> nn.Module:
