@@ -1,6 +1,7 @@
 """ONNX (dynamo exporter + onnxslim, run with ONNX Runtime) and ExecuTorch .pte (XNNPACK)."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -12,26 +13,40 @@ import numpy as np
 import torch
 
 from pocketformer import fsutil
-from pocketformer.errors import BadInputError, RuntimeFailure
+from pocketformer.errors import BadInputError, BudgetError, RuntimeFailure
 from pocketformer.models import LoadedModel
 from pocketformer.progress import say
 from pocketformer.versions import versions
+from pocketformer.export.delegation import delegation_report
 from pocketformer.export.parity import compare
-from pocketformer.export.runtimes import open_artifact
+from pocketformer.export.quantize import (SCHEMES, QuantPlan, check_plan, quantize_for_executorch,
+                                          quantize_onnx_dynamic)
+from pocketformer.export.runtimes import open_artifact, open_generator
 
 FORMATS = ("onnx", "pte")
-QUANTIZATIONS = ("fp32",)
+QUANTIZATIONS = SCHEMES
+ONNX_QUANTIZATIONS = ("fp32", "int8")
+GREEDY_PROMPT = "The history of the city begins in the early years of the"
 
 
 @dataclass
 class ExportConfig:
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
-    quantize: str = "fp32"
+    quantize: str = "fp32"              # fp32 | int8 | 8da4w (see export/quantize.py)
+    group_size: int | None = None       # 8da4w weight group; default: largest dividing every width
+    max_unquantized_share: float = 0.0  # gate: share of linear weights a scheme may leave in fp32
     batch: int = 1                 # example batch for the .pte (static) and parity inputs
     seq_len: int | None = None     # example/static sequence length; adapter default if unset
     simplify: bool = True          # onnxslim pass over the ONNX graph
     parity_min_cosine: float = 0.9999
     parity_max_abs: float = 1e-3
+    quant_min_cosine: float = 0.99        # quantized artifacts: cosine vs their reference
+    min_delegated_flops: float | None = 0.99   # gate: share of FLOPs inside XNNPACK (.pte)
+    etrecord: bool = True                 # write <artifact>.etrecord beside each .pte
+    ort_format: bool = False              # also write .ort + required_operators.config (ONNX)
+    generation: bool | None = None        # decoders: KV-cache generation graph (default: on)
+    max_len: int = 256                    # generation: KV cache length (prompt + new tokens)
+    greedy_tokens: int = 32               # generation: greedy tokens compared with eager
 
     def validate(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -41,8 +56,19 @@ class ExportConfig:
         if self.quantize not in QUANTIZATIONS:
             raise BadInputError(f"expected one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}",
                                 field="quantize")
+        if "onnx" in self.formats and self.quantize not in ONNX_QUANTIZATIONS:
+            raise BadInputError(f"{self.quantize} is offered for .pte only; ONNX takes "
+                                f"{' or '.join(ONNX_QUANTIZATIONS)}", field="quantize")
         if self.batch < 1 or (self.seq_len is not None and self.seq_len < 2):
             raise BadInputError("batch must be >= 1 and seq_len >= 2", field="seq_len")
+        if self.group_size is not None and self.group_size < 1:
+            raise BadInputError("must be >= 1", field="group_size")
+        if not 0 <= self.max_unquantized_share <= 1:
+            raise BadInputError("must be in [0, 1]", field="max_unquantized_share")
+        if self.min_delegated_flops is not None and not 0 <= self.min_delegated_flops <= 1:
+            raise BadInputError("must be in [0, 1]", field="min_delegated_flops")
+        if self.max_len < 8 or self.greedy_tokens < 1:
+            raise BadInputError("max_len >= 8 and greedy_tokens >= 1 are required", field="max_len")
 
 
 @dataclass
@@ -77,36 +103,49 @@ def _eager(module, inputs) -> np.ndarray:
         return module(*inputs).numpy()
 
 
-def export_onnx(loaded: LoadedModel, module, inputs, path: Path, cfg: ExportConfig) -> dict:
-    import onnx
-
-    adapter = loaded.adapter
+def _dynamic_shapes(loaded: LoadedModel, names, inputs) -> tuple:
     dims: dict[str, torch.export.Dim] = {}
     dynamic = []
-    for name, t in zip(adapter.input_names, inputs):
+    axes_of = loaded.adapter.dynamic_axes()
+    for name, _ in zip(names, inputs):
         axes = {}
-        for axis, sym in adapter.dynamic_axes().get(name, {}).items():
+        for axis, sym in axes_of.get(name, {}).items():
             if sym not in dims:
                 upper = getattr(loaded.model.config, "max_position_embeddings", 4096) if sym == "seq" else 1024
                 dims[sym] = torch.export.Dim(sym, min=2 if sym == "seq" else 1, max=upper)
             axes[axis] = dims[sym]
         dynamic.append(axes or None)
+    return tuple(dynamic)
+
+
+def _quiet_export():
     # The exporter logs one warning per torchvision op it cannot register; none are used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                module, tuple(inputs), None, dynamo=True, input_names=list(adapter.input_names),
-                output_names=list(adapter.output_names), dynamic_shapes=tuple(dynamic),
-                verbose=False)
-        except Exception as e:
-            raise RuntimeFailure(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    w = warnings.catch_warnings()
+    w.__enter__()
+    warnings.simplefilter("ignore")
+    return w
+
+
+def export_onnx(module, inputs, path: Path, cfg: ExportConfig, *, input_names, output_names,
+                dynamic_shapes, dynamic_axes_doc: dict) -> dict:
+    """torch.export (so varargs modules and data-dependent shapes export the same way) ->
+    ONNX (dynamo exporter) -> onnxslim -> checker -> optional ORT int8 dynamic quantization."""
+    import onnx
+
+    w = _quiet_export()
+    try:
+        ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+        program = torch.onnx.export(ep, tuple(inputs), None, dynamo=True,
+                                    input_names=list(input_names), output_names=list(output_names),
+                                    verbose=False)
+    except Exception as e:
+        raise RuntimeFailure(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    finally:
+        w.__exit__(None, None, None)
     proto = program.model_proto
-    nodes_before = len(proto.graph.node)
     details = {"opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
-               "nodes_exported": nodes_before,
-               "dynamic_axes": {k: {str(a): s for a, s in v.items()} for k, v in adapter.dynamic_axes().items()}}
+               "nodes_exported": len(proto.graph.node), "dynamic_axes": dynamic_axes_doc}
     if cfg.simplify:
         import onnxslim
 
@@ -117,79 +156,299 @@ def export_onnx(loaded: LoadedModel, module, inputs, path: Path, cfg: ExportConf
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         raise RuntimeFailure(f"exported ONNX graph is invalid: {e}") from e
-    with fsutil.atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
+    if cfg.quantize == "int8":
+        with fsutil.atomic_path(path.with_suffix(".fp32.onnx")) as fp32:
+            onnx.save(proto, str(fp32))
+            with fsutil.atomic_path(path) as tmp:
+                details["quantization"] = {"scheme": "int8", "tool": "onnxruntime.quantization.quantize_dynamic",
+                                           **quantize_onnx_dynamic(fp32, tmp)}
+        path.with_suffix(".fp32.onnx").unlink(missing_ok=True)
+    else:
+        with fsutil.atomic_path(path) as tmp:
+            onnx.save(proto, str(tmp))
+    if cfg.ort_format:
+        details["ort_format"] = _to_ort_format(path)
     return details
 
 
-def export_pte(loaded: LoadedModel, module, inputs, path: Path, cfg: ExportConfig) -> dict:
+def _to_ort_format(path: Path) -> dict:
+    """ONNX Runtime's mobile format plus the operator list a reduced runtime build needs."""
+    import shutil
+    import tempfile
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import (OptimizationStyle,
+                                                              convert_onnx_models_to_ort)
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        shutil.copyfile(path, staged)
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert_onnx_models_to_ort(staged, output_dir=Path(tmp) / "out",
+                                       optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform="arm")
+        produced = {p.suffix: p for p in (Path(tmp) / "out").iterdir()}
+        ort_file, config = produced.get(".ort"), produced.get(".config")
+        if ort_file is None or config is None:
+            raise RuntimeFailure(f"ORT format conversion produced {sorted(produced)}", file=str(path))
+        ort_dst = path.with_suffix(".ort")
+        cfg_dst = path.with_suffix(".required_operators.config")
+        for src, dst in ((ort_file, ort_dst), (config, cfg_dst)):
+            with fsutil.atomic_path(dst) as t:
+                shutil.copyfile(src, t)
+    return {"ort": ort_dst.name, "ort_sha256": fsutil.sha256_file(ort_dst),
+            "ort_size_bytes": ort_dst.stat().st_size, "required_operators": cfg_dst.name,
+            "target_platform": "arm", "optimization_style": "Fixed"}
+
+
+def export_pte(module, inputs, path: Path, cfg: ExportConfig, *, dynamic_shapes=None,
+               plan: QuantPlan | None = None) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.devtools.backend_debug import get_delegation_info
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ep = torch.export.export(module, tuple(inputs), strict=False)
+    if plan is not None and plan.scheme == "8da4w":
+        import executorch.kernels.quantized  # noqa: F401  (embedding_byte for int8 embeddings)
+    w = _quiet_export()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
             edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-            info = get_delegation_info(edge.exported_program().graph_module)
-            program = edge.to_executorch()
-        except Exception as e:
-            raise RuntimeFailure(f"ExecuTorch export failed: {type(e).__name__}: {e}") from e
+            report = delegation_report(edge.exported_program().graph_module)
+            share = report.flops_share
+            if cfg.min_delegated_flops is not None and share is not None and share < cfg.min_delegated_flops:
+                ops = ", ".join(f"{op} ({v['count']}x, {v['flops']:,} FLOPs)"
+                                for op, v in list(report.portable_ops.items())[:8])
+                raise BudgetError(f"delegation gate: {share:.2%} of FLOPs in XNNPACK (budget "
+                                  f">= {cfg.min_delegated_flops:.0%}); left to portable kernels: {ops}",
+                                  file=str(path), field="export.min_delegated_flops")
+            # to_edge_transform_and_lower(generate_etrecord=True) loses the dynamic upper bounds
+            # in memory planning; recording from a copy of the edge program keeps them
+            edge_copy = copy.deepcopy(edge) if cfg.etrecord else None
+            # memory is planned for the upper bound of every dynamic dimension (the default
+            # pass would plan for the example's size and refuse longer inputs at run time)
+            program = edge.to_executorch(ExecutorchBackendConfig(
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                do_quant_fusion_and_const_prop=plan is not None and plan.scheme == "8da4w"))
+    except BudgetError:
+        raise
+    except Exception as e:
+        raise RuntimeFailure(f"ExecuTorch export failed: {type(e).__name__}: {e}") from e
+    finally:
+        w.__exit__(None, None, None)
     fsutil.write_bytes(path, program.buffer)
-    total = info.num_delegated_nodes + info.num_non_delegated_nodes
-    return {
-        "backend": "xnnpack",
-        "delegated_nodes": info.num_delegated_nodes,
-        "non_delegated_nodes": info.num_non_delegated_nodes,
-        "delegated_share": round(info.num_delegated_nodes / total, 4) if total else None,
-        "non_delegated_ops": sorted({op for op, b in info.delegation_by_operator.items()
-                                     if b.non_delegated > 0}),
-    }
+    details = {"backend": "xnnpack", "delegation": report.to_dict(),
+               # kept for readers of earlier reports
+               "delegated_nodes": report.delegated_nodes, "non_delegated_nodes": report.portable_nodes,
+               "delegated_share": _round(report.node_share),
+               "non_delegated_ops": sorted(report.portable_ops)}
+    if cfg.etrecord:
+        et_path = Path(f"{path}.etrecord")
+        from executorch.devtools import generate_etrecord
+
+        with fsutil.atomic_path(et_path) as tmp:
+            generate_etrecord(str(tmp), edge_copy, program)
+        details["etrecord"] = et_path.name
+    if plan is not None:
+        details["quantization"] = plan.to_dict()
+    return details
 
 
-EXPORTERS = {"onnx": (export_onnx, "onnxruntime"), "pte": (export_pte, "executorch")}
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
+def _eager(module, inputs) -> np.ndarray:
+    with torch.inference_mode():
+        out = module(*inputs)
+    return (out[0] if isinstance(out, tuple) else out).numpy()
+
+
+def _write_record(out_dir: Path, path: Path, record: "ArtifactRecord", loaded: LoadedModel,
+                  names, inputs, extra: dict | None = None) -> None:
+    with fsutil.atomic_path(Path(f"{path}.inputs.npz")) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{n: t.numpy() for n, t in zip(names, inputs)})
+    sidecar = {**record.to_dict(), "family": loaded.family, "source": loaded.origin or loaded.source,
+               "versions": versions(), **(extra or {})}
+    fsutil.write_json(Path(f"{path}.json"), sidecar)
+
+
+def _stem(name: str, cfg: ExportConfig) -> str:
+    return name if cfg.quantize == "fp32" else f"{name}-{cfg.quantize}"
 
 
 def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | None = None,
-                 *, name: str = "model") -> list[ArtifactRecord]:
-    """Export to each format, check parity against eager, and write `<name>.<fmt>` plus a
-    sidecar `<name>.<fmt>.json` (inputs, parity, versions) and `<name>.<fmt>.inputs.npz`."""
+                 *, name: str = "model", recipe_sha256: str | None = None) -> list[ArtifactRecord]:
+    """Export to each format, check parity against eager, and write `<name>[-<quant>].<fmt>` plus
+    a sidecar `<file>.json` (inputs, parity, quantization, delegation, versions, recipe hash)
+    and `<file>.inputs.npz`. Decoders also get `<stem>-gen.<fmt>`, the KV-cache generation
+    graph, checked by greedy-token agreement with eager `transformers` generation."""
     cfg = cfg or ExportConfig()
+    cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = loaded.adapter.export_module(loaded)
+    stem = _stem(name, cfg)
+    plan = None
+    pte_module = module
+    if "pte" in cfg.formats and cfg.quantize != "fp32":
+        say(f"export: quantize {cfg.quantize} for ExecuTorch")
+        pte_module, plan = quantize_for_executorch(module, cfg.quantize, cfg.group_size)
+        check_plan(plan, cfg.max_unquantized_share)
+    extra = {"recipe_sha256": recipe_sha256} if recipe_sha256 else {}
     records = []
+    names, outputs = loaded.adapter.input_names, loaded.adapter.output_names
     for fmt in cfg.formats:
-        exporter, runtime = EXPORTERS[fmt]
         inputs = loaded.adapter.example_inputs(loaded, batch=cfg.batch, seq_len=cfg.seq_len)
         checks = [inputs]
         if fmt == "onnx" and cfg.batch == 1:
             # Dynamic axes are traced with batch 2 so the exporter cannot specialise them to 1;
             # parity is then checked at both batch sizes.
             checks.append(loaded.adapter.example_inputs(loaded, batch=2, seq_len=cfg.seq_len))
-        path = out_dir / f"{name}.{fmt}"
+        path = out_dir / f"{stem}.{fmt}"
         say(f"export: {fmt} -> {path}")
         start = time.perf_counter()
-        details = exporter(loaded, module, checks[-1], path, cfg)
+        if fmt == "onnx":
+            axes_doc = {k: {str(a): s for a, s in v.items()} for k, v in loaded.adapter.dynamic_axes().items()}
+            details = export_onnx(module, checks[-1], path, cfg, input_names=names, output_names=outputs,
+                                  dynamic_shapes=_dynamic_shapes(loaded, names, checks[-1]),
+                                  dynamic_axes_doc=axes_doc)
+            reference = module
+        else:
+            details = export_pte(pte_module, checks[-1], path, cfg, plan=plan)
+            reference = pte_module
         seconds = time.perf_counter() - start
         runner = open_artifact(path)
-        parity = min((compare(_eager(module, x), runner(*x), min_cosine=cfg.parity_min_cosine,
-                              max_abs=cfg.parity_max_abs) for x in checks),
-                     key=lambda p: (p.passed, p.cosine, -p.max_abs_diff))
+        quantized = cfg.quantize != "fp32"
+        limits = ({"min_cosine": cfg.quant_min_cosine, "max_abs": float("inf")} if quantized else
+                  {"min_cosine": cfg.parity_min_cosine, "max_abs": cfg.parity_max_abs})
+        got = [(runner(*x), x) for x in checks]
+        parity = min((compare(_eager(reference, x), out, **limits) for out, x in got),
+                     key=lambda p: (p.passed, p.cosine, -p.max_abs_diff)).to_dict()
+        parity["reference"] = "eager " + ("torchao-quantized module" if fmt == "pte" and quantized
+                                          else "fp32 module")
+        if quantized:
+            parity["cosine_vs_fp32"] = min(compare(_eager(module, x), out, min_cosine=0, max_abs=np.inf).cosine
+                                           for out, x in got)
         record = ArtifactRecord(
-            format=fmt, path=path.name, runtime=runtime, quantization=cfg.quantize,
+            format=fmt, path=path.name, runtime=RUNTIME_OF[fmt], quantization=cfg.quantize,
             size_bytes=path.stat().st_size, sha256=fsutil.sha256_file(path),
-            export_seconds=round(seconds, 3), inputs=_input_specs(loaded.adapter.input_names, inputs),
-            outputs=list(loaded.adapter.output_names), parity=parity.to_dict(), details=details)
-        with fsutil.atomic_path(out_dir / f"{name}.{fmt}.inputs.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **{n: t.numpy() for n, t in zip(loaded.adapter.input_names, inputs)})
-        sidecar = {**record.to_dict(), "family": loaded.family, "source": loaded.origin or loaded.source,
-                   "versions": versions()}
-        fsutil.write_json(out_dir / f"{name}.{fmt}.json", sidecar)
+            export_seconds=round(seconds, 3), inputs=_input_specs(names, inputs),
+            outputs=list(outputs), parity=parity, details=details)
+        _write_record(out_dir, path, record, loaded, names, inputs, extra)
         records.append(record)
+    generation = cfg.generation if cfg.generation is not None else loaded.adapter.data_kind == "text" \
+        and loaded.family == "llama"
+    if generation:
+        if loaded.family != "llama":
+            raise BadInputError(f"generation export is for decoders; {loaded.family} is not one",
+                                field="generation")
+        for fmt in cfg.formats:
+            records.append(export_generation(loaded, out_dir, fmt, cfg, stem=stem, extra=extra))
     return records
+
+
+RUNTIME_OF = {"onnx": "onnxruntime", "pte": "executorch"}
+
+
+def greedy_prompt(loaded: LoadedModel) -> list[int]:
+    if loaded.tokenizer is not None:
+        ids = loaded.adapter.token_ids(loaded, GREEDY_PROMPT).tolist()
+        if ids:
+            return ids
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, loaded.model.config.vocab_size, (12,), generator=g).tolist()
+
+
+def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportConfig, *,
+                      stem: str, extra: dict) -> ArtifactRecord:
+    """The KV-cache generation graph (pocketformer/models/generation.py) for one format, with
+    prefill-logit parity and greedy agreement against eager generation."""
+    from pocketformer.models.generation import (CachedLM, CacheIOLM, example_step_inputs,
+                                                greedy_eager, greedy_loop)
+
+    model = loaded.model
+    max_len = cfg.max_len
+    seq = torch.export.Dim("seq", min=1, max=max_len - 1)
+    path = out_dir / f"{stem}-gen.{fmt}"
+    say(f"export: {fmt} generation graph (KV cache {max_len}) -> {path}")
+    start = time.perf_counter()
+    plan = None
+    if fmt == "pte":
+        module = CachedLM(model, max_len).eval()
+        if cfg.quantize != "fp32":
+            module, plan = quantize_for_executorch(module, cfg.quantize, cfg.group_size)
+            check_plan(plan, cfg.max_unquantized_share)
+        inputs = example_step_inputs(model, max_len)
+        names, outputs = module.input_names, module.output_names
+        details = export_pte(module, inputs, path, cfg, dynamic_shapes=({1: seq}, None), plan=plan)
+    else:
+        module = CacheIOLM(model, max_len).eval()
+        inputs = example_step_inputs(model, max_len, with_caches=True)
+        names, outputs = module.input_names, module.output_names
+        details = export_onnx(module, inputs, path, cfg, input_names=names, output_names=outputs,
+                              dynamic_shapes=({1: seq}, None, tuple(None for _ in inputs[2:])),
+                              dynamic_axes_doc={"tokens": {"1": "seq"}})
+    seconds = time.perf_counter() - start
+
+    # prefill logits vs the eager module that was exported (fresh caches on both sides)
+    fresh = _fresh_step_module(module, model, max_len, fmt)
+    expected = _eager(fresh, inputs)
+    gen = open_generator(path)
+    got = gen(inputs[0].numpy(), 0)
+    quantized = cfg.quantize != "fp32"
+    limits = ({"min_cosine": cfg.quant_min_cosine, "max_abs": float("inf")} if quantized else
+              {"min_cosine": cfg.parity_min_cosine, "max_abs": cfg.parity_max_abs})
+    parity = compare(expected, got, **limits).to_dict()
+    parity["reference"] = "eager prefill of the exported module"
+
+    prompt = greedy_prompt(loaded)
+    n = min(cfg.greedy_tokens, max_len - len(prompt))
+    eager_tokens, _ = greedy_eager(model, prompt, n)
+    gen.reset()
+    tokens, timing = greedy_loop(gen, prompt, n, max_len)
+    match = next((i for i, (a, b) in enumerate(zip(tokens, eager_tokens)) if a != b), n)
+    # eager decode speed: generate(n) minus generate(1), same prompt, same process
+    _, e1 = greedy_eager(model, prompt, 1)
+    _, en = greedy_eager(model, prompt, n)
+    eager_decode = (n - 1) / (en["seconds"] - e1["seconds"]) if en["seconds"] > e1["seconds"] else None
+    parity.update({"greedy_tokens": n, "greedy_match_prefix": match,
+                   "greedy_agreement": round(match / n, 4)})
+    if not quantized:
+        parity["passed"] = bool(parity["passed"] and match == n)
+    details["generation"] = {
+        "max_len": max_len, "prompt": GREEDY_PROMPT if loaded.tokenizer is not None else "random ids",
+        "prompt_tokens": len(prompt), "tokens": tokens, "eager_tokens": eager_tokens,
+        "ttft_ms": round(timing["ttft_s"] * 1e3, 3),
+        "decode_tokens_per_s": _round(timing["decode_tokens_per_s"]),
+        "eager_decode_tokens_per_s": _round(eager_decode),
+        "eager": "transformers generate (dynamic KV cache), greedy, same process",
+    }
+    # the benchmark's default input: one decode step after the prompt
+    bench_inputs = [torch.tensor([[prompt[-1]]]), torch.tensor([len(prompt)])] + list(inputs[2:])
+    record = ArtifactRecord(
+        format=fmt, path=path.name, runtime=RUNTIME_OF[fmt], quantization=cfg.quantize,
+        size_bytes=path.stat().st_size, sha256=fsutil.sha256_file(path),
+        export_seconds=round(seconds, 3), inputs=_input_specs(names, bench_inputs),
+        outputs=list(outputs), parity=parity, details=details)
+    _write_record(out_dir, path, record, loaded, names, bench_inputs,
+                  {**extra, "kind": "generation", "max_len": max_len})
+    return record
+
+
+def _fresh_step_module(module, model, max_len, fmt):
+    """An eager twin of the exported step module with empty caches (a quantized .pte module is
+    its own reference: its caches are still zero, since export does not run it)."""
+    from pocketformer.models.generation import CacheIOLM
+
+    if fmt == "pte":
+        for name, buf in module.named_buffers():
+            if "cache" in name:
+                buf.zero_()
+        return module
+    return CacheIOLM(model, max_len).eval()
 
 
 def load_sidecar(artifact: str | Path) -> dict | None:

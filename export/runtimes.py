@@ -77,6 +77,55 @@ class EtRunner:
 RUNNERS = {".onnx": OrtRunner, ".pte": EtRunner}
 
 
+class EtGenerator:
+    """A `-gen.pte` step program: the KV cache lives in the Method's planned buffers, so the
+    same loaded Method is called for prefill and every decode step."""
+
+    def __init__(self, path, threads=None):
+        self.runner = EtRunner(path, threads)
+
+    def reset(self) -> None:
+        pass  # positions past the current one are masked; a new prompt overwrites from 0
+
+    def __call__(self, ids: np.ndarray, pos: int) -> np.ndarray:
+        return self.runner(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
+                           torch.tensor([pos], dtype=torch.long))
+
+
+class OrtGenerator:
+    """A `-gen.onnx` step graph: past_* in, present_* out; this object carries the cache."""
+
+    def __init__(self, path, threads=None):
+        self.runner = OrtRunner(path, threads)
+        inputs = self.runner.session.get_inputs()
+        self.cache_specs = [(i.name, i.shape) for i in inputs[2:]]
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = [np.zeros(shape, dtype=np.float32) for _, shape in self.cache_specs]
+
+    def __call__(self, ids: np.ndarray, pos: int) -> np.ndarray:
+        feeds = dict(zip(self.runner.input_names,
+                         [np.asarray(ids, dtype=np.int64), np.asarray([pos], dtype=np.int64)] + self.cache))
+        try:
+            out = self.runner.session.run(None, feeds)
+        except Exception as e:
+            raise RuntimeFailure(f"ONNX Runtime inference failed: {e}") from e
+        self.cache = out[1:]
+        return out[0]
+
+
+def open_generator(path: str | os.PathLike, threads: int | None = None):
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError("artifact not found", file=str(path))
+    cls = {".onnx": OrtGenerator, ".pte": EtGenerator}.get(path.suffix)
+    if cls is None:
+        raise BadInputError(f"unknown artifact type {path.suffix!r}; expected .onnx or .pte",
+                            file=str(path))
+    return cls(path, threads)
+
+
 def open_artifact(path: str | os.PathLike, threads: int | None = None):
     path = Path(path)
     if not path.is_file():

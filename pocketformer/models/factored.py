@@ -27,6 +27,7 @@ gathers does, and its run-time intermediate is V R d_small per position instead 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -95,26 +96,38 @@ class EntangledEmbedding(nn.Module):
         d1, d2 = self.table_a.shape[1], self.table_b.shape[1]
         H = hidden.reshape(*hidden.shape[:-1], d1, d2)
         strategy = self.head_strategy()
+        # Products with a table are written as F.linear (x @ table.T) and the final weighted
+        # sums as batched matmuls, the two forms XNNPACK takes into its delegate.
         if strategy == "pairs":
-            M = torch.matmul(torch.matmul(self.table_a, H), self.table_b.T)   # ... x U_a x U_b
+            left = F.linear(H.transpose(-1, -2), self.table_a)                # ... x d2 x U_a
+            M = F.linear(left.transpose(-1, -2), self.table_b)                # ... x U_a x U_b
             flat = M.reshape(*M.shape[:-2], -1)
             idx = self.index_a * self.table_b.shape[0] + self.index_b         # V x R
             picked = flat[..., idx.reshape(-1)].reshape(*flat.shape[:-1], *idx.shape)
-            return (picked * self.coef).sum(-1)
+            return _rowwise_dot(picked, self.coef)
         if strategy == "gather-a":
-            side = torch.matmul(self.table_a, H)                              # ... x U_a x d2
+            side = F.linear(H.transpose(-1, -2), self.table_a).transpose(-1, -2)  # ... x U_a x d2
             index, other = self.index_a, self.table_b[self.index_b]           # V x R x d2
         else:
-            side = torch.matmul(H, self.table_b.T).transpose(-1, -2)          # ... x U_b x d1
+            side = F.linear(H, self.table_b).transpose(-1, -2)                # ... x U_b x d1
             index, other = self.index_b, self.table_a[self.index_a]           # V x R x d1
         V, R = index.shape
         k = side.shape[-1]
         picked = side[..., index.reshape(-1), :].reshape(*side.shape[:-2], V, R * k)
         weights = (other * self.coef.unsqueeze(-1)).reshape(V, R * k)
-        return (picked * weights).sum(-1)
+        return _rowwise_dot(picked, weights)
 
     def param_count(self) -> int:
         return self.table_a.numel() + self.table_b.numel() + self.coef.numel()
+
+
+def _rowwise_dot(picked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[..., v] = sum_x picked[..., v, x] * weights[v, x], as one batched matmul over v."""
+    lead = picked.shape[:-2]
+    V, X = weights.shape
+    flat = picked.reshape(-1, V, X).permute(1, 0, 2)                          # V x N x X
+    out = torch.bmm(flat, weights.unsqueeze(-1))                              # V x N x 1
+    return out.squeeze(-1).permute(1, 0).reshape(*lead, V)
 
 
 class _TiedHead(nn.Module):

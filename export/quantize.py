@@ -1,0 +1,146 @@
+"""Quantization plans for the two runtimes, with the skip list and its budget made explicit.
+
+ExecuTorch (torchao `quantize_`, lowered to XNNPACK):
+    int8   every nn.Linear: int8 weights per output channel, int8 dynamic per-token activations
+           (8da8w). Embeddings stay fp32.
+    8da4w  every nn.Linear: int4 weights in groups of `group_size` input channels, int8 dynamic
+           activations; every nn.Embedding (and a tied LM head's table, which is untied first):
+           int8 weights per row.
+ONNX Runtime:
+    int8   `quantize_dynamic` over MatMul/Gemm: int8 weights per output channel (signed, symmetric),
+           uint8 dynamic activations, no reduce_range (that is an x86 AVX2 saturation workaround;
+           ARM's sdot/udot kernels use the full range).
+    8da4w  not offered for ONNX (ORT's 4-bit MatMulNBits is a contrib op the mobile builds do not
+           all carry); asking for it is a bad-input error naming the format.
+
+A grouped scheme silently skips a linear whose input width is not a multiple of the group size
+(torchao's filter, and ExecuTorch's own export script, do exactly that). Here the group size is
+chosen to divide every quantized width unless the user forces one, and whatever is left
+unquantized is listed by name; `max_unquantized_share` (share of linear weights) is the gate.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from pocketformer.errors import BadInputError, BudgetError
+
+SCHEMES = ("fp32", "int8", "8da4w")
+GROUP_CANDIDATES = (256, 192, 128, 96, 64, 32, 16)
+
+
+@dataclass
+class QuantPlan:
+    scheme: str
+    group_size: int | None                       # None: per output channel
+    quantized: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)   # {name, in_features, params, reason}
+    embeddings: str = "fp32"
+    lm_head: str = "fp32"
+    linear_params: int = 0
+    unquantized_params: int = 0
+
+    @property
+    def unquantized_share(self) -> float:
+        return self.unquantized_params / self.linear_params if self.linear_params else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "unquantized_share": round(self.unquantized_share, 6),
+                "quantized": len(self.quantized)}
+
+
+def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+def choose_group_size(widths: list[int]) -> int:
+    """The largest candidate group that divides every width (fewest scales, nothing skipped)."""
+    for g in GROUP_CANDIDATES:
+        if all(w % g == 0 for w in widths):
+            return g
+    return GROUP_CANDIDATES[-1]
+
+
+def _untie_head(module: nn.Module) -> bool:
+    """Give a tied LM head its own weight, so the head can be quantized as a linear and the
+    embedding as a table. Returns whether a tie was found."""
+    embeds = {id(m.weight): n for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
+    tied = False
+    for _, lin in _linears(module):
+        if id(lin.weight) in embeds:
+            lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+            tied = True
+    return tied
+
+
+def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | None = None
+                            ) -> tuple[nn.Module, QuantPlan]:
+    """A quantized copy of `module` (the original is untouched) and the plan that was applied."""
+    if scheme == "fp32":
+        return module, QuantPlan("fp32", None)
+    if scheme not in SCHEMES:
+        raise BadInputError(f"expected one of {', '.join(SCHEMES)}, got {scheme!r}", field="quantize")
+    from torchao.quantization import (Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig,
+                                      quantize_)
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    module = copy.deepcopy(module).eval()
+    tied = _untie_head(module) if scheme == "8da4w" else False
+    linears = _linears(module)
+    if scheme == "int8":
+        group = None
+    else:
+        group = group_size or choose_group_size([m.in_features for _, m in linears])
+    plan = QuantPlan(scheme, group)
+    plan.linear_params = sum(m.weight.numel() for _, m in linears)
+    chosen = set()
+    for name, m in linears:
+        if group is not None and m.in_features % group:
+            plan.skipped.append({"name": name, "in_features": m.in_features,
+                                 "params": m.weight.numel(),
+                                 "reason": f"in_features {m.in_features} is not a multiple of group {group}"})
+            plan.unquantized_params += m.weight.numel()
+        else:
+            chosen.add(id(m))
+            plan.quantized.append(name)
+    weight_dtype = torch.int8 if scheme == "int8" else torch.int4
+    granularity = PerAxis(0) if group is None else PerGroup(group)
+    with torch.no_grad():
+        quantize_(module, Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=weight_dtype, weight_granularity=granularity),
+            filter_fn=lambda m, fqn: id(m) in chosen)
+        if scheme == "8da4w":
+            embeds = [m for _, m in module.named_modules() if isinstance(m, nn.Embedding)]
+            if embeds:
+                quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+                          filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+                plan.embeddings = "int8 weight-only, one scale per row"
+    head_desc = ("untied from the embedding; " if tied else "") + (
+        "8da8w per channel" if scheme == "int8" else f"8da4w, group {group}")
+    plan.lm_head = head_desc
+    return module, plan
+
+
+def check_plan(plan: QuantPlan, max_unquantized_share: float) -> None:
+    """The skip gate: exit code 3, naming the layers, when too much is left in fp32."""
+    if plan.scheme != "fp32" and plan.unquantized_share > max_unquantized_share:
+        names = ", ".join(f"{s['name']} ({s['in_features']})" for s in plan.skipped[:12])
+        more = f" and {len(plan.skipped) - 12} more" if len(plan.skipped) > 12 else ""
+        raise BudgetError(
+            f"quantization gate: {plan.unquantized_share:.1%} of linear weights left unquantized "
+            f"by {plan.scheme} group {plan.group_size} (budget {max_unquantized_share:.1%}): "
+            f"{names}{more}", field="export.max_unquantized_share")
+
+
+def quantize_onnx_dynamic(src, dst) -> dict:
+    """ONNX Runtime int8 dynamic quantization with ARM-appropriate settings (see module doc)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    settings = {"op_types_to_quantize": ["MatMul", "Gemm"], "per_channel": True,
+                "reduce_range": False, "weight_type": "QInt8"}
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     reduce_range=False, op_types_to_quantize=["MatMul", "Gemm"])
+    return settings

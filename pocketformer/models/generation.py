@@ -1,0 +1,190 @@
+"""Decoder generation graphs with a static KV cache, and the greedy loops that drive them.
+
+One step function serves prefill and decode: `tokens [1, T]` placed at positions
+`input_pos[0] .. input_pos[0] + T - 1` give the logits of those T positions, and the keys and
+values of those positions are written into a cache preallocated for `max_len` positions. The
+cache is sized per layer from that layer's own projections (KV head count after pruning), so
+models whose layers differ in head count or FFN width export the same way as uniform ones.
+Attention reads the whole cache under a causal mask row per position, so every shape is
+static except T (1 .. max_len), which the exporters keep dynamic.
+
+    CachedLM      the cache lives in registered buffers, updated in place: the ExecuTorch form
+                  (ExecuTorch plans mutable buffers in its memory arena; a Method keeps them
+                  between calls).
+    CacheIOLM     the caches are inputs and the updated caches outputs (`present_*`): the ONNX
+                  form, where the caller carries the cache from step to step.
+
+RoPE comes from the model's own rotary module (so rope scaling variants follow the config);
+Qwen3's per-head q/k norms are applied when the layer has them. Sliding-window attention
+(Mistral) is not modelled: such models generate correctly only within the window.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _head_dim(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def cache_shapes(model, max_len: int) -> list[tuple[int, int, int, int]]:
+    hd = _head_dim(model)
+    return [(1, layer.self_attn.k_proj.out_features // hd, max_len, hd) for layer in model.model.layers]
+
+
+def causal_table(max_len: int) -> torch.Tensor:
+    """Additive causal mask rows (0 where attended, a large negative elsewhere): a float mask
+    keeps SDPA a plain add + softmax, which XNNPACK takes whole (a boolean mask decomposes into
+    logical ops that stay on portable kernels)."""
+    allowed = torch.ones(max_len, max_len, dtype=torch.bool).tril()
+    return torch.zeros(max_len, max_len).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def _write_narrow(cache, start, t, new):
+    cache.narrow(2, start, t).copy_(new)
+
+
+def _write_index(cache, pos, new):
+    cache[:, :, pos] = new
+
+
+def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool):
+    """Shared body. `caches` is a list of (k, v) tensors updated in place: through a narrowed
+    view at a data-dependent start (ExecuTorch: a slice copy into the planned buffer), or by
+    index assignment (ONNX: ScatterND)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hd = _head_dim(model)
+    t = tokens.shape[1]
+    pos = input_pos + torch.arange(t, dtype=input_pos.dtype)
+    if narrow:
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + t <= mask_table.shape[0])
+    h = model.model.embed_tokens(tokens)
+    cos, sin = model.model.rotary_emb(h, pos.unsqueeze(0))
+    mask = mask_table.index_select(0, pos).unsqueeze(0).unsqueeze(0)  # [1, 1, T, max_len]
+    for layer, (kc, vc) in zip(model.model.layers, caches):
+        sa = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = sa.q_proj(x).view(1, t, -1, hd)
+        k = sa.k_proj(x).view(1, t, -1, hd)
+        v = sa.v_proj(x).view(1, t, -1, hd).transpose(1, 2)
+        if getattr(sa, "q_norm", None) is not None:
+            q, k = sa.q_norm(q), sa.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        if narrow:
+            _write_narrow(kc, start, t, k)
+            _write_narrow(vc, start, t, v)
+        else:
+            _write_index(kc, pos, k)
+            _write_index(vc, pos, v)
+        groups = q.shape[1] // kc.shape[1]
+        keys = kc.repeat_interleave(groups, dim=1) if groups > 1 else kc
+        values = vc.repeat_interleave(groups, dim=1) if groups > 1 else vc
+        # written out rather than F.scaled_dot_product_attention, whose decomposition adds
+        # boolean "fully masked row" guards that XNNPACK cannot take
+        scores = torch.matmul(q, keys.transpose(2, 3)) * (hd ** -0.5) + mask
+        a = torch.matmul(torch.softmax(scores, dim=-1), values)
+        h = h + sa.o_proj(a.transpose(1, 2).reshape(1, t, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(model.model.norm(h))
+
+
+class CachedLM(nn.Module):
+    """ExecuTorch form: forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, T, V]."""
+
+    input_names = ("tokens", "input_pos")
+    output_names = ("logits",)
+
+    def __init__(self, model: nn.Module, max_len: int):
+        super().__init__()
+        self.model = model
+        self.max_len = max_len
+        self.register_buffer("mask_table", causal_table(max_len), persistent=False)
+        for i, shape in enumerate(cache_shapes(model, max_len)):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def caches(self):
+        n = len(self.model.model.layers)
+        return [(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")) for i in range(n)]
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return _step(self.model, tokens, input_pos, self.caches(), self.mask_table, narrow=True)
+
+
+class CacheIOLM(nn.Module):
+    """ONNX form: forward(tokens, input_pos, past_key_0, past_value_0, ...) ->
+    (logits, present_key_0, present_value_0, ...), every cache [1, kv_heads_i, max_len, head_dim]."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        super().__init__()
+        self.model = model
+        self.max_len = max_len
+        self.register_buffer("mask_table", causal_table(max_len), persistent=False)
+        n = len(model.model.layers)
+        self.input_names = ("tokens", "input_pos") + tuple(
+            f"past_{kind}_{i}" for i in range(n) for kind in ("key", "value"))
+        self.output_names = ("logits",) + tuple(
+            f"present_{kind}_{i}" for i in range(n) for kind in ("key", "value"))
+
+    def forward(self, tokens, input_pos, *past):
+        caches = [(past[2 * i].clone(), past[2 * i + 1].clone()) for i in range(len(past) // 2)]
+        logits = _step(self.model, tokens, input_pos, caches, self.mask_table, narrow=False)
+        return (logits,) + tuple(t for kv in caches for t in kv)
+
+
+def example_step_inputs(model, max_len: int, prompt_len: int = 8, with_caches: bool = False):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
+    inputs = [tokens, torch.zeros(1, dtype=torch.long)]
+    if with_caches:
+        for shape in cache_shapes(model, max_len):
+            inputs += [torch.zeros(shape), torch.zeros(shape)]
+    return tuple(inputs)
+
+
+# ---- greedy loops ---------------------------------------------------------------------------------
+
+def greedy_eager(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], dict]:
+    """Reference: `transformers` generate (its own dynamic KV cache), greedy."""
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=model.config.eos_token_id or 0)
+        seconds = time.perf_counter() - start
+    tokens = out[0, len(prompt_ids):].tolist()
+    return tokens, {"seconds": seconds}
+
+
+def greedy_loop(step, prompt_ids: list[int], new_tokens: int, max_len: int) -> tuple[list[int], dict]:
+    """Drive a step function `step(tokens [1, T] int64 ndarray, pos int) -> logits [1, T, V]`:
+    one prefill call over the prompt, then one call per generated token. Returns the tokens and
+    timings (time to first token, decode tokens/s)."""
+    if len(prompt_ids) + new_tokens > max_len:
+        raise ValueError(f"prompt ({len(prompt_ids)}) + new tokens ({new_tokens}) exceed the "
+                         f"exported cache length {max_len}")
+    start = time.perf_counter()
+    logits = step(np.asarray([prompt_ids], dtype=np.int64), 0)
+    nxt = int(np.argmax(logits[0, -1]))
+    ttft = time.perf_counter() - start
+    out = [nxt]
+    pos = len(prompt_ids)
+    decode_start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits = step(np.asarray([[nxt]], dtype=np.int64), pos)
+        nxt = int(np.argmax(logits[0, -1]))
+        out.append(nxt)
+        pos += 1
+    decode = time.perf_counter() - decode_start
+    return out, {"ttft_s": ttft, "decode_s": decode,
+                 "decode_tokens_per_s": (new_tokens - 1) / decode if decode > 0 else None,
+                 "prefill_tokens": len(prompt_ids)}
