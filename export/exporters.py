@@ -270,7 +270,10 @@ def _write_record(out_dir: Path, path: Path, record: "ArtifactRecord", loaded: L
     with fsutil.atomic_path(Path(f"{path}.inputs.npz")) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{n: t.numpy() for n, t in zip(names, inputs)})
-    sidecar = {**record.to_dict(), "family": loaded.family, "source": loaded.origin or loaded.source,
+    source = loaded.origin or loaded.source
+    if Path(source).exists():
+        source = str(Path(source).resolve())
+    sidecar = {**record.to_dict(), "family": loaded.family, "source": source,
                "versions": versions(), **(extra or {})}
     fsutil.write_json(Path(f"{path}.json"), sidecar)
 

@@ -18,7 +18,10 @@ class Parity:
         return self.cosine >= self.min_cosine and self.max_abs_diff <= self.max_abs_limit
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        d = {**asdict(self), "passed": self.passed}
+        if d["max_abs_limit"] == float("inf"):
+            d["max_abs_limit"] = None  # not gated (quantized artifacts); JSON has no infinity
+        return d
 
 
 def compare(reference, candidate, *, min_cosine: float, max_abs: float) -> Parity:

@@ -109,7 +109,7 @@ def _print_summary(report, out: Path) -> None:
         print(f"quality    {q['metric']} {q['before']:.4f} -> {q['after']:.4f} "
               f"(relative drop {q['relative_drop']:+.2%})")
     for a in report.artifacts:
-        print(f"artifact   {a['path']}: {a['size_mb']:.1f} MB, parity cos {a['parity']['cosine']:.6f}")
+        print(f"artifact   {describe_artifact(a['path'], a)}")
     for b in report.bench:
         print(f"bench      {b['artifact']} [{b['runtime']}, {b['target']}, {b['threads']} threads]: "
               f"p50 {b['latency_ms']['p50']:.2f} ms, p90 {b['latency_ms']['p90']:.2f} ms, "
@@ -154,23 +154,52 @@ def cmd_export(args) -> int:
     from pocketformer.schema import from_dict
 
     raw = {"formats": [f.strip() for f in args.format.split(",") if f.strip()],
-           "quantize": args.quantize, "batch": args.batch}
-    if args.seq_len:
-        raw["seq_len"] = args.seq_len
+           "quantize": args.quantize, "batch": args.batch, "etrecord": not args.no_etrecord,
+           "ort_format": args.ort_format, "max_len": args.max_len,
+           "greedy_tokens": args.greedy_tokens,
+           "max_unquantized_share": args.max_unquantized_share}
+    for name in ("seq_len", "group_size"):
+        if getattr(args, name):
+            raw[name] = getattr(args, name)
+    if args.min_delegated_flops is not None:
+        raw["min_delegated_flops"] = None if args.min_delegated_flops < 0 else args.min_delegated_flops
+    if args.no_generation:
+        raw["generation"] = False
     cfg = from_dict(ExportConfig, raw, prefix="export")
     loaded = load_model(args.model)
     records = export_model(loaded, args.out, cfg)
     failed = []
     for r in records:
-        p = r.parity
-        print(f"{Path(args.out) / r.path}: {r.size_mb:.1f} MB, parity cos {p['cosine']:.7f} "
-              f"max|diff| {p['max_abs_diff']:.2e} {'ok' if p['passed'] else 'FAILED'}")
-        if not p["passed"]:
+        print(describe_artifact(Path(args.out) / r.path, r.to_dict()))
+        if not r.parity["passed"]:
             failed.append(r.path)
     if failed:
         raise BudgetError(f"parity gate failed for {', '.join(failed)} (limits: cosine >= "
-                          f"{cfg.parity_min_cosine}, max |diff| <= {cfg.parity_max_abs})")
+                          f"{cfg.parity_min_cosine} fp32 / {cfg.quant_min_cosine} quantized, max |diff| <= "
+                          f"{cfg.parity_max_abs} fp32; fp32 generation graphs must match eager greedy tokens)")
     return EXIT_OK
+
+
+def describe_artifact(path, rec: dict) -> str:
+    p, d = rec["parity"], rec.get("details", {})
+    parts = [f"{path}: {rec['size_bytes'] / 1e6:.1f} MB {rec['quantization']}",
+             f"parity cos {p['cosine']:.7f} max|diff| {p['max_abs_diff']:.2e}"]
+    if "greedy_tokens" in p:
+        parts.append(f"greedy {p['greedy_match_prefix']}/{p['greedy_tokens']} tokens as eager")
+    gen = d.get("generation")
+    if gen and gen.get("decode_tokens_per_s"):
+        eager = gen.get("eager_decode_tokens_per_s")
+        parts.append(f"decode {gen['decode_tokens_per_s']:.1f} tok/s"
+                     + (f" (eager {eager:.1f})" if eager else ""))
+    dele = d.get("delegation")
+    if dele and dele.get("delegated_flops_share") is not None:
+        parts.append(f"XNNPACK {dele['delegated_flops_share']:.2%} of FLOPs")
+    q = d.get("quantization")
+    if isinstance(q, dict) and q.get("unquantized_share") is not None and rec["quantization"] != "fp32":
+        parts.append(f"{q['quantized']} linears quantized (group {q.get('group_size') or 'per-channel'}), "
+                     f"{len(q.get('skipped', []))} left fp32")
+    parts.append("ok" if p["passed"] else "FAILED")
+    return ", ".join(parts)
 
 
 def cmd_bench(args) -> int:
@@ -195,23 +224,32 @@ def cmd_bench(args) -> int:
 def cmd_eval(args) -> int:
     from pocketformer import fsutil
     from pocketformer.data import DataSpec, load_for
-    from pocketformer.evaluation import EvalOptions, check_task, evaluate
+    from pocketformer.evaluation import EvalOptions, artifact_forward, check_task, evaluate
+    from pocketformer.export import load_sidecar
     from pocketformer.models import load_model
 
     spec = DataSpec.parse(args.data, field="--data")
     spec.check_exists(field="--data")
-    loaded = load_model(args.model)
+    opts = EvalOptions(seq_len=args.seq_len, max_windows=args.max_windows)
+    fn, note = None, None
+    source = args.model
+    if Path(args.model).suffix in (".pte", ".onnx"):
+        fn, opts, note = artifact_forward(args.model, opts)
+        source = load_sidecar(args.model)["source"]
+    loaded = load_model(source)
     task = args.task or loaded.adapter.task
     check_task(loaded, task)
     data = load_for(loaded.adapter.data_kind, spec)
-    result = evaluate(loaded, task, data, opts=EvalOptions(seq_len=args.seq_len,
-                                                           max_windows=args.max_windows))
-    print(f"{result.metric} {result.value:.6g} ({result.samples} samples of {result.data}, "
-          f"{result.seconds:.1f}s)")
+    result = evaluate(loaded, task, data, fn=fn, opts=opts)
+    where = f" through {note['runtime']} ({note['kind']} graph, {note['quantization']})" if note else ""
+    print(f"{result.metric} {result.value:.6g} ({result.samples} samples of {result.data}{where}, "
+          f"{result.seconds:.1f}s)" + (f"; {note['seq_len_note']}" if note and "seq_len_note" in note else ""))
     if args.json:
         blob = result.to_dict()
         blob[result.metric] = result.value
         blob["model"] = str(args.model)
+        if note:
+            blob["artifact"] = note
         fsutil.write_json(args.json, blob)
     return EXIT_OK
 
@@ -264,10 +302,24 @@ def make_parser():
 
     e = sub.add_parser("export", help="export a model to ONNX and/or ExecuTorch with parity checks")
     e.add_argument("model")
-    e.add_argument("--format", default="onnx,pte")
-    e.add_argument("--quantize", default="fp32")
+    e.add_argument("--format", default="onnx,pte", help="comma list of onnx, pte")
+    e.add_argument("--quantize", default="fp32", help="fp32 | int8 | 8da4w (8da4w: .pte only)")
+    e.add_argument("--group-size", type=int, help="8da4w weight group (default: the largest that "
+                   "divides every quantized width)")
+    e.add_argument("--max-unquantized-share", type=float, default=0.0,
+                   help="gate: share of linear weights a scheme may leave unquantized (exit 3)")
+    e.add_argument("--min-delegated-flops", type=float,
+                   help="gate: share of .pte FLOPs that must run in XNNPACK (default 0.99; <0 disables)")
     e.add_argument("--batch", type=int, default=1)
     e.add_argument("--seq-len", type=int)
+    e.add_argument("--max-len", type=int, default=256, help="decoders: KV cache length")
+    e.add_argument("--greedy-tokens", type=int, default=32,
+                   help="decoders: greedy tokens compared with eager generation")
+    e.add_argument("--no-generation", action="store_true",
+                   help="decoders: skip the KV-cache generation graphs")
+    e.add_argument("--ort-format", action="store_true",
+                   help="also write the ORT mobile format and its required_operators.config")
+    e.add_argument("--no-etrecord", action="store_true", help="do not write <file>.pte.etrecord")
     e.add_argument("--out", required=True)
 
     n = sub.add_parser("bench", help="measure artifacts (latency distribution, load time, memory)")
@@ -279,8 +331,8 @@ def make_parser():
     n.add_argument("--inputs", help=".npz of inputs (default: the artifact's .inputs.npz)")
     n.add_argument("--json", help="write results here")
 
-    v = sub.add_parser("eval", help="perplexity, STS Spearman or accuracy of a model")
-    v.add_argument("model")
+    v = sub.add_parser("eval", help="perplexity, STS Spearman or accuracy of a model or an exported file")
+    v.add_argument("model", help="built-in name, model directory, or an exported .pte/.onnx")
     v.add_argument("--task", choices=["ppl", "sts", "accuracy"])
     v.add_argument("--data", required=True, help="PATH[@START:END]")
     v.add_argument("--seq-len", type=int, default=256, help="perplexity window")

@@ -135,6 +135,66 @@ def evaluate(loaded: LoadedModel, task: str, data, *, fn: Forward | None = None,
                       time.perf_counter() - start)
 
 
+def artifact_forward(path, opts: EvalOptions) -> tuple[Forward, EvalOptions, dict]:
+    """A forward callable with the adapter's export signature, backed by an exported file
+    (`.pte` through ExecuTorch, `.onnx` through ONNX Runtime), so quality is measured on the
+    file the app ships. Static `.pte` forward graphs are fed one row at a time, with token
+    inputs padded (mask 0) to the exported length; decoder windows take the exported length.
+    Generation graphs (`*-gen.*`) score a window as one prefill from position 0."""
+    from pathlib import Path
+
+    from pocketformer.export import load_sidecar, open_artifact
+    from pocketformer.export.runtimes import open_generator
+
+    path = Path(path)
+    side = load_sidecar(path)
+    if side is None:
+        raise BadInputError("no sidecar <artifact>.json beside the file (it records the model "
+                            "family, tokenizer source and input shapes); export it with "
+                            "`pocketformer export`", file=str(path))
+    note = {"artifact": str(path), "runtime": side.get("runtime"), "kind": side.get("kind", "forward"),
+            "quantization": side.get("quantization")}
+    if note["kind"] == "generation":
+        gen = open_generator(path)
+        max_len = int(side["max_len"])
+        if opts.seq_len > max_len - 1:
+            opts = EvalOptions(**{**asdict(opts), "seq_len": max_len - 1})
+            note["seq_len_note"] = f"window cut to the exported KV cache: {max_len - 1} tokens"
+
+        def gen_fn(batch):
+            outs = []
+            for row in _as_tensor(batch):
+                gen.reset()
+                outs.append(gen(row[None].numpy(), 0)[0])
+            return np.stack(outs)
+        return gen_fn, opts, note
+
+    runner = open_artifact(path)
+    shapes = [i["shape"] for i in side["inputs"]]
+    if path.suffix == ".onnx":
+        return (lambda *args: runner(*args)), opts, note
+    if side.get("family") == "llama" and shapes and opts.seq_len != shapes[0][1]:
+        opts = EvalOptions(**{**asdict(opts), "seq_len": shapes[0][1]})
+        note["seq_len_note"] = f"window set to the exported static length {shapes[0][1]}"
+
+    def static_fn(*args):
+        args = [_as_tensor(a) for a in args]
+        rows = []
+        for i in range(args[0].shape[0]):
+            row = []
+            for a, shape in zip(args, shapes):
+                r = a[i:i + 1]
+                if r.dim() == 2 and not r.is_floating_point() and r.shape[1] != shape[1]:
+                    if r.shape[1] > shape[1]:
+                        r = r[:, :shape[1]]
+                    else:
+                        r = torch.nn.functional.pad(r, (0, shape[1] - r.shape[1]))
+                row.append(r.contiguous())
+            rows.append(runner(*row))
+        return np.concatenate(rows)
+    return static_fn, opts, note
+
+
 def relative_drop(before: float, after: float, higher_is_better: bool) -> float:
     """Fractional degradation: (before-after)/before for scores, (after-before)/before for perplexity."""
     if before == 0:

@@ -87,7 +87,7 @@ def build(recipe: Recipe, out_dir: str | Path) -> Report:
         }
 
     with clock.stage("export"):
-        records = export_model(loaded, out / "artifacts", recipe.export)
+        records = export_model(loaded, out / "artifacts", recipe.export, recipe_sha256=recipe.sha256)
     report.artifacts = [dict(r.to_dict(), path=f"artifacts/{r.path}") for r in records]
 
     with clock.stage("bench"):

@@ -105,6 +105,16 @@ class Report:
         fsutil.write_text(out_dir / REPORT_MD, render_markdown(self))
 
 
+def _greedy(a: dict) -> str:
+    p = a["parity"]
+    return f"{p['greedy_match_prefix']}/{p['greedy_tokens']}" if "greedy_tokens" in p else ""
+
+
+def _xnnpack(a: dict) -> str:
+    share = (a.get("details", {}).get("delegation") or {}).get("delegated_flops_share")
+    return "" if share is None else f"{share:.2%}"
+
+
 def check_budgets(report: Report, budgets: Budgets) -> list[BudgetCheck]:
     checks: list[BudgetCheck] = []
     for a in report.artifacts:
@@ -112,7 +122,9 @@ def check_budgets(report: Report, budgets: Budgets) -> list[BudgetCheck]:
         checks.append(BudgetCheck(
             "parity", p["min_cosine"], p["cosine"], p["passed"], detail=(
                 f"{a['path']}: cosine {p['cosine']:.6f} (min {p['min_cosine']}), max abs diff "
-                f"{p['max_abs_diff']:.3g} (limit {p['max_abs_limit']:g})")))
+                f"{p['max_abs_diff']:.3g} (limit {'none' if p['max_abs_limit'] is None else format(p['max_abs_limit'], 'g')})"
+                + (f", greedy {p['greedy_match_prefix']}/{p['greedy_tokens']} tokens as eager"
+                   if "greedy_tokens" in p else ""))))
     if budgets.max_size_mb is not None:
         for a in report.artifacts:
             checks.append(BudgetCheck("max_size_mb", budgets.max_size_mb, round(a["size_mb"], 3),
@@ -190,9 +202,10 @@ def render_markdown(r: Report) -> str:
         out += ["## Artifacts", ""]
         rows = [[a["path"], a["runtime"], a["quantization"], round(a["size_mb"], 2), a["sha256"][:12],
                  f"{a['parity']['cosine']:.7f}", f"{a['parity']['max_abs_diff']:.2e}",
+                 _greedy(a), _xnnpack(a),
                  "yes" if a["parity"]["passed"] else "NO", a["export_seconds"]] for a in r.artifacts]
         out += [_table(["file", "runtime", "quant", "MB", "sha256", "parity cos", "max abs diff",
-                        "parity ok", "export s"], rows), ""]
+                        "greedy = eager", "XNNPACK FLOPs", "parity ok", "export s"], rows), ""]
     if r.bench:
         out += ["## Benchmarks", ""]
         rows = []

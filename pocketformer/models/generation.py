@@ -64,7 +64,7 @@ def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool):
     pos = input_pos + torch.arange(t, dtype=input_pos.dtype)
     if narrow:
         start = input_pos[0].item()
-        torch._check_is_size(start)
+        torch._check(start >= 0)
         torch._check(start + t <= mask_table.shape[0])
     h = model.model.embed_tokens(tokens)
     cos, sin = model.model.rotary_emb(h, pos.unsqueeze(0))
