@@ -1,0 +1,134 @@
+"""Export stage on tiny random-weight models: quantized variants, the skip and delegation gates,
+generation graphs of a pruned model whose layers differ, ETRecord/sidecars, bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pocketformer.cli import main
+from pocketformer.errors import BudgetError
+from pocketformer.export import ExportConfig, export_model
+from pocketformer.export.quantize import choose_group_size, quantize_for_executorch
+from pocketformer.export.runtimes import open_generator
+from pocketformer.models import load_model, save_model
+from pocketformer.models.generation import greedy_eager, greedy_loop
+
+FAST = {"seq_len": 16, "max_len": 48, "greedy_tokens": 10}
+
+
+def _heterogeneous(tiny_llama, out):
+    """Layers with different KV-head counts and FFN widths (what layered-prune leaves)."""
+    loaded = load_model(tiny_llama)
+    a = loaded.adapter
+    layers = a.layers(loaded.model)
+    a.keep_kv_heads(layers[1], loaded.config, [1])
+    a.keep_ffn_channels(layers[2], list(range(0, 128, 2)))
+    a.keep_layers(loaded.model, [0, 1, 2, 4])
+    save_model(loaded, out)
+    return load_model(out)
+
+
+@pytest.fixture(scope="module")
+def het_exports(tiny_llama, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("het_exports")
+    loaded = _heterogeneous(tiny_llama, tmp_path / "het")
+    records = export_model(loaded, tmp_path / "art", ExportConfig(**FAST))
+    return tmp_path, loaded, records
+
+
+def test_pruned_heterogeneous_decoder_exports_and_decodes_like_eager(het_exports):
+    tmp_path, loaded, records = het_exports
+    info = loaded.adapter.describe(loaded.model)
+    assert len(set(info["kv_heads"])) > 1 and len(set(info["ffn_widths"])) > 1
+    by_name = {r.path: r for r in records}
+    assert set(by_name) == {"model.onnx", "model.pte", "model-gen.onnx", "model-gen.pte"}
+    for name in ("model-gen.onnx", "model-gen.pte"):
+        p = by_name[name].parity
+        assert p["passed"] and p["greedy_match_prefix"] == p["greedy_tokens"] == 10, (name, p)
+    # The exported cache is sized per layer.
+    side = json.loads((tmp_path / "art" / "model-gen.onnx.json").read_text())
+    caches = [i["shape"] for i in side["inputs"] if i["name"].startswith("past_key")]
+    assert [c[1] for c in caches] == [2, 1, 2, 2]
+    # Drive the .pte step by step from another prompt: same tokens as eager transformers.
+    prompt = [5, 17, 33, 2, 9]
+    expected, _ = greedy_eager(loaded.model, prompt, 12)
+    got, timing = greedy_loop(open_generator(tmp_path / "art" / "model-gen.pte"), prompt, 12, 48)
+    assert got == expected and timing["decode_tokens_per_s"] > 0
+    assert (tmp_path / "art" / "model-gen.pte.etrecord").stat().st_size > 0
+    dele = by_name["model.pte"].details["delegation"]
+    assert dele["delegated_flops_share"] >= 0.98 and dele["partitions"] >= 1
+
+
+def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama, tmp_path):
+    import onnx
+
+    loaded = load_model(tiny_llama)
+    recs = export_model(loaded, tmp_path / "q8", ExportConfig(quantize="int8", generation=False,
+                                                              etrecord=False, **FAST))
+    assert {r.path for r in recs} == {"model-int8.onnx", "model-int8.pte"}
+    for r in recs:
+        assert r.parity["passed"] and r.parity["cosine_vs_fp32"] > 0.999, r.parity
+    onnx8 = next(r for r in recs if r.format == "onnx")
+    assert onnx8.details["quantization"]["reduce_range"] is False
+    ops = {n.op_type for n in onnx.load(tmp_path / "q8" / "model-int8.onnx").graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    pte8 = next(r for r in recs if r.format == "pte").details["quantization"]
+    assert pte8["skipped"] == [] and pte8["quantized"] == 6 * 7 + 1     # 7 linears per layer + head
+    (q4,) = export_model(loaded, tmp_path / "q4", ExportConfig(quantize="8da4w", formats=["pte"],
+                                                               generation=False, etrecord=False, **FAST))
+    plan = q4.details["quantization"]
+    assert plan["group_size"] == 64 and plan["embeddings"].startswith("int8")
+    assert plan["lm_head"].startswith("untied") and q4.parity["passed"]
+
+
+def test_group_size_choice_and_skip_gate(tiny_llama, tmp_path, capsys):
+    assert choose_group_size([576, 1536]) == 192 and choose_group_size([576, 1536, 1408]) == 64
+    loaded = load_model(tiny_llama)
+    module = loaded.adapter.export_module(loaded)
+    _, plan = quantize_for_executorch(module, "8da4w", group_size=48)   # 64 % 48 != 0
+    assert plan.unquantized_share > 0.5 and plan.skipped[0]["in_features"] == 64
+    out = tmp_path / "gate"
+    rc = main(["export", str(tiny_llama), "--format", "pte", "--quantize", "8da4w", "--group-size",
+               "48", "--no-generation", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 3 and "quantization gate" in err and "q_proj" in err
+    assert not out.exists() or not list(out.glob("*.pte"))
+
+
+def test_delegation_gate_names_portable_ops(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "d"
+    rc = main(["export", str(tiny_llama), "--format", "pte", "--no-generation", "--no-etrecord",
+               "--min-delegated-flops", "1.0", "--seq-len", "16", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 3 and "delegation gate" in err and "mean" in err   # RMSNorm's mean stays portable
+    assert not (out / "model.pte").exists()
+
+
+def test_export_bad_input_exits_2(tiny_llama, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    assert main(["export", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert main(["export", str(tiny_llama), "--format", "onnx", "--quantize", "8da4w",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "quantize" in capsys.readouterr().err
+    junk = tmp_path / "junk.pte"
+    junk.write_bytes(b"\0" * 64)
+    (tmp_path / "junk.pte.json").write_text(json.dumps({"source": str(tiny_llama), "inputs": []}))
+    assert main(["eval", str(junk), "--data", str(tmp_path / "junk.pte")]) == 2
+
+
+def test_eval_scores_the_shipped_files_like_the_model(het_exports, small_text, tmp_path):
+    root = het_exports[0]
+    values = {}
+    for name in ("model", "model.onnx", "model.pte", "model-gen.pte", "model-gen.onnx"):
+        target = str(root / "het") if name == "model" else str(root / "art" / name)
+        js = tmp_path / f"{name}.json"
+        assert main(["eval", target, "--data", str(small_text), "--seq-len", "16",
+                     "--max-windows", "6", "--json", str(js)]) == 0
+        values[name] = json.loads(js.read_text())["perplexity"]
+    assert np.allclose(list(values.values()), values["model"], rtol=1e-4), values
