@@ -387,7 +387,8 @@ def _teacher(loaded: LoadedModel) -> LoadedModel:
                        dict(loaded.extras))
 
 
-def _check_embedding(loaded: LoadedModel) -> nn.Embedding:
+def _embedding_table(loaded: LoadedModel) -> torch.Tensor:
+    """A detached copy of the plain token-embedding table the method will replace."""
     emb = loaded.adapter.embeddings(loaded.model)
     if emb is None:
         raise BadInputError(f"{loaded.family} models have no token embedding table to encode",
@@ -395,7 +396,7 @@ def _check_embedding(loaded: LoadedModel) -> nn.Embedding:
     if not isinstance(emb, nn.Embedding):
         raise BadInputError("the embedding is already factored; apply see / embed-svd once",
                             field="method")
-    return emb
+    return emb.weight.detach().clone()
 
 
 def _replace_and_train(loaded: LoadedModel, module: nn.Module, calib: Calibration | None, config,
@@ -412,8 +413,7 @@ def _replace_and_train(loaded: LoadedModel, module: nn.Module, calib: Calibratio
           summary="Sememe Entanglement Encoding: rebuild the token embedding (and a tied LM head) "
                   "from shared WordNet-guided unit tables by sums of Kronecker products")
 def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> dict:
-    emb = _check_embedding(loaded)
-    E = emb.weight.detach().clone()
+    E = _embedding_table(loaded)
     V, d = E.shape
     try:
         d1, d2 = factor_dim(d, config.d1)
@@ -451,8 +451,7 @@ class EmbedSVDConfig:
           summary="baseline: truncated SVD of the embedding (ALBERT-style V x k table + k x d "
                   "projection) at the same ratio, trained with the same stages as see")
 def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | None) -> dict:
-    emb = _check_embedding(loaded)
-    E = emb.weight.detach().clone()
+    E = _embedding_table(loaded)
     V, d = E.shape
     k = int(V * d / config.ratio / (V + d))
     if k < 1:
