@@ -115,6 +115,11 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
         if scheme == "8da4w":
             embeds = [m for _, m in module.named_modules() if isinstance(m, nn.Embedding)]
             if embeds:
+                # padding_idx only masks gradients, but it adds an argument to aten.embedding
+                # that ExecuTorch's embedding_byte fusion pattern does not match, leaving a
+                # torchao dequantize_affine with no kernel (SmolLM2 has pad_token_id 2).
+                for m in embeds:
+                    m.padding_idx = None
                 quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
                           filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
                 plan.embeddings = "int8 weight-only, one scale per row"
