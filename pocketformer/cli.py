@@ -255,14 +255,31 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pocketformer.report import REPORT_MD, Report
+    from pocketformer import fsutil
+    from pocketformer.report import REPORT_MD, Report, comparison_rows, render_html
 
-    report = Report.load(args.dir)
-    report.write(args.dir)
-    _print_summary(report, Path(args.dir))
-    if report.passed is False:
-        print(f"see {Path(args.dir) / REPORT_MD}", file=sys.stderr)
-        return EXIT_BUDGET
+    if len(args.dirs) == 1 and not args.html:
+        report = Report.load(args.dirs[0])
+        report.write(args.dirs[0])
+        _print_summary(report, Path(args.dirs[0]))
+        if report.passed is False:
+            print(f"see {Path(args.dirs[0]) / REPORT_MD}", file=sys.stderr)
+            return EXIT_BUDGET
+        return EXIT_OK
+    # Several builds (dense vs compressed, fp32 vs int8) side by side, ratios against the first.
+    reports = [Report.load(d) for d in args.dirs]
+    names = [Path(d).name for d in args.dirs]
+    for row in comparison_rows(reports, names):
+        ratio = lambda k: "" if row[k] is None else f" ({row[k]:.3f}x)"  # noqa: E731
+        p50 = "" if row["p50_ms"] is None else f", p50 {row['p50_ms']:.2f} ms{ratio('p50_ms_ratio')}"
+        ins = ("" if row["instructions"] is None
+               else f", {row['instructions']:,.0f} instr{ratio('instructions_ratio')}")
+        q = "" if row["quality"] is None else f", {row['metric']} {row['quality']:.4f}"
+        size = "" if row["size_mb"] is None else f"{row['size_mb']:.1f} MB{ratio('size_mb_ratio')}"
+        print(f"{row['build']}/{row['artifact']} [{row['runner']}, {row['target']}]: {size}{q}{p50}{ins}")
+    html = Path(args.html or Path(args.dirs[0]) / "compare.html")
+    fsutil.write_text(html, render_html(reports, names))
+    print(f"wrote {html}")
     return EXIT_OK
 
 
@@ -339,8 +356,10 @@ def make_parser():
     v.add_argument("--max-windows", type=int, default=64, help="perplexity windows scored")
     v.add_argument("--json")
 
-    r = sub.add_parser("report", help="re-render report.md from OUT/report.json and print the verdict")
-    r.add_argument("dir")
+    r = sub.add_parser("report", help="re-render report.md/.html from OUT/report.json and print the "
+                       "verdict; with several build dirs, compare them side by side")
+    r.add_argument("dirs", nargs="+", metavar="dir")
+    r.add_argument("--html", help="write the (comparison) HTML page here")
 
     sub.add_parser("models", help="list built-in models, families and compression methods")
     return p, owners

@@ -103,6 +103,7 @@ class Report:
         out_dir = Path(out_dir)
         fsutil.write_json(out_dir / REPORT_JSON, self.to_dict())
         fsutil.write_text(out_dir / REPORT_MD, render_markdown(self))
+        fsutil.write_text(out_dir / REPORT_HTML, render_html([self]))
 
 
 def _greedy(a: dict) -> str:
@@ -229,3 +230,97 @@ def render_markdown(r: Report) -> str:
         out += ["## Stage timings", "", _table(["stage", "seconds"],
                                                 [[k, round(v, 2)] for k, v in r.timings_s.items()]), ""]
     return "\n".join(out) + "\n"
+
+
+# ---- HTML (one build, or several side by side) ---------------------------------------------------
+
+REPORT_HTML = "report.html"
+
+
+def _html_table(headers: list[str], rows: list[list]) -> str:
+    from html import escape
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return "" if v is None else escape(str(v))
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def comparison_rows(reports: list[Report], names: list[str]) -> list[dict]:
+    """One row per (build, artifact, bench result): size, quality, latency, and ratios against the
+    first build's artifact of the same file name, runner and target (dense vs compressed)."""
+    rows = []
+    for name, r in zip(names, reports):
+        sizes = {Path(a["path"]).name: a["size_mb"] for a in r.artifacts}
+        quality = r.quality.get("after") if r.quality else None
+        benched = {(Path(b["artifact"]).name, b["runner"], b["target"]): b for b in r.bench}
+        keys = list(benched) or [(f, None, None) for f in sizes]
+        for key in keys:
+            b = benched.get(key)
+            rows.append({"build": name, "artifact": key[0], "runner": key[1], "target": key[2],
+                         "size_mb": sizes.get(key[0]), "quality": quality,
+                         "metric": r.quality.get("metric") if r.quality else None,
+                         "p50_ms": b["latency_ms"]["p50"] if b else None,
+                         "instructions": b.get("instructions_per_inference") if b else None,
+                         "peak_rss_mb": b["peak_rss_mb"] if b else None,
+                         "latencies_ms": b.get("latencies_ms", []) if b else []})
+    base = {(row["artifact"], row["runner"], row["target"]): row for row in rows
+            if row["build"] == names[0]}
+    for row in rows:
+        ref = base.get((row["artifact"], row["runner"], row["target"]))
+        for k in ("size_mb", "p50_ms", "instructions"):
+            ok = ref is not None and ref[k] and row[k] is not None
+            row[f"{k}_ratio"] = row[k] / ref[k] if ok else None
+    return rows
+
+
+def render_html(reports: list[Report], names: list[str] | None = None) -> str:
+    from html import escape
+
+    from pocketformer.plots import latency_svg, scatter_svg
+
+    names = names or [r.model.get("source", f"build {i}") for i, r in enumerate(reports)]
+    rows = comparison_rows(reports, names)
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>pocketformer report</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:"
+             "collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "th{background:#f3f3f3}td:first-child{text-align:left}</style></head><body>",
+             "<h1>pocketformer report</h1>"]
+    for name, r in zip(names, reports):
+        verdict = {True: "PASSED", False: "FAILED", None: "not gated"}[r.passed]
+        q = r.quality
+        qtxt = (f"; {q['metric']} {q['before']:.4f} -> {q['after']:.4f}" if q else "")
+        parts.append(f"<p><b>{escape(name)}</b>: budgets {verdict}; params "
+                     f"{r.model.get('before', {}).get('params', '?'):,} -> "
+                     f"{r.model.get('after', {}).get('params', '?'):,}{escape(qtxt)}</p>")
+    parts.append("<h2>Side by side</h2>")
+    parts.append(_html_table(
+        ["build", "artifact", "runner", "target", "MB", "size ratio", "quality", "p50 ms",
+         "p50 ratio", "instructions", "instr. ratio", "peak RSS MB"],
+        [[r["build"], r["artifact"], r["runner"], r["target"], r["size_mb"], r["size_mb_ratio"],
+          r["quality"], r["p50_ms"], r["p50_ms_ratio"], r["instructions"], r["instructions_ratio"],
+          r["peak_rss_mb"]] for r in rows]))
+    parts.append("<p>Ratios are against the first build's artifact with the same file name, runner "
+                 "and target. Emulated (qemu) wall time is not phone latency; compare instructions "
+                 "there.</p>")
+    for target in dict.fromkeys(r["target"] for r in rows if r["target"]):
+        series = {f"{r['build']} / {r['artifact']} [{r['runner']}]": r["latencies_ms"]
+                  for r in rows if r["target"] == target and r["latencies_ms"]}
+        parts.append(f"<h2>Latency distribution: {escape(target)}</h2>"
+                     + latency_svg(series, title=f"latency per run on {target} (ms)"))
+    metric = next((r["metric"] for r in rows if r["metric"]), "quality")
+    for target in dict.fromkeys(r["target"] for r in rows if r["target"]):
+        pts = [(f"{r['build']} / {r['artifact']}", r["p50_ms"], r["quality"]) for r in rows
+               if r["target"] == target]
+        parts.append(scatter_svg(pts, xlabel=f"p50 latency on {target} (ms)", ylabel=metric,
+                                 title=f"{metric} vs latency ({target})"))
+    sizes = {(r["build"], r["artifact"]): (r["size_mb"], r["quality"]) for r in rows}
+    parts.append(scatter_svg([(f"{b} / {a}", s, q) for (b, a), (s, q) in sizes.items()],
+                             xlabel="file size (MB)", ylabel=metric, title=f"{metric} vs size"))
+    parts.append("</body></html>")
+    return "\n".join(parts)

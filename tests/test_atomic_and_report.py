@@ -71,3 +71,36 @@ def test_latency_summary():
     assert s["trimmed_mean"] == pytest.approx(22.0)   # 10% of 5 rounds to no cut
     s = summarize([float(i) for i in range(1, 21)])
     assert s["trimmed_mean"] == pytest.approx(10.5) and s["p90"] == pytest.approx(18.1)
+
+
+def _build(out, *, size, p50s, quality):
+    r = Report(model={"source": "m", "before": {"params": 100}, "after": {"params": 80}},
+               quality={"task": "sts", "metric": "spearman", "before": 0.8, "after": quality,
+                        "relative_drop": 0.0, "data": "d", "samples": 10},
+               artifacts=[{"path": "artifacts/model.onnx", "size_mb": size}],
+               bench=[{"artifact": "artifacts/model.onnx", "runner": "native", "target": "host",
+                       "latency_ms": summarize(p50s), "latencies_ms": p50s, "peak_rss_mb": 50.0,
+                       "instructions_per_inference": None}])
+    fsutil.write_json(out / "report.json", r.to_dict())
+    return out
+
+
+def test_comparison_report_ratios_and_html(tmp_path, capsys):
+    import xml.etree.ElementTree as ET
+
+    from pocketformer.cli import main
+
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "small").mkdir()
+    dense = _build(tmp_path / "dense", size=80.0, p50s=[10.0, 10.0, 10.0], quality=0.82)
+    small = _build(tmp_path / "small", size=20.0, p50s=[4.0, 5.0, 6.0], quality=0.80)
+    html = tmp_path / "cmp.html"
+    assert main(["report", str(dense), str(small), "--html", str(html)]) == 0
+    out = capsys.readouterr().out
+    assert "small/model.onnx [native, host]: 20.0 MB (0.250x)" in out and "(0.500x)" in out
+    page = html.read_text()
+    svgs = page.split("<svg")[1:]
+    assert len(svgs) == 3       # latency distribution, quality vs latency, quality vs size
+    for s in svgs:              # each chart is well-formed SVG
+        ET.fromstring("<svg" + s.split("</svg>")[0] + "</svg>")
+    assert page.count("<circle") >= 6 + 2 + 2
