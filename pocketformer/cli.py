@@ -208,7 +208,8 @@ def cmd_bench(args) -> int:
     from pocketformer.schema import from_dict
 
     cfg = from_dict(BenchConfig, {"targets": [t.strip() for t in args.target.split(",")],
-                                  "runs": args.runs, "warmup": args.warmup, "threads": args.threads},
+                                  "runs": args.runs, "warmup": args.warmup, "threads": args.threads,
+                                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
                     prefix="bench")
     results = bench(args.artifacts, cfg, inputs=args.inputs)
     for r in results:
@@ -216,6 +217,11 @@ def cmd_bench(args) -> int:
         print(f"{r.artifact} [{r.runtime}, {r.target}, {r.threads} threads]: load {r.load_ms:.1f} ms, "
               f"first {r.first_inference_ms:.1f} ms, p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f}, "
               f"p99 {lat['p99']:.2f}, peak RSS {r.peak_rss_mb:.0f} MB")
+        if r.generation:
+            g = r.generation
+            print(f"  decoder: prefill {g['prompt_tokens']} tokens {g['prefill_tokens_per_s']:.1f} tok/s "
+                  f"(TTFT p50 {g['ttft_ms']['p50']:.1f} ms), decode {g['decode_tokens_per_s']:.1f} tok/s "
+                  f"over {g['new_tokens']} tokens (latency figures above are per decode step)")
     if args.json:
         fsutil.write_json(args.json, {"schema_version": 1, "results": [r.to_dict() for r in results]})
     return EXIT_OK
@@ -346,6 +352,10 @@ def make_parser():
     n.add_argument("--warmup", type=int, default=5)
     n.add_argument("--threads", type=int, default=2)
     n.add_argument("--inputs", help=".npz of inputs (default: the artifact's .inputs.npz)")
+    n.add_argument("--prompt-tokens", type=int, default=128,
+                   help="decoder -gen artifacts: prompt length prefilled per run")
+    n.add_argument("--new-tokens", type=int, default=32,
+                   help="decoder -gen artifacts: tokens decoded per run (one step each)")
     n.add_argument("--json", help="write results here")
 
     v = sub.add_parser("eval", help="perplexity, STS Spearman or accuracy of a model or an exported file")

@@ -11,7 +11,9 @@ Fields (schema_version 1):
              details}]
   bench[{artifact, format, runtime, runner, target, threads, warmup, runs, load_ms,
          first_inference_ms, latency_ms{min,p50,p90,p99,mean,std,max,trimmed_mean},
-         inferences_per_s, peak_rss_mb, runtime_overhead_rss_mb, input_shapes, device}]
+         inferences_per_s, peak_rss_mb, runtime_overhead_rss_mb, input_shapes, device,
+         latencies_ms, generation{prompt_tokens, new_tokens, ttft_ms{...}, prefill_tokens_per_s,
+         decode_tokens_per_s} (decoder -gen artifacts only)}]
   budgets[{name, target, limit, value, passed, detail}], passed, timings_s{stage: seconds}
 """
 from __future__ import annotations
@@ -217,6 +219,15 @@ def render_markdown(r: Report) -> str:
                          lat["p99"], lat["mean"], lat["std"], b["peak_rss_mb"]])
         out += [_table(["artifact", "runtime", "runner", "target", "threads", "load ms", "first ms",
                         "min", "p50", "p90", "p99", "mean", "std", "peak RSS MB"], rows)]
+        gens = [b for b in r.bench if b.get("generation")]
+        if gens:
+            out += ["", "Decoders (-gen artifacts; the latency columns above are per decode step):", ""]
+            out += [_table(["artifact", "runtime", "runner", "target", "prompt tokens",
+                            "prefill tok/s", "TTFT p50 ms", "decode tok/s", "new tokens"],
+                           [[Path(b["artifact"]).name, b["runtime"], b["runner"], b["target"],
+                             b["generation"]["prompt_tokens"], b["generation"]["prefill_tokens_per_s"],
+                             b["generation"]["ttft_ms"]["p50"], b["generation"]["decode_tokens_per_s"],
+                             b["generation"]["new_tokens"]] for b in gens])]
         dev = r.bench[0]["device"]
         out += ["", f"Device: {dev.get('cpu')} ({dev.get('logical_cores')} logical cores, "
                     f"{dev.get('machine')}); {r.bench[0]['warmup']} warm-up, {r.bench[0]['runs']} "

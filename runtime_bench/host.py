@@ -24,6 +24,9 @@ class BenchConfig:
     warmup: int = 5
     runs: int = 30
     threads: int = 2
+    # decoders' -gen artifacts: prefill this many prompt tokens, then decode this many
+    prompt_tokens: int = 128
+    new_tokens: int = 32
 
     def validate(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]
@@ -33,6 +36,9 @@ class BenchConfig:
         if self.runs < 1 or self.warmup < 0 or self.threads < 1:
             raise BadInputError("runs >= 1, warmup >= 0 and threads >= 1 are required",
                                 field="runs")
+        if self.prompt_tokens < 1 or self.new_tokens < 2:
+            raise BadInputError("prompt_tokens >= 1 and new_tokens >= 2 are required",
+                                field="new_tokens")
 
 
 @dataclass
@@ -54,6 +60,8 @@ class BenchResult:
     input_shapes: dict
     device: dict
     latencies_ms: list[float] = field(default_factory=list)
+    # decoders (-gen artifacts): latencies are per decode step; prefill/TTFT/tokens per second here
+    generation: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,22 +103,15 @@ def bench_host(artifact: str | Path, cfg: BenchConfig, *, inputs: str | None = N
     if artifact.suffix not in RUNNERS:
         raise BadInputError(f"unknown artifact type {artifact.suffix!r}; expected .onnx or .pte",
                             file=str(artifact))
+    side = load_sidecar(artifact) or {}
+    if side.get("kind") == "generation":
+        return _bench_generation(artifact, cfg, side)
     inputs_path = _inputs_file(artifact, inputs)
     say(f"bench: {artifact.name} on host ({cfg.warmup} warm-up, {cfg.runs} runs, {cfg.threads} threads)")
-    cmd = [sys.executable, "-m", "pocketformer.runtime_bench.worker", str(artifact),
-           "--inputs", str(inputs_path), "--warmup", str(cfg.warmup), "--runs", str(cfg.runs),
-           "--threads", str(cfg.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeFailure(f"benchmark process failed (exit {proc.returncode}): {tail}",
-                             file=str(artifact), device="host")
-    raw = json.loads(proc.stdout)
+    raw = _run_worker(artifact, cfg, ["--inputs", str(inputs_path)])
     with np.load(inputs_path) as z:
         shapes = {k: list(z[k].shape) for k in z.files}
     stats = summarize(raw["latencies_ms"])
-    side = load_sidecar(artifact) or {}
     return BenchResult(
         artifact=str(artifact), format=artifact.suffix.lstrip("."), runtime=raw["runtime"],
         runner="python", target="host", threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs,
@@ -119,6 +120,41 @@ def bench_host(artifact: str | Path, cfg: BenchConfig, *, inputs: str | None = N
         runtime_overhead_rss_mb=raw["peak_rss_mb"] - raw["baseline_rss_mb"],
         input_shapes=shapes or {i["name"]: i["shape"] for i in side.get("inputs", [])},
         device=host_device(), latencies_ms=raw["latencies_ms"])
+
+
+def _bench_generation(artifact: Path, cfg: BenchConfig, side: dict) -> BenchResult:
+    max_len = side.get("max_len") or cfg.prompt_tokens + cfg.new_tokens
+    new = cfg.new_tokens
+    prompt = min(cfg.prompt_tokens, max_len - new)
+    if prompt < 1:
+        raise BadInputError(f"new_tokens {new} leave no room for a prompt in the exported cache "
+                            f"of {max_len} positions", file=str(artifact), field="new_tokens")
+    say(f"bench: {artifact.name} on host: prefill {prompt} + decode {new} tokens "
+        f"({cfg.warmup} warm-up, {cfg.runs} runs, {cfg.threads} threads)")
+    raw = _run_worker(artifact, cfg, ["--generate", f"{prompt},{new}"])
+    stats = summarize(raw["latencies_ms"])
+    g = raw["generation"]
+    g["ttft_ms"] = summarize(g["ttft_ms"])
+    return BenchResult(
+        artifact=str(artifact), format=artifact.suffix.lstrip("."), runtime=raw["runtime"],
+        runner="python", target="host", threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs,
+        load_ms=raw["load_ms"], first_inference_ms=raw["first_inference_ms"], latency_ms=stats,
+        inferences_per_s=1e3 / stats["mean"], peak_rss_mb=raw["peak_rss_mb"],
+        runtime_overhead_rss_mb=raw["peak_rss_mb"] - raw["baseline_rss_mb"],
+        input_shapes={"prompt": [1, prompt]}, device=host_device(),
+        latencies_ms=raw["latencies_ms"], generation=g)
+
+
+def _run_worker(artifact: Path, cfg: BenchConfig, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "pocketformer.runtime_bench.worker", str(artifact),
+           "--warmup", str(cfg.warmup), "--runs", str(cfg.runs), "--threads", str(cfg.threads), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeFailure(f"benchmark process failed (exit {proc.returncode}): {tail}",
+                             file=str(artifact), device="host")
+    return json.loads(proc.stdout)
 
 
 def bench(artifacts, cfg: BenchConfig, *, inputs: str | None = None) -> list[BenchResult]:

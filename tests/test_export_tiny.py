@@ -135,3 +135,22 @@ def test_eval_scores_the_shipped_files_like_the_model(het_exports, small_text, t
                      "--max-windows", "6", "--json", str(js)]) == 0
         values[name] = json.loads(js.read_text())["perplexity"]
     assert np.allclose(list(values.values()), values["model"], rtol=1e-4), values
+
+
+def test_bench_times_prefill_and_decode_of_generation_graphs(het_exports, tmp_path):
+    art, _, _ = het_exports
+    out = tmp_path / "bench.json"
+    rc = main(["bench", str(art / "art" / "model-gen.pte"), str(art / "art" / "model-gen.onnx"),
+               "--runs", "3", "--warmup", "1", "--prompt-tokens", "20", "--new-tokens", "9",
+               "--json", str(out)])
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["runtime"] for r in results] == ["executorch", "onnxruntime"]
+    for r in results:
+        g = r["generation"]
+        assert g["prompt_tokens"] == 20 and g["new_tokens"] == 9
+        assert len(r["latencies_ms"]) == 3 * 8          # every decode step of every timed run
+        assert g["decode_tokens_per_s"] > 0 and g["prefill_tokens_per_s"] > 0
+        assert g["ttft_ms"]["p50"] > 0
+    # a prompt that does not fit the exported cache (48 positions) is a bad input
+    assert main(["bench", str(art / "art" / "model-gen.pte"), "--new-tokens", "60", "--runs", "1"]) == 2
