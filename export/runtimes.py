@@ -50,6 +50,9 @@ class EtRunner:
 
     @staticmethod
     def import_runtime() -> None:
+        # the quantized kernel library registers embedding_byte & co. (8da4w's int8 embeddings);
+        # without it such a program fails to load with OperatorMissing in a fresh process
+        import executorch.kernels.quantized  # noqa: F401
         from executorch.runtime import Runtime
 
         Runtime.get()
@@ -57,6 +60,7 @@ class EtRunner:
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         from executorch.runtime import Runtime
 
+        self.import_runtime()
         if threads:
             from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
             _unsafe_reset_threadpool(threads)

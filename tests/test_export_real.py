@@ -1,10 +1,8 @@
-"""Export on the real pre-trained models: SmolLM2 generation graphs decode the same greedy tokens
-as eager `transformers` (fp32), the 8da4w program quantizes every linear and keeps perplexity,
-MiniLM int8 keeps STS, measured through the shipped file's own runtime.
-
-Not here yet: SmolLM2 8da4w. Its `.pte` export fails at `to_executorch` ("Missing out variants:
-torchao::dequantize_affine": the int8 embedding's dequantize is not fused into embedding_byte
-on this model, although it is on the tiny decoder in test_export_tiny.py); see docs/export.md."""
+"""Export on the real pre-trained models: SmolLM2's fp32 generation program decodes the same greedy
+tokens as eager `transformers`; MiniLM quantized (int8 ONNX, 8da4w ExecuTorch with int8
+embeddings) keeps STS, measured through the shipped file's own runtime on held-out pairs.
+SmolLM2 8da4w/int8 sizes and perplexities are measured by benchmarks/export_table.py (docs/export.md):
+one more SmolLM2 program export would cost the suite minutes."""
 from __future__ import annotations
 
 import pytest
@@ -37,12 +35,22 @@ def test_smollm2_fp32_generation_matches_eager_greedy(smollm2, fmt, tmp_path):
         assert rec.details["delegation"]["delegated_flops_share"] >= 0.99
 
 
-def test_minilm_int8_onnx_keeps_sts(tmp_path):
+@pytest.mark.parametrize("fmt,scheme,max_drop", [("onnx", "int8", 0.01), ("pte", "8da4w", 0.02)])
+def test_minilm_quantized_keeps_sts(fmt, scheme, max_drop, tmp_path):
     loaded = load_model("minilm")
-    (rec,) = export_model(loaded, tmp_path, ExportConfig(formats=["onnx"], quantize="int8"))
-    assert rec.parity["passed"] and rec.parity["cosine_vs_fp32"] >= 0.99
+    (rec,) = export_model(loaded, tmp_path, ExportConfig(formats=[fmt], quantize=scheme, etrecord=False))
+    assert rec.parity["passed"]
+    if scheme == "int8":
+        assert rec.parity["cosine_vs_fp32"] >= 0.99
+    else:
+        # int4 weights move each sentence vector (cosine ~0.95 to fp32 on real sentences, lower on
+        # the random-token parity inputs) but keep the ranking STS scores: the assertion below
+        assert rec.parity["cosine_vs_fp32"] >= 0.8
+        plan = rec.details["quantization"]
+        assert plan["skipped"] == [] and plan["embeddings"].startswith("int8")
+        assert rec.size_bytes < 0.3 * 4 * sum(p.numel() for p in loaded.model.parameters())
     data = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0:0.3"))
     eager = evaluate(loaded, "sts", data).value
     fn, o, _ = artifact_forward(tmp_path / rec.path, EvalOptions())
     shipped = evaluate(loaded, "sts", data, fn=fn, opts=o).value
-    assert eager - shipped <= 0.01, (eager, shipped)
+    assert eager - shipped <= max_drop, (eager, shipped)
