@@ -202,21 +202,39 @@ def describe_artifact(path, rec: dict) -> str:
     return ", ".join(parts)
 
 
+def _split_targets(text: str) -> list[str]:
+    """'host,qemu:cortex-a76,adb:A,B' -> ['host', 'qemu:cortex-a76', 'adb:A,B'] (an adb target
+    takes several serials, so a piece that starts no new target continues the previous one)."""
+    targets: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if piece.startswith(("host", "qemu:", "adb:")) or not targets:
+            targets.append(piece)
+        else:
+            targets[-1] += "," + piece
+    return targets
+
+
 def cmd_bench(args) -> int:
     from pocketformer import fsutil
     from pocketformer.runtime_bench import BenchConfig, bench
     from pocketformer.schema import from_dict
 
-    cfg = from_dict(BenchConfig, {"targets": [t.strip() for t in args.target.split(",")],
+    cfg = from_dict(BenchConfig, {"targets": _split_targets(args.target),
                                   "runs": args.runs, "warmup": args.warmup, "threads": args.threads,
-                                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
+                                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                                  "runners": [r.strip() for r in args.runner.split(",")],
+                                  "qemu_runs": args.qemu_runs},
                     prefix="bench")
     results = bench(args.artifacts, cfg, inputs=args.inputs)
     for r in results:
         lat = r.latency_ms
-        print(f"{r.artifact} [{r.runtime}, {r.target}, {r.threads} threads]: load {r.load_ms:.1f} ms, "
-              f"first {r.first_inference_ms:.1f} ms, p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f}, "
-              f"p99 {lat['p99']:.2f}, peak RSS {r.peak_rss_mb:.0f} MB")
+        emu = " (emulated)" if r.emulated else ""
+        print(f"{r.artifact} [{r.runtime}, {r.runner}, {r.target}, {r.threads} threads]: load "
+              f"{r.load_ms:.1f} ms, first {r.first_inference_ms:.1f} ms, p50 {lat['p50']:.2f} ms{emu}, "
+              f"p90 {lat['p90']:.2f}, p99 {lat['p99']:.2f}, peak RSS {r.peak_rss_mb:.1f} MB"
+              + (f", {r.instructions_per_inference:,.0f} instructions/inference"
+                 if r.instructions_per_inference is not None else "")
+              + (" THROTTLED" if r.throttled else ""))
         if r.generation:
             g = r.generation
             print(f"  decoder: prefill {g['prompt_tokens']} tokens {g['prefill_tokens_per_s']:.1f} tok/s "
@@ -289,6 +307,42 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+SETUP_PARTS = ("runners", "qemu", "adbd")
+
+
+def cmd_setup(args) -> int:
+    """Fetch, build and cache what the bench targets need (pinned, checksummed, idempotent)."""
+    from pocketformer.errors import RuntimeFailure
+
+    parts = args.parts or ["runners", "qemu"]
+    parts = list(SETUP_PARTS) if "all" in parts else parts
+    failed = []
+    for part in parts:
+        if part == "runners":
+            from pocketformer.runtime_bench.native import setup_runners
+
+            summary = setup_runners()
+            for name, r in summary["runners"].items():
+                print(f"runner {name}: {r['binary']} ({r['runtime_version']})")
+            for name, msg in summary["errors"].items():
+                print(f"runner {name}: FAILED: {msg.splitlines()[0]}", file=sys.stderr)
+                # ExecuTorch has no Android library this machine can link (docs/native_runners.md)
+                if name != "executorch-android-arm64":
+                    failed.append(name)
+        elif part == "qemu":
+            from pocketformer.runtime_bench.qemu import setup_qemu
+
+            tools = setup_qemu()
+            print(f"qemu: {tools.qemu} with plugin {tools.plugin}")
+        elif part == "adbd":
+            from pocketformer.runtime_bench.adbd_peer import setup_peer
+
+            print(f"adbd test peer: {setup_peer()}")
+    if failed:
+        raise RuntimeFailure(f"setup failed for {', '.join(failed)}")
+    return EXIT_OK
+
+
 def cmd_models(args) -> int:
     from pocketformer.compress import METHODS
     from pocketformer.models import BUILTIN_MODELS, supported_families
@@ -347,7 +401,13 @@ def make_parser():
 
     n = sub.add_parser("bench", help="measure artifacts (latency distribution, load time, memory)")
     n.add_argument("artifacts", nargs="+")
-    n.add_argument("--target", default="host")
+    n.add_argument("--target", default="host",
+                   help="comma-separated: host, qemu:CPU (cortex-a55/a76, neoverse-n1, ...), "
+                        "adb:SERIAL[,SERIAL...]")
+    n.add_argument("--runner", default="native",
+                   help="native (C++ runners, every target) and/or python (host only), comma-separated")
+    n.add_argument("--qemu-runs", type=int, default=3,
+                   help="inferences in the instruction-counted run under qemu")
     n.add_argument("--runs", type=int, default=30)
     n.add_argument("--warmup", type=int, default=5)
     n.add_argument("--threads", type=int, default=2)
@@ -372,6 +432,11 @@ def make_parser():
     r.add_argument("--html", help="write the (comparison) HTML page here")
 
     sub.add_parser("models", help="list built-in models, families and compression methods")
+
+    st = sub.add_parser("setup", help="fetch and build what benchmarking needs: native runners "
+                        "(host, linux-aarch64, android-arm64), the QEMU plugin, the adbd test peer")
+    st.add_argument("parts", nargs="*", choices=[*SETUP_PARTS, "all"],
+                    help="default: runners qemu")
     return p, owners
 
 
@@ -383,7 +448,7 @@ def main(argv=None) -> int:
         if args.command == "compress":
             return cmd_compress(args, owners)
         handler = {"build": cmd_build, "export": cmd_export, "bench": cmd_bench, "eval": cmd_eval,
-                   "report": cmd_report, "models": cmd_models}[args.command]
+                   "report": cmd_report, "models": cmd_models, "setup": cmd_setup}[args.command]
         return handler(args)
     except PocketformerError as e:
         print(f"pocketformer: error: {e.describe()}", file=sys.stderr)

@@ -94,7 +94,8 @@ class Adb:
         devices = list_devices(self.adb)
         if serial not in devices:
             listed = ", ".join(f"{s} ({st})" for s, st in devices.items()) or "none"
-            raise BadInputError(f"not in `adb devices` (listed: {listed}); for a device over "
+            # a device failure (exit 4), like one that drops off mid-run: the contract
+            raise RuntimeFailure(f"no such device: not in `adb devices` (listed: {listed}); for a device over "
                                 f"TCP run `adb connect {serial}` first", device=serial)
         if devices[serial] != "device":
             hint = {"unauthorized": "accept the USB debugging prompt on the phone",

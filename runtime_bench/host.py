@@ -1,4 +1,5 @@
-"""Host target: each artifact benchmarked through its Python runtime in a fresh subprocess."""
+"""The host target through the runtimes' Python bindings (the `python` runner), each artifact in a
+fresh subprocess so that peak memory belongs to it. The native runners are in bench.py."""
 from __future__ import annotations
 
 import json
@@ -6,66 +7,14 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pocketformer.errors import BadInputError, RuntimeFailure
 from pocketformer.export import load_sidecar
 from pocketformer.export.runtimes import RUNNERS
 from pocketformer.progress import say
+from pocketformer.runtime_bench.config import BenchConfig, BenchResult
 from pocketformer.runtime_bench.stats import summarize
-
-TARGETS = ("host",)
-
-
-@dataclass
-class BenchConfig:
-    targets: list[str] = field(default_factory=lambda: ["host"])
-    warmup: int = 5
-    runs: int = 30
-    threads: int = 2
-    # decoders' -gen artifacts: prefill this many prompt tokens, then decode this many
-    prompt_tokens: int = 128
-    new_tokens: int = 32
-
-    def validate(self) -> None:
-        bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets:
-            raise BadInputError(f"unsupported target(s) {bad}; supported: {', '.join(TARGETS)}",
-                                field="targets")
-        if self.runs < 1 or self.warmup < 0 or self.threads < 1:
-            raise BadInputError("runs >= 1, warmup >= 0 and threads >= 1 are required",
-                                field="runs")
-        if self.prompt_tokens < 1 or self.new_tokens < 2:
-            raise BadInputError("prompt_tokens >= 1 and new_tokens >= 2 are required",
-                                field="new_tokens")
-
-
-@dataclass
-class BenchResult:
-    artifact: str
-    format: str
-    runtime: str
-    runner: str
-    target: str
-    threads: int
-    warmup: int
-    runs: int
-    load_ms: float
-    first_inference_ms: float
-    latency_ms: dict
-    inferences_per_s: float
-    peak_rss_mb: float
-    runtime_overhead_rss_mb: float
-    input_shapes: dict
-    device: dict
-    latencies_ms: list[float] = field(default_factory=list)
-    # decoders (-gen artifacts): latencies are per decode step; prefill/TTFT/tokens per second here
-    generation: dict | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def host_device() -> dict:
     model = platform.processor() or platform.machine()
@@ -155,12 +104,3 @@ def _run_worker(artifact: Path, cfg: BenchConfig, extra: list[str]) -> dict:
         raise RuntimeFailure(f"benchmark process failed (exit {proc.returncode}): {tail}",
                              file=str(artifact), device="host")
     return json.loads(proc.stdout)
-
-
-def bench(artifacts, cfg: BenchConfig, *, inputs: str | None = None) -> list[BenchResult]:
-    results = []
-    for target in cfg.targets:
-        for artifact in artifacts:
-            if target == "host":
-                results.append(bench_host(artifact, cfg, inputs=inputs))
-    return results

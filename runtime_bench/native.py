@@ -528,14 +528,20 @@ def run_native(bundle: RunnerBundle, model: str | os.PathLike, *,
     fills the inputs from `seed` using the model's metadata. `prefix` wraps the command (QEMU).
     Raises RuntimeFailure (with the stderr tail and `.returncode`) when the runner fails.
     """
+    args = []
+    for path, dtype, shape in inputs or []:
+        dims = "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
+        args += ["--input", f"{path}:{dtype}:{dims}"]
+    args += ["--seed", str(seed), "--warmup", str(warmup), "--runs", str(runs),
+             "--threads", str(threads), "--values", str(values)]
+    return _invoke(bundle, model, args, prefix=prefix, timeout=timeout, env=env)
+
+
+def _invoke(bundle: RunnerBundle, model, args: list[str], *, prefix, timeout, env) -> dict:
+    """Run `bundle` on `model` with `args` (plus --json), return the parsed JSON."""
     with tempfile.TemporaryDirectory(prefix="pf-native-") as td:
         out = Path(td) / "result.json"
-        cmd = [*(prefix or []), str(bundle.binary), "--model", str(model)]
-        for path, dtype, shape in inputs or []:
-            dims = "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
-            cmd += ["--input", f"{path}:{dtype}:{dims}"]
-        cmd += ["--seed", str(seed), "--warmup", str(warmup), "--runs", str(runs),
-                "--threads", str(threads), "--values", str(values), "--json", str(out)]
+        cmd = [*(prefix or []), str(bundle.binary), "--model", str(model), *args, "--json", str(out)]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                env={**os.environ, **(env or {})})
@@ -554,6 +560,50 @@ def run_native(bundle: RunnerBundle, model: str | os.PathLike, *,
     result["command"] = cmd
     result["runner_arch"] = bundle.arch
     return result
+
+
+def run_native_generate(bundle: RunnerBundle, model: str | os.PathLike, *,
+                        prompt: list[int] | None = None, prompt_tokens: int = 128,
+                        new_tokens: int = 32, warmup: int, runs: int, threads: int,
+                        prefix: list[str] | None = None, timeout: float | None = None,
+                        seed: int = 0, env: dict | None = None) -> dict:
+    """Greedy generation with a `-gen` step program inside the native runner (`--generate`).
+
+    Each run: reset, prefill of the prompt at position 0 (time to first token), then
+    `new_tokens - 1` one-token decode steps with greedy argmax, every step timed; `warmup`
+    runs untimed before `runs` timed ones. `prompt` (ids) is written to a raw int64 file for
+    `--prompt-ids`; None lets the runner draw `prompt_tokens` ids in [3, vocab) from `seed`.
+    Returns the runner's JSON; its "generation" block holds prompt_tokens, new_tokens,
+    ttft_ms (per run), decode_ms (every step), prefill_tokens_per_s (prompt / median TTFT),
+    decode_tokens_per_s (1000 / median step), tokens (the last run's greedy tokens) and prompt.
+    """
+    import numpy as np
+
+    if prompt is not None:
+        prompt = [int(t) for t in prompt]
+        if not prompt or min(prompt) < 0:
+            raise BadInputError("prompt must be a non-empty list of ids >= 0", field="prompt")
+        prompt_tokens = len(prompt)
+    if prompt_tokens < 1 or new_tokens < 1:
+        raise BadInputError("prompt_tokens and new_tokens must be >= 1", field="new_tokens")
+    sidecar = Path(f"{model}.json")
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text())
+        except ValueError:
+            meta = {}
+        max_len = meta.get("max_len") if isinstance(meta, dict) else None
+        if isinstance(max_len, int) and prompt_tokens + new_tokens > max_len:
+            raise BadInputError(f"prompt ({prompt_tokens}) + new tokens ({new_tokens}) exceed the "
+                                f"exported cache length {max_len}", file=str(model))
+    args = ["--generate", f"{prompt_tokens},{new_tokens}", "--seed", str(seed),
+            "--warmup", str(warmup), "--runs", str(runs), "--threads", str(threads)]
+    with tempfile.TemporaryDirectory(prefix="pf-native-prompt-") as td:
+        if prompt is not None:
+            ids = Path(td) / "prompt.i64"
+            ids.write_bytes(np.asarray(prompt, dtype="<i8").tobytes())
+            args += ["--prompt-ids", str(ids)]
+        return _invoke(bundle, model, args, prefix=prefix, timeout=timeout, env=env)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -27,3 +27,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install --quiet -e ".${extra}"
     touch "$stamp"
 fi
+# Benchmark targets: native runners (host, linux-aarch64, android-arm64) from pinned registry
+# packages, QEMU user mode with our instruction-count plugin, and (tests) the real adbd peer.
+# apt packages they need are installed here when running as root; all of it is cached.
+parts="runners qemu"
+[ "${1:-}" = "dev" ] && parts="$parts adbd"
+.venv/bin/pocketformer setup $parts

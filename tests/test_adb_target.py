@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pocketformer.errors import EXIT_BAD_INPUT, BadInputError, RuntimeFailure
+from pocketformer.errors import EXIT_RUNTIME, BadInputError, RuntimeFailure
 from pocketformer.runtime_bench.adb import (Adb, bench_devices, bench_on_device, big_cores,
                                             bundle_arch, device_info, parse_target, sync_files,
                                             throttle_reasons)
@@ -53,12 +53,12 @@ def droot(dev):
 
 # ---------------------------------------------------------------- protocol basics
 
-def test_unknown_serial_is_bad_input(peer):
-    with pytest.raises(BadInputError) as e:
+def test_unknown_serial_is_a_device_failure(peer):
+    with pytest.raises(RuntimeFailure) as e:
         Adb("no-such-phone-1234", peer.adb_prefix)
     assert "no-such-phone-1234" in str(e.value)
     assert peer.serial in str(e.value)           # the message lists what adb does see
-    assert e.value.exit_code == EXIT_BAD_INPUT
+    assert e.value.exit_code == EXIT_RUNTIME
 
 
 def test_shell_exit_codes_and_streams(dev):

@@ -7,6 +7,7 @@
 // Command line (both runners):
 //   --model PATH [--input FILE:DTYPE:D1xD2x...]... [--seed N]
 //   --warmup N --runs N --threads N --json OUT [--values K]
+//   [--generate PROMPT_TOKENS,NEW_TOKENS [--prompt-ids FILE]]   (a -gen program; see pf_generate)
 // Exit codes: 0 ok, 2 bad arguments / unreadable model or input file, 4 runtime failure.
 //
 // Timing protocol: the first inference is timed on its own (first_inference_ms), then
@@ -144,12 +145,17 @@ struct PfArgs {
   long threads;
   const char* json;
   long values;
+  int generate;            // --generate given: greedy generation with a KV-cache step program
+  long gen_prompt;         // PROMPT_TOKENS
+  long gen_new;            // NEW_TOKENS
+  const char* prompt_ids;  // --prompt-ids FILE (raw int64), or NULL: ids from --seed
 };
 
 static void pf_usage(FILE* to) {
   fprintf(to,
           "usage: %s --model PATH [--input FILE:DTYPE:D1xD2x...]... [--seed N]\n"
           "          --warmup N --runs N --threads N --json OUT [--values K]\n"
+          "          [--generate PROMPT_TOKENS,NEW_TOKENS [--prompt-ids FILE]]\n"
           "  DTYPE: float32, int64, int32, bool, uint8 (raw little-endian file)\n"
           "  without --input, inputs are filled from --seed using the model's metadata\n"
           "  exit codes: 0 ok, 2 bad arguments or input file, 4 runtime failure\n",
@@ -221,10 +227,28 @@ static void pf_parse_args(int argc, char** argv, PfArgs* a) {
     else if (!strcmp(f, "--threads")) a->threads = pf_parse_long(f, v, 0);
     else if (!strcmp(f, "--json")) a->json = v;
     else if (!strcmp(f, "--values")) a->values = pf_parse_long(f, v, 0);
+    else if (!strcmp(f, "--generate")) {
+      char* end = NULL;
+      long p = strtol(v, &end, 10);
+      long n = -1;
+      if (end != v && *end == ',' && end[1]) {
+        const char* q = end + 1;
+        n = strtol(q, &end, 10);
+        if (end == q || *end) n = -1;
+      }
+      if (p < 1 || n < 1)
+        pf_die(PF_EXIT_BAD_INPUT, "--generate: expected PROMPT_TOKENS,NEW_TOKENS (both >= 1), got '%s'", v);
+      a->generate = 1;
+      a->gen_prompt = p;
+      a->gen_new = n;
+    } else if (!strcmp(f, "--prompt-ids")) a->prompt_ids = v;
     else { pf_usage(stderr); pf_die(PF_EXIT_BAD_INPUT, "unknown flag '%s'", f); }
   }
   if (!a->model) { pf_usage(stderr); pf_die(PF_EXIT_BAD_INPUT, "--model is required"); }
   if (!a->json) { pf_usage(stderr); pf_die(PF_EXIT_BAD_INPUT, "--json is required"); }
+  if (a->prompt_ids && !a->generate) pf_die(PF_EXIT_BAD_INPUT, "--prompt-ids needs --generate");
+  if (a->generate && a->n_inputs)
+    pf_die(PF_EXIT_BAD_INPUT, "--input and --generate exclude each other (--generate feeds tokens itself)");
 }
 
 static void* pf_read_file(const char* path, size_t* n_out) {
@@ -427,7 +451,179 @@ struct PfResult {
   int n_outputs;
   const PfInput* inputs;     // the inputs actually fed (given or generated)
   int n_inputs;
+  const struct PfGen* gen;   // --generate: the "generation" block; NULL otherwise
 };
+
+
+// ---------------------------------------------------------------- generation (--generate)
+//
+// A `-gen` step program maps (tokens [1, T] int64, input_pos [1] int64) to logits [1, T, V],
+// writing the keys/values of positions input_pos .. input_pos+T-1 into its KV cache. The
+// runner supplies a step function (and a reset of its cache); pf_generate drives it like
+// pocketformer's greedy_loop: each run is reset, prefill of the prompt at position 0 (timed:
+// time to first token, including the argmax), then NEW_TOKENS-1 decode steps of one token at
+// positions PROMPT_TOKENS, PROMPT_TOKENS+1, ... (each timed, argmax included).
+
+struct PfGen {
+  long prompt_tokens, new_tokens;
+  int64_t* prompt;              // prompt_tokens ids
+  const char* prompt_source;    // the --prompt-ids file, or "seed"
+  long vocab;                   // from the probe call's logits
+  long max_len;                 // the cache length the runner found (-1 unknown)
+  double probe_ms;              // the untimed-by-protocol first call (tokens [[1]] at position 0)
+  double* ttft_ms;              // per timed run
+  double* decode_ms;            // every decode step of every timed run
+  long n_ttft, n_decode;
+  int64_t* tokens;              // the greedy tokens of the last run (new_tokens of them)
+  const float* last_logits;     // logits row of the last position of the last step
+};
+
+// Logits row of the last of the `t` fed positions, valid until the next step; `*vocab` is set.
+typedef const float* (*PfStepFn)(void* ctx, const int64_t* ids, long t, int64_t pos, long* vocab);
+typedef void (*PfResetFn)(void* ctx);
+
+// The prompt ids file is read before the runtime is touched (bad input -> exit 2 early).
+static void pf_load_prompt(const PfArgs* a, PfGen* g) {
+  memset(g, 0, sizeof *g);
+  g->prompt_tokens = a->gen_prompt;
+  g->new_tokens = a->gen_new;
+  g->max_len = -1;
+  g->prompt = (int64_t*)calloc((size_t)a->gen_prompt, sizeof(int64_t));
+  g->prompt_source = "seed";
+  if (!a->prompt_ids) return;
+  size_t n = 0;
+  void* data = pf_read_file(a->prompt_ids, &n);
+  if (!data) pf_die(PF_EXIT_BAD_INPUT, "--prompt-ids: cannot read '%s'", a->prompt_ids);
+  if (n % 8 || (long)(n / 8) != a->gen_prompt)
+    pf_die(PF_EXIT_BAD_INPUT, "--prompt-ids '%s' has %zu bytes; --generate %ld,... needs %ld int64 ids (%ld bytes)",
+           a->prompt_ids, n, a->gen_prompt, a->gen_prompt, a->gen_prompt * 8);
+  memcpy(g->prompt, data, n);
+  free(data);
+  for (long i = 0; i < g->prompt_tokens; i++)
+    if (g->prompt[i] < 0)
+      pf_die(PF_EXIT_BAD_INPUT, "--prompt-ids '%s': id %ld is negative (%lld)", a->prompt_ids, i,
+             (long long)g->prompt[i]);
+  g->prompt_source = a->prompt_ids;
+}
+
+// Cache capacity check: prompt + new tokens must fit (as greedy_loop requires).
+static void pf_check_fits(const PfGen* g, long max_len, const char* how) {
+  if (max_len > 0 && g->prompt_tokens + g->new_tokens > max_len)
+    pf_die(PF_EXIT_BAD_INPUT, "--generate %ld,%ld: prompt + new tokens exceed the program's KV cache of %ld "
+           "positions (%s)", g->prompt_tokens, g->new_tokens, max_len, how);
+}
+
+static long pf_argmax(const float* row, long n) {
+  long best = 0;
+  for (long i = 1; i < n; i++)
+    if (row[i] > row[best]) best = i;     // first maximum, like numpy.argmax
+  return best;
+}
+
+static int pf_cmp_double(const void* x, const void* y) {
+  double a = *(const double*)x, b = *(const double*)y;
+  return (a > b) - (a < b);
+}
+
+// numpy.median: mean of the two middle values for an even count.
+static double pf_median(const double* x, long n) {
+  if (n <= 0) return 0.0 / 0.0;
+  double* c = (double*)malloc((size_t)n * sizeof(double));
+  memcpy(c, x, (size_t)n * sizeof(double));
+  qsort(c, (size_t)n, sizeof(double), pf_cmp_double);
+  double m = n % 2 ? c[n / 2] : 0.5 * (c[n / 2 - 1] + c[n / 2]);
+  free(c);
+  return m;
+}
+
+static void pf_generate(const PfArgs* a, PfGen* g, void* ctx, PfResetFn reset, PfStepFn step) {
+  // Probe: the first call, timed alone (first_inference_ms), discovers the vocabulary.
+  int64_t one = 1;
+  long vocab = 0;
+  double t = pf_now_ms();
+  step(ctx, &one, 1, 0, &vocab);
+  g->probe_ms = pf_now_ms() - t;
+  if (vocab < 1) pf_die(PF_EXIT_RUNTIME, "the program's logits have no vocabulary dimension");
+  g->vocab = vocab;
+  if (!a->prompt_ids) {
+    if (vocab <= 3) pf_die(PF_EXIT_RUNTIME, "vocabulary of %ld is too small for a seeded prompt (ids 3..V-1)", vocab);
+    uint64_t s = a->seed * 1000003ULL + 0x5EEDULL;
+    for (long i = 0; i < g->prompt_tokens; i++)
+      g->prompt[i] = 3 + (int64_t)(pf_splitmix64(&s) % (uint64_t)(vocab - 3));
+  } else {
+    for (long i = 0; i < g->prompt_tokens; i++)
+      if (g->prompt[i] >= vocab)
+        pf_die(PF_EXIT_BAD_INPUT, "--prompt-ids '%s': id %ld is %lld, the vocabulary has %ld", a->prompt_ids, i,
+               (long long)g->prompt[i], vocab);
+  }
+  long steps = g->new_tokens - 1;
+  g->ttft_ms = (double*)calloc((size_t)a->runs, sizeof(double));
+  g->decode_ms = (double*)calloc((size_t)(a->runs * (steps > 0 ? steps : 1)), sizeof(double));
+  g->tokens = (int64_t*)calloc((size_t)g->new_tokens, sizeof(int64_t));
+  g->n_ttft = g->n_decode = 0;
+  for (long r = 0; r < a->warmup + a->runs; r++) {
+    int timed = r >= a->warmup;
+    reset(ctx);
+    long v = 0;
+    t = pf_now_ms();
+    const float* row = step(ctx, g->prompt, g->prompt_tokens, 0, &v);
+    int64_t nxt = pf_argmax(row, v);
+    double ttft = pf_now_ms() - t;
+    if (v != vocab) pf_die(PF_EXIT_RUNTIME, "logits width changed from %ld to %ld", vocab, v);
+    if (timed) g->ttft_ms[g->n_ttft++] = ttft;
+    g->tokens[0] = nxt;
+    for (long i = 0; i < steps; i++) {
+      int64_t tok = nxt;
+      t = pf_now_ms();
+      row = step(ctx, &tok, 1, (int64_t)(g->prompt_tokens + i), &v);
+      nxt = pf_argmax(row, v);
+      double dt = pf_now_ms() - t;
+      if (timed) g->decode_ms[g->n_decode++] = dt;
+      g->tokens[i + 1] = nxt;
+    }
+    g->last_logits = row;
+  }
+}
+
+// The last step's logits row as an output record ([1, 1, V]).
+static void pf_gen_output(const PfGen* g, PfOutput* o) {
+  memset(o, 0, sizeof *o);
+  o->dtype = PF_F32;
+  o->ndims = 3;
+  o->dims[0] = 1;
+  o->dims[1] = 1;
+  o->dims[2] = g->vocab;
+  o->data = g->last_logits;
+  o->numel = (size_t)g->vocab;
+}
+
+static void pf_j_gen(PfJson* j, const PfGen* g) {
+  double ttft = pf_median(g->ttft_ms, g->n_ttft);
+  double step = pf_median(g->decode_ms, g->n_decode);
+  pf_j(j, ",\n  \"generation\": {\"prompt_tokens\": %ld, \"new_tokens\": %ld, \"vocab\": %ld",
+       g->prompt_tokens, g->new_tokens, g->vocab);
+  pf_j(j, ", \"max_len\": ");
+  if (g->max_len > 0) pf_j(j, "%ld", g->max_len); else pf_j(j, "null");
+  pf_j(j, ", \"prompt_source\": ");
+  pf_j_str(j, g->prompt_source);
+  pf_j(j, ",\n    \"probe_ms\": ");
+  pf_j_num(j, g->probe_ms);
+  pf_j(j, ", \"ttft_ms\": [");
+  for (long i = 0; i < g->n_ttft; i++) { if (i) pf_j(j, ", "); pf_j_num(j, g->ttft_ms[i]); }
+  pf_j(j, "],\n    \"decode_ms\": [");
+  for (long i = 0; i < g->n_decode; i++) { if (i) pf_j(j, ", "); pf_j_num(j, g->decode_ms[i]); }
+  pf_j(j, "],\n    \"prefill_tokens_per_s\": ");
+  pf_j_num(j, ttft > 0 ? (double)g->prompt_tokens / (ttft / 1e3) : 0.0 / 0.0);
+  pf_j(j, ", \"decode_tokens_per_s\": ");
+  pf_j_num(j, g->n_decode > 0 && step > 0 ? 1e3 / step : 0.0 / 0.0);
+  pf_j(j, ",\n    \"tokens\": [");
+  for (long i = 0; i < g->new_tokens; i++) pf_j(j, "%s%lld", i ? ", " : "", (long long)g->tokens[i]);
+  pf_j(j, "],\n    \"prompt\": [");
+  for (long i = 0; i < g->prompt_tokens; i++) pf_j(j, "%s%lld", i ? ", " : "", (long long)g->prompt[i]);
+  pf_j(j, "]}");
+}
+
+// ---------------------------------------------------------------- JSON writer
 
 static void pf_write_json(const PfArgs* a, const PfResult* r) {
   PfJson j = {NULL, 0, 0};
@@ -476,7 +672,9 @@ static void pf_write_json(const PfArgs* a, const PfResult* r) {
     pf_j(&j, "%s\n    ", i ? "," : "");
     pf_j_output(&j, &r->outputs[i], a->values);
   }
-  pf_j(&j, "\n  ]\n}\n");
+  pf_j(&j, "\n  ]");
+  if (r->gen) pf_j_gen(&j, r->gen);
+  pf_j(&j, "\n}\n");
 
   // Write beside the target, then rename: a reader never sees half a file.
   size_t plen = strlen(a->json) + 32;

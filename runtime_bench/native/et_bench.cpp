@@ -70,12 +70,98 @@ static void et_check(Error e, const char* what) {
   if (e != Error::Ok) pf_die(PF_EXIT_RUNTIME, "%s failed (ExecuTorch error 0x%x)", what, (unsigned)e);
 }
 
+// ---------------------------------------------------------------- --generate
+// The KV cache lives in the program's mutable buffers, which the loaded Method keeps between
+// calls: nothing to reset (positions past the current one are masked, and a new prompt
+// overwrites the cache from position 0, as EtGenerator does). The input tensors are
+// preallocated once (prompt [1, P], one token [1, 1], position [1]) and only their data changes.
+struct EtGen {
+  Module* module;
+  int64_t tok = 0;
+  int64_t pos = 0;
+  const int64_t* prompt = nullptr;
+  executorch::extension::TensorPtr t_prompt, t_tok, t_pos;
+  std::vector<EValue> in;
+  std::optional<executorch::runtime::Result<std::vector<EValue>>> out;
+};
+
+static void et_gen_reset(void*) {}
+
+static const float* et_gen_step(void* c, const int64_t* ids, long t, int64_t pos, long* vocab) {
+  EtGen* g = (EtGen*)c;
+  g->pos = pos;
+  if (t == 1) {
+    g->tok = ids[0];
+    g->in[0] = EValue(*g->t_tok);
+  } else {
+    if (ids != g->prompt) pf_die(PF_EXIT_RUNTIME, "internal: multi-token step is not the prompt");
+    g->in[0] = EValue(*g->t_prompt);
+  }
+  g->out.reset();
+  g->out.emplace(g->module->execute("forward", g->in));
+  if (!g->out->ok())
+    pf_die(PF_EXIT_RUNTIME, "execute('forward') at position %lld with %ld tokens failed (ExecuTorch error 0x%x)",
+           (long long)pos, t, (unsigned)g->out->error());
+  const std::vector<EValue>& outs = **g->out;
+  if (outs.empty() || !outs[0].isTensor()) pf_die(PF_EXIT_RUNTIME, "forward returned no logits tensor");
+  const auto& logits = outs[0].toTensor();
+  if (logits.scalar_type() != ScalarType::Float || logits.dim() != 3 || logits.size(1) != t)
+    pf_die(PF_EXIT_RUNTIME, "logits are not float32 [1, %ld, V] (dtype %d, %d dims)", t,
+           (int)logits.scalar_type(), (int)logits.dim());
+  *vocab = (long)logits.size(2);
+  return logits.const_data_ptr<float>() + (size_t)(t - 1) * (size_t)*vocab;
+}
+
+static void et_generate(PfArgs* a, PfGen* pg, Module& module, PfResult* res) {
+  auto meta = module.method_meta("forward");
+  if (!meta.ok()) pf_die(PF_EXIT_RUNTIME, "method_meta('forward') failed (0x%x)", (unsigned)meta.error());
+  if (meta->num_inputs() != 2)
+    pf_die(PF_EXIT_BAD_INPUT, "--generate: '%s' has %zu inputs; a -gen program takes (tokens, input_pos)",
+           a->model, meta->num_inputs());
+  for (size_t i = 0; i < 2; i++) {
+    auto info = meta->input_tensor_meta(i);
+    if (!info.ok() || info->scalar_type() != ScalarType::Long)
+      pf_die(PF_EXIT_BAD_INPUT, "--generate: input %zu of '%s' is not an int64 tensor", i, a->model);
+  }
+  auto tok_meta = meta->input_tensor_meta(0);
+  auto pos_meta = meta->input_tensor_meta(1);
+  auto sizes = tok_meta->sizes();
+  if (sizes.size() != 2 || sizes[0] != 1 || pos_meta->sizes().size() != 1 || pos_meta->sizes()[0] != 1)
+    pf_die(PF_EXIT_BAD_INPUT, "--generate: '%s' is not a -gen program: expected inputs tokens [1, T] and "
+           "input_pos [1]", a->model);
+  long max_t = (long)sizes[1];    // the upper bound of the dynamic T
+  if (pg->prompt_tokens > max_t)
+    pf_die(PF_EXIT_BAD_INPUT, "--generate %ld,...: the program takes at most %ld tokens per call",
+           pg->prompt_tokens, max_t);
+  // pocketformer exports T in 1 .. max_len - 1, so the cache holds max_t + 1 positions.
+  pg->max_len = max_t + 1;
+  pf_check_fits(pg, pg->max_len, "max_len = the tokens bound + 1, as pocketformer exports it");
+
+  static EtGen g;
+  g.module = &module;
+  g.prompt = pg->prompt;
+  g.t_prompt = executorch::extension::from_blob(pg->prompt, {1, (executorch::aten::SizesType)pg->prompt_tokens},
+                                                ScalarType::Long);
+  g.t_tok = executorch::extension::from_blob(&g.tok, {1, 1}, ScalarType::Long);
+  g.t_pos = executorch::extension::from_blob(&g.pos, {1}, ScalarType::Long);
+  g.in.clear();
+  g.in.emplace_back(*g.t_tok);
+  g.in.emplace_back(*g.t_pos);
+  pf_generate(a, pg, &g, et_gen_reset, et_gen_step);
+  res->first_inference_ms = pg->probe_ms;
+  res->latencies_ms = pg->decode_ms;    // as the Python worker: one entry per decode step
+  res->n_latencies = pg->n_decode;
+  res->gen = pg;
+}
+
 int main(int argc, char** argv) {
   pf_prog = "pf-et-bench";
   static PfArgs a;
   pf_parse_args(argc, argv, &a);
   pf_check_model_file(a.model);
   pf_load_input_files(&a);
+  static PfGen gen;
+  if (a.generate) pf_load_prompt(&a, &gen);
 
   double rss_before = pf_status_mb("VmRSS");
   executorch::runtime::runtime_init();
@@ -97,6 +183,24 @@ int main(int argc, char** argv) {
   et_check(module.load(), "loading the program");
   et_check(module.load_method("forward"), "loading method 'forward'");
   double load_ms = pf_now_ms() - t0;
+
+  if (a.generate) {
+    PfResult res;
+    memset(&res, 0, sizeof res);
+    res.runner = "executorch-native";
+    res.runtime_version = PF_RUNTIME_VERSION;
+    res.threads_applied = threads_applied;
+    res.threads_effective = threads_effective;
+    res.rss_before_load_mb = rss_before;
+    res.load_ms = load_ms;
+    et_generate(&a, &gen, module, &res);
+    PfOutput logits;
+    pf_gen_output(&gen, &logits);
+    res.outputs = &logits;
+    res.n_outputs = 1;
+    pf_write_json(&a, &res);
+    return 0;
+  }
 
   auto meta = module.method_meta("forward");
   if (!meta.ok()) pf_die(PF_EXIT_RUNTIME, "method_meta('forward') failed (0x%x)", (unsigned)meta.error());

@@ -52,12 +52,206 @@ static void release_values(OrtValue** v, size_t n) {
   }
 }
 
+// ---------------------------------------------------------------- --generate
+// A -gen.onnx graph takes (tokens, input_pos, past_*) and returns (logits, present_*), every
+// cache of a static shape. Two sets of cache buffers are preallocated; each Run reads the
+// `past` set and writes the `present` set in place (preallocated output OrtValues), then the
+// two sets swap roles, so no cache is copied between steps. Reset zeroes the `past` set (as
+// OrtGenerator starts from zeros). The logits go to preallocated buffers too ([1, P, V] for
+// the prefill, [1, 1, V] for decode) once the probe call has told V.
+struct OrtGen {
+  OrtSession* sess;
+  OrtRunOptions* ro;
+  OrtMemoryInfo* mem;
+  size_t n_in, n_out, n_cache;
+  char** in_names;
+  char** out_names;
+  const OrtValue** feeds;   // [tokens, input_pos, past...]
+  OrtValue** fetches;       // [logits, present...]
+  OrtValue** past;
+  OrtValue** present;
+  void** past_data;
+  void** present_data;
+  size_t* cache_bytes;
+  int64_t tok, pos;
+  const int64_t* prompt;
+  long prompt_tokens;
+  OrtValue* v_tok;
+  OrtValue* v_pos;
+  OrtValue* v_prompt;
+  long vocab;
+  float* logits_prefill;
+  float* logits_decode;
+  OrtValue* v_logits_prefill;
+  OrtValue* v_logits_decode;
+  OrtValue* probe_out;      // ORT-allocated logits of the probe call (released at the next step)
+};
+
+static void ort_gen_reset(void* c) {
+  OrtGen* g = (OrtGen*)c;
+  for (size_t i = 0; i < g->n_cache; i++) memset(g->past_data[i], 0, g->cache_bytes[i]);
+}
+
+static const float* ort_gen_step(void* c, const int64_t* ids, long t, int64_t pos, long* vocab) {
+  OrtGen* g = (OrtGen*)c;
+  if (g->probe_out) { g_ort->ReleaseValue(g->probe_out); g->probe_out = NULL; }
+  g->pos = pos;
+  if (t == 1) {
+    g->tok = ids[0];
+    g->feeds[0] = g->v_tok;
+  } else {
+    if (ids != g->prompt || t != g->prompt_tokens) pf_die(PF_EXIT_RUNTIME, "internal: multi-token step is not the prompt");
+    g->feeds[0] = g->v_prompt;
+  }
+  g->feeds[1] = g->v_pos;
+  for (size_t i = 0; i < g->n_cache; i++) {
+    g->feeds[2 + i] = g->past[i];
+    g->fetches[1 + i] = g->present[i];
+  }
+  float* logits = NULL;
+  if (g->vocab == 0) g->fetches[0] = NULL;    // the probe: ORT allocates, we learn V
+  else if (t == 1) { g->fetches[0] = g->v_logits_decode; logits = g->logits_decode; }
+  else { g->fetches[0] = g->v_logits_prefill; logits = g->logits_prefill; }
+  ort_check(g_ort->Run(g->sess, g->ro, (const char* const*)g->in_names, g->feeds, g->n_in,
+                       (const char* const*)g->out_names, g->n_out, g->fetches),
+            "Run (generation step)");
+  if (g->vocab == 0) {
+    g->probe_out = g->fetches[0];
+    OrtTensorTypeAndShapeInfo* info = NULL;
+    ort_check(g_ort->GetTensorTypeAndShape(g->probe_out, &info), "GetTensorTypeAndShape");
+    ONNXTensorElementDataType et;
+    ort_check(g_ort->GetTensorElementType(info, &et), "GetTensorElementType");
+    size_t nd = 0;
+    ort_check(g_ort->GetDimensionsCount(info, &nd), "GetDimensionsCount");
+    int64_t dims[PF_MAX_DIMS] = {0};
+    if (nd == 3) ort_check(g_ort->GetDimensions(info, dims, nd), "GetDimensions");
+    g_ort->ReleaseTensorTypeAndShapeInfo(info);
+    if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || nd != 3 || dims[1] != t || dims[2] < 1)
+      pf_die(PF_EXIT_RUNTIME, "logits are not float32 [1, %ld, V]", t);
+    g->vocab = (long)dims[2];
+    void* data = NULL;
+    ort_check(g_ort->GetTensorMutableData(g->probe_out, &data), "GetTensorMutableData");
+    logits = (float*)data;
+    // From now on the logits go to preallocated buffers.
+    int64_t shp[3] = {1, g->prompt_tokens, g->vocab};
+    size_t np = (size_t)g->prompt_tokens * (size_t)g->vocab, nd1 = (size_t)g->vocab;
+    g->logits_prefill = (float*)calloc(np, sizeof(float));
+    g->logits_decode = (float*)calloc(nd1, sizeof(float));
+    ort_check(g_ort->CreateTensorWithDataAsOrtValue(g->mem, g->logits_prefill, np * sizeof(float), shp, 3,
+                                                    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &g->v_logits_prefill),
+              "CreateTensorWithDataAsOrtValue");
+    shp[1] = 1;
+    ort_check(g_ort->CreateTensorWithDataAsOrtValue(g->mem, g->logits_decode, nd1 * sizeof(float), shp, 3,
+                                                    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &g->v_logits_decode),
+              "CreateTensorWithDataAsOrtValue");
+  }
+  // present becomes the next step's past
+  for (size_t i = 0; i < g->n_cache; i++) {
+    OrtValue* v = g->past[i]; g->past[i] = g->present[i]; g->present[i] = v;
+    void* d = g->past_data[i]; g->past_data[i] = g->present_data[i]; g->present_data[i] = d;
+  }
+  *vocab = g->vocab;
+  return logits + (size_t)(t - 1) * (size_t)g->vocab;
+}
+
+static void ort_generate(PfArgs* a, PfGen* pg, OrtSession* sess, OrtMemoryInfo* mem, OrtAllocator* alloc,
+                         PfResult* res) {
+  static OrtGen g;
+  memset(&g, 0, sizeof g);
+  g.sess = sess;
+  g.mem = mem;
+  ort_check(g_ort->SessionGetInputCount(sess, &g.n_in), "SessionGetInputCount");
+  ort_check(g_ort->SessionGetOutputCount(sess, &g.n_out), "SessionGetOutputCount");
+  if (g.n_in < 3 || g.n_out < 2 || g.n_in - 2 != g.n_out - 1)
+    pf_die(PF_EXIT_BAD_INPUT, "--generate: '%s' has %zu inputs and %zu outputs; a -gen graph takes "
+           "(tokens, input_pos, past...) and returns (logits, present...)", a->model, g.n_in, g.n_out);
+  g.n_cache = g.n_in - 2;
+  g.in_names = (char**)calloc(g.n_in, sizeof(char*));
+  g.out_names = (char**)calloc(g.n_out, sizeof(char*));
+  g.feeds = (const OrtValue**)calloc(g.n_in, sizeof(OrtValue*));
+  g.fetches = (OrtValue**)calloc(g.n_out, sizeof(OrtValue*));
+  g.past = (OrtValue**)calloc(g.n_cache + 1, sizeof(OrtValue*));
+  g.present = (OrtValue**)calloc(g.n_cache + 1, sizeof(OrtValue*));
+  g.past_data = (void**)calloc(g.n_cache + 1, sizeof(void*));
+  g.present_data = (void**)calloc(g.n_cache + 1, sizeof(void*));
+  g.cache_bytes = (size_t*)calloc(g.n_cache + 1, sizeof(size_t));
+  for (size_t i = 0; i < g.n_in; i++)
+    ort_check(g_ort->SessionGetInputName(sess, i, alloc, &g.in_names[i]), "SessionGetInputName");
+  for (size_t i = 0; i < g.n_out; i++)
+    ort_check(g_ort->SessionGetOutputName(sess, i, alloc, &g.out_names[i]), "SessionGetOutputName");
+
+  long max_len = -1;
+  for (size_t i = 0; i < g.n_in; i++) {
+    OrtTypeInfo* ti = NULL;
+    ort_check(g_ort->SessionGetInputTypeInfo(sess, i, &ti), "SessionGetInputTypeInfo");
+    const OrtTensorTypeAndShapeInfo* tinfo = NULL;
+    ort_check(g_ort->CastTypeInfoToTensorInfo(ti, &tinfo), "CastTypeInfoToTensorInfo");
+    if (!tinfo) pf_die(PF_EXIT_BAD_INPUT, "--generate: input '%s' is not a tensor", g.in_names[i]);
+    ONNXTensorElementDataType et;
+    ort_check(g_ort->GetTensorElementType(tinfo, &et), "GetTensorElementType");
+    size_t nd = 0;
+    ort_check(g_ort->GetDimensionsCount(tinfo, &nd), "GetDimensionsCount");
+    if (nd > PF_MAX_DIMS) pf_die(PF_EXIT_BAD_INPUT, "--generate: input '%s' has %zu dims", g.in_names[i], nd);
+    int64_t dims[PF_MAX_DIMS];
+    ort_check(g_ort->GetDimensions(tinfo, dims, nd), "GetDimensions");
+    g_ort->ReleaseTypeInfo(ti);
+    if (i < 2) {
+      if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)
+        pf_die(PF_EXIT_BAD_INPUT, "--generate: input '%s' of '%s' is not int64 (tokens, input_pos come first)",
+               g.in_names[i], a->model);
+      continue;
+    }
+    int dt = from_onnx(et);
+    size_t es = pf_dtype_size(dt);
+    int ok = nd == 4 && es > 0;
+    for (size_t d = 0; ok && d < nd; d++) ok = dims[d] > 0;
+    if (!ok) pf_die(PF_EXIT_BAD_INPUT, "--generate: cache input '%s' needs a static 4-d shape "
+                    "[1, kv_heads, max_len, head_dim]", g.in_names[i]);
+    if (max_len < 0 || dims[2] < max_len) max_len = (long)dims[2];
+    size_t c = i - 2;
+    g.cache_bytes[c] = pf_numel(dims, (int)nd) * es;
+    g.past_data[c] = calloc(1, g.cache_bytes[c]);
+    g.present_data[c] = calloc(1, g.cache_bytes[c]);
+    if (!g.past_data[c] || !g.present_data[c]) pf_die(PF_EXIT_RUNTIME, "out of memory for the KV cache");
+    ort_check(g_ort->CreateTensorWithDataAsOrtValue(mem, g.past_data[c], g.cache_bytes[c], dims, nd, et, &g.past[c]),
+              "CreateTensorWithDataAsOrtValue");
+    ort_check(g_ort->CreateTensorWithDataAsOrtValue(mem, g.present_data[c], g.cache_bytes[c], dims, nd, et,
+                                                    &g.present[c]),
+              "CreateTensorWithDataAsOrtValue");
+  }
+  pg->max_len = max_len;
+  pf_check_fits(pg, max_len, "the cache inputs' sequence dimension");
+
+  g.prompt = pg->prompt;
+  g.prompt_tokens = pg->prompt_tokens;
+  int64_t shp[2] = {1, pg->prompt_tokens};
+  ort_check(g_ort->CreateTensorWithDataAsOrtValue(mem, pg->prompt, (size_t)pg->prompt_tokens * sizeof(int64_t),
+                                                  shp, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &g.v_prompt),
+            "CreateTensorWithDataAsOrtValue");
+  shp[1] = 1;
+  ort_check(g_ort->CreateTensorWithDataAsOrtValue(mem, &g.tok, sizeof(int64_t), shp, 2,
+                                                  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &g.v_tok),
+            "CreateTensorWithDataAsOrtValue");
+  ort_check(g_ort->CreateTensorWithDataAsOrtValue(mem, &g.pos, sizeof(int64_t), shp + 1, 1,
+                                                  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &g.v_pos),
+            "CreateTensorWithDataAsOrtValue");
+  ort_check(g_ort->CreateRunOptions(&g.ro), "CreateRunOptions");
+
+  pf_generate(a, pg, &g, ort_gen_reset, ort_gen_step);
+  res->first_inference_ms = pg->probe_ms;
+  res->latencies_ms = pg->decode_ms;    // as the Python worker: one entry per decode step
+  res->n_latencies = pg->n_decode;
+  res->gen = pg;
+}
+
 int main(int argc, char** argv) {
   pf_prog = "pf-ort-bench";
   static PfArgs a;
   pf_parse_args(argc, argv, &a);
   pf_check_model_file(a.model);
   pf_load_input_files(&a);
+  static PfGen gen;
+  if (a.generate) pf_load_prompt(&a, &gen);
 
   double rss_before = pf_status_mb("VmRSS");
   const OrtApiBase* base = OrtGetApiBase();
@@ -80,6 +274,26 @@ int main(int argc, char** argv) {
 
   OrtAllocator* alloc = NULL;
   ort_check(g_ort->GetAllocatorWithDefaultOptions(&alloc), "GetAllocatorWithDefaultOptions");
+
+  if (a.generate) {
+    OrtMemoryInfo* gmem = NULL;
+    ort_check(g_ort->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &gmem), "CreateCpuMemoryInfo");
+    PfResult res;
+    memset(&res, 0, sizeof res);
+    res.runner = "onnxruntime-native";
+    res.runtime_version = version;
+    res.threads_applied = 1;
+    res.threads_effective = a.threads;
+    res.rss_before_load_mb = rss_before;
+    res.load_ms = load_ms;
+    ort_generate(&a, &gen, sess, gmem, alloc, &res);
+    PfOutput logits;
+    pf_gen_output(&gen, &logits);
+    res.outputs = &logits;
+    res.n_outputs = 1;
+    pf_write_json(&a, &res);
+    return 0;   // the process exits: the OS reclaims the session and buffers
+  }
 
   size_t n_in = 0, n_out = 0;
   ort_check(g_ort->SessionGetInputCount(sess, &n_in), "SessionGetInputCount");

@@ -1,0 +1,198 @@
+"""`pocketformer bench`: every artifact on every target with every runner, one result shape.
+
+Targets: `host` (native runners, and the Python runtimes with runners=["python"]),
+`qemu:<cpu>` (the linux-aarch64 native runners under QEMU user mode: instructions per
+inference from the TCG plugin, emulated wall time labelled as such), `adb:<serial>[,...]`
+(the native runners pushed to each device). See docs/runtime_bench.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+from pocketformer.errors import BadInputError, RuntimeFailure
+from pocketformer.export import load_sidecar
+from pocketformer.progress import say
+from pocketformer.runtime_bench.config import BenchConfig, BenchResult, parse_target
+from pocketformer.runtime_bench.host import _inputs_file, bench_host, host_device
+from pocketformer.runtime_bench.stats import summarize
+
+RUNTIME_OF = {".pte": "executorch", ".onnx": "onnxruntime"}
+QEMU_THREADS = 1   # exact instruction counts: idle pool threads spin for timing-dependent counts
+
+
+def _check_artifact(artifact: Path) -> None:
+    if not artifact.is_file():
+        raise BadInputError("artifact not found", file=str(artifact))
+    if artifact.suffix not in RUNTIME_OF:
+        raise BadInputError(f"unknown artifact type {artifact.suffix!r}; expected .onnx or .pte",
+                            file=str(artifact))
+
+
+def _is_generation(artifact: Path) -> bool:
+    return (load_sidecar(artifact) or {}).get("kind") == "generation"
+
+
+def runner_command(binary: str, model: str, raw_inputs, *, warmup: int, runs: int, threads: int,
+                   json_out: str, values: int = 8, seed: int = 0) -> list[str]:
+    """The native runners' command line (runtime_bench/native/bench_common.h)."""
+    cmd = [str(binary), "--model", str(model)]
+    for path, dtype, shape in raw_inputs or []:
+        dims = "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
+        cmd += ["--input", f"{path}:{dtype}:{dims}"]
+    return cmd + ["--seed", str(seed), "--warmup", str(warmup), "--runs", str(runs),
+                  "--threads", str(threads), "--values", str(values), "--json", str(json_out)]
+
+
+def _result(raw: dict, artifact: Path, *, runner: str, target: str, threads: int, warmup: int,
+            runs: int, device: dict, shapes: dict) -> BenchResult:
+    lat = raw["latencies_ms"]
+    stats = summarize(lat)
+    device = {**device, "runtime_version": raw.get("runtime_version"), "runner_arch": raw.get("arch")}
+    return BenchResult(
+        artifact=str(artifact), format=artifact.suffix.lstrip("."), runtime=RUNTIME_OF[artifact.suffix],
+        runner=runner, target=target, threads=threads, warmup=warmup, runs=runs,
+        load_ms=raw["load_ms"], first_inference_ms=raw["first_inference_ms"], latency_ms=stats,
+        inferences_per_s=1e3 / stats["mean"] if stats["mean"] > 0 else float("inf"),
+        peak_rss_mb=raw["peak_rss_mb"],
+        runtime_overhead_rss_mb=raw["peak_rss_mb"] - raw.get("rss_before_load_mb", 0.0),
+        input_shapes=shapes, device=device, latencies_ms=lat, outputs=raw.get("outputs"))
+
+
+def _raw_inputs(artifact: Path, inputs: str | None, tmp: Path):
+    from pocketformer.runtime_bench.native import npz_to_raw
+
+    raw = npz_to_raw(_inputs_file(artifact, inputs), tmp)
+    return raw, {p.stem: list(shape) for p, _, shape in raw}
+
+
+def _native_failure(e: RuntimeFailure, artifact: Path, device: str) -> Exception:
+    """The runner's exit 2 means the artifact or inputs are bad; anything else is a device or
+    runtime failure (exit 4). Both name the file and the target."""
+    kind = BadInputError if getattr(e, "returncode", None) == 2 else RuntimeFailure
+    return kind(e.message, file=str(artifact), device=device)
+
+
+def bench_native_host(artifact: Path, cfg: BenchConfig, *, inputs: str | None = None) -> BenchResult:
+    from pocketformer.runtime_bench import native
+
+    bundle = native.build_runner(RUNTIME_OF[artifact.suffix], "x86_64", install_missing=True)
+    say(f"bench: {artifact.name} on host, native {bundle.binary.name} ({cfg.warmup} warm-up, "
+        f"{cfg.runs} runs, {cfg.threads} threads)")
+    with tempfile.TemporaryDirectory(prefix="pf-bench-") as td:
+        raw_inputs, shapes = _raw_inputs(artifact, inputs, Path(td))
+        try:
+            raw = native.run_native(bundle, artifact, inputs=raw_inputs, warmup=cfg.warmup,
+                                    runs=cfg.runs, threads=cfg.threads)
+        except RuntimeFailure as e:
+            raise _native_failure(e, artifact, "host") from e
+    return _result(raw, artifact, runner="native", target="host", threads=cfg.threads,
+                   warmup=cfg.warmup, runs=cfg.runs, device=host_device(), shapes=shapes)
+
+
+def bench_qemu(artifact: Path, cpu: str, cfg: BenchConfig, *, inputs: str | None = None) -> BenchResult:
+    """Two runs of the aarch64 runner that differ only in the number of timed inferences
+    (1 and 1 + qemu_runs): their instruction difference is per-inference work, with loading,
+    start-up and teardown cancelled (docs/qemu_target.md)."""
+    from pocketformer.runtime_bench import native, qemu
+
+    device = f"qemu:{cpu}"
+    ctx = qemu.qemu_device(cpu)     # validates the CPU model (typed error for unknown / max)
+    bundle = native.build_runner(RUNTIME_OF[artifact.suffix], "aarch64", install_missing=True)
+    n = cfg.qemu_runs
+    say(f"bench: {artifact.name} on {device} (emulated; counting instructions over {n} inferences)")
+    with tempfile.TemporaryDirectory(prefix="pf-bench-") as td:
+        tmp = Path(td)
+        raw_inputs, shapes = _raw_inputs(artifact, inputs, tmp)
+        runs = {}
+        for label, timed in (("a", 1), ("b", 1 + n)):
+            out = tmp / f"{label}.json"
+            cmd = runner_command(bundle.binary, artifact.resolve(), raw_inputs, warmup=0, runs=timed,
+                                 threads=QEMU_THREADS, json_out=out)
+            run = qemu.run_qemu(cmd, cpu, count_instructions=True)
+            if run.returncode != 0 or not out.is_file():
+                kind = BadInputError if run.returncode == 2 else RuntimeFailure
+                raise kind(f"{bundle.binary.name} exited {run.returncode} under QEMU: "
+                           f"{run.stderr.strip()[-800:]}", file=str(artifact), device=device)
+            runs[label] = (run, json.loads(out.read_text()))
+        (run_a, _), (run_b, raw) = runs["a"], runs["b"]
+        per_inf = qemu.per_inference(run_a, run_b, 1, 1 + n, main_thread=True)
+        base = qemu.baseline(cpu)
+    result = _result(raw, artifact, runner="native", target=device, threads=QEMU_THREADS, warmup=0,
+                     runs=1 + n, device={**ctx, "wall_time": "emulated (QEMU TCG), not device latency"},
+                     shapes=shapes)
+    result.emulated = True
+    result.instructions_per_inference = per_inf
+    result.peak_rss_mb = qemu.rss_over_baseline_mb(run_b, base)
+    result.runtime_overhead_rss_mb = result.peak_rss_mb
+    result.device.update({"qemu_rss_baseline_mb": base.peak_rss_mb,
+                          "instructions_counted": {"runs": [1, 1 + n],
+                                                   "main_thread": [run_a.main_thread_instructions,
+                                                                   run_b.main_thread_instructions]}})
+    return result
+
+
+def adb_command() -> list[str]:
+    """The adb client: $POCKETFORMER_ADB (e.g. an nsenter prefix for the test peer) or `adb`."""
+    from pocketformer.runtime_bench.adb import default_adb
+
+    return shlex.split(os.environ.get("POCKETFORMER_ADB", "")) or default_adb()
+
+
+def bench_adb(artifact: Path, serials: str, cfg: BenchConfig, *,
+              inputs: str | None = None) -> list[BenchResult]:
+    from pocketformer.runtime_bench import adb
+
+    serial_list = adb.parse_target(f"adb:{serials}")
+    say(f"bench: {artifact.name} on {', '.join(serial_list)} over adb")
+    with tempfile.TemporaryDirectory(prefix="pf-bench-") as td:
+        raw_inputs, shapes = _raw_inputs(artifact, inputs, Path(td))
+        args = ["--warmup", str(cfg.warmup), "--runs", str(cfg.runs), "--threads", str(cfg.threads)]
+        for path, dtype, shape in raw_inputs:
+            dims = "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
+            args += ["--input", f"{Path(path).name}:{dtype}:{dims}"]
+        found = adb.bench_devices(serial_list, RUNTIME_OF[artifact.suffix], artifact, args,
+                                  adb=adb_command(), inputs=[Path(p) for p, _, _ in raw_inputs])
+    results = []
+    for res in found:
+        device = {"target": res["target"], **{k: res["device"].get(k) for k in
+                                               ("abi", "model", "soc", "android", "kernel")
+                                               if k in res["device"]},
+                  "pinning": res["pinning"], "throttle_check": res["throttle_check"],
+                  "context_before": res["context_before"], "context_after": res["context_after"],
+                  "capped_at_start": res["capped_at_start"]}
+        r = _result(res["runner"], artifact, runner="native", target=res["target"],
+                    threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, device=device, shapes=shapes)
+        r.throttled = res["throttled"]
+        results.append(r)
+    return results
+
+
+def bench(artifacts, cfg: BenchConfig, *, inputs: str | None = None) -> list[BenchResult]:
+    cfg.validate()
+    artifacts = [Path(a) for a in artifacts]
+    for a in artifacts:
+        _check_artifact(a)
+    results: list[BenchResult] = []
+    for target in cfg.targets:
+        kind, arg = parse_target(target)
+        for runner in cfg.runners:
+            for artifact in artifacts:
+                gen = _is_generation(artifact)
+                if runner == "python" or (gen and kind == "host"):
+                    # decoders' generation programs are timed by the Python loop until the
+                    # native runners' generation mode lands (issue 9)
+                    results.append(bench_host(artifact, cfg, inputs=inputs))
+                elif gen:
+                    raise BadInputError("generation programs (-gen) are benchmarked on the host "
+                                        "only for now", file=str(artifact), field="targets")
+                elif kind == "host":
+                    results.append(bench_native_host(artifact, cfg, inputs=inputs))
+                elif kind == "qemu":
+                    results.append(bench_qemu(artifact, arg, cfg, inputs=inputs))
+                else:
+                    results.extend(bench_adb(artifact, arg, cfg, inputs=inputs))
+    return results
