@@ -307,7 +307,7 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
-SETUP_PARTS = ("runners", "qemu", "adbd")
+SETUP_PARTS = ("runners", "qemu", "adbd", "android")
 
 
 def cmd_setup(args) -> int:
@@ -338,9 +338,19 @@ def cmd_setup(args) -> int:
             from pocketformer.runtime_bench.adbd_peer import setup_peer
 
             print(f"adbd test peer: {setup_peer()}")
+        elif part == "android":
+            from pocketformer.android import ensure_android_tools
+
+            print(f"android tools: {ensure_android_tools()}")
     if failed:
         raise RuntimeFailure(f"setup failed for {', '.join(failed)}")
     return EXIT_OK
+
+
+def cmd_android_demo(args) -> int:
+    from pocketformer.android import main_android_demo
+
+    return main_android_demo(args.build_out, args.out)
 
 
 def cmd_models(args) -> int:
@@ -433,6 +443,11 @@ def make_parser():
 
     sub.add_parser("models", help="list built-in models, families and compression methods")
 
+    ad = sub.add_parser("android-demo", help="a signed arm64-v8a APK of android_demo/ around the "
+                        "ONNX artifact of a `pocketformer build` output (no Gradle needed)")
+    ad.add_argument("build_out", help="the OUT directory of `pocketformer build`")
+    ad.add_argument("--out", required=True, help="the .apk to write")
+
     st = sub.add_parser("setup", help="fetch and build what benchmarking needs: native runners "
                         "(host, linux-aarch64, android-arm64), the QEMU plugin, the adbd test peer")
     st.add_argument("parts", nargs="*", choices=[*SETUP_PARTS, "all"],
@@ -448,7 +463,8 @@ def main(argv=None) -> int:
         if args.command == "compress":
             return cmd_compress(args, owners)
         handler = {"build": cmd_build, "export": cmd_export, "bench": cmd_bench, "eval": cmd_eval,
-                   "report": cmd_report, "models": cmd_models, "setup": cmd_setup}[args.command]
+                   "report": cmd_report, "models": cmd_models, "setup": cmd_setup,
+                   "android-demo": cmd_android_demo}[args.command]
         return handler(args)
     except PocketformerError as e:
         print(f"pocketformer: error: {e.describe()}", file=sys.stderr)
