@@ -83,12 +83,13 @@ def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama, tmp_pat
     (q4,) = export_model(loaded, tmp_path / "q4", ExportConfig(quantize="8da4w", formats=["pte"],
                                                                generation=False, etrecord=False, **FAST))
     plan = q4.details["quantization"]
-    assert plan["group_size"] == 64 and plan["embeddings"].startswith("int8")
+    assert plan["group_size"] == 32 and plan["embeddings"].startswith("int8")
     assert plan["lm_head"].startswith("untied") and q4.parity["passed"]
 
 
 def test_group_size_choice_and_skip_gate(tiny_llama, tmp_path, capsys):
-    assert choose_group_size([576, 1536]) == 192 and choose_group_size([576, 1536, 1408]) == 64
+    assert choose_group_size([576, 1536]) == 32 and choose_group_size([576, 1536, 1400]) == 16
+    assert choose_group_size([48, 96]) == 16 and choose_group_size([576, 1536, 1408]) == 32
     loaded = load_model(tiny_llama)
     module = loaded.adapter.export_module(loaded)
     _, plan = quantize_for_executorch(module, "8da4w", group_size=48)   # 64 % 48 != 0
