@@ -12,8 +12,9 @@ Fields (schema_version 1):
   bench[{artifact, format, runtime, runner, target, threads, warmup, runs, load_ms,
          first_inference_ms, latency_ms{min,p50,p90,p99,mean,std,max,trimmed_mean},
          inferences_per_s, peak_rss_mb, runtime_overhead_rss_mb, input_shapes, device,
-         latencies_ms, generation{prompt_tokens, new_tokens, ttft_ms{...}, prefill_tokens_per_s,
-         decode_tokens_per_s} (decoder -gen artifacts only)}]
+         latencies_ms, emulated, instructions_per_inference (qemu), outputs (native runners),
+         throttled (adb), generation{prompt_tokens, new_tokens, ttft_ms{...},
+         prefill_tokens_per_s, decode_tokens_per_s} (decoder -gen artifacts only)}]
   budgets[{name, target, limit, value, passed, detail}], passed, timings_s{stage: seconds}
 """
 from __future__ import annotations
