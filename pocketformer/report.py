@@ -215,11 +215,14 @@ def render_markdown(r: Report) -> str:
         rows = []
         for b in r.bench:
             lat = b["latency_ms"]
-            rows.append([Path(b["artifact"]).name, b["runtime"], b["runner"], b["target"], b["threads"],
+            rows.append([Path(b["artifact"]).name, b["runtime"], b["runner"],
+                         b["target"] + (" (emulated)" if b.get("emulated") else ""), b["threads"],
                          b["load_ms"], b["first_inference_ms"], lat["min"], lat["p50"], lat["p90"],
-                         lat["p99"], lat["mean"], lat["std"], b["peak_rss_mb"]])
+                         lat["p99"], lat["mean"], lat["std"], b["peak_rss_mb"],
+                         b.get("instructions_per_inference")])
         out += [_table(["artifact", "runtime", "runner", "target", "threads", "load ms", "first ms",
-                        "min", "p50", "p90", "p99", "mean", "std", "peak RSS MB"], rows)]
+                        "min", "p50", "p90", "p99", "mean", "std", "peak RSS MB",
+                        "instructions/inference"], rows)]
         gens = [b for b in r.bench if b.get("generation")]
         if gens:
             out += ["", "Decoders (-gen artifacts; the latency columns above are per decode step):", ""]
