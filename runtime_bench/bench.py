@@ -171,6 +171,48 @@ def bench_adb(artifact: Path, serials: str, cfg: BenchConfig, *,
     return results
 
 
+def _generation_window(artifact: Path, cfg: BenchConfig) -> tuple[int, int]:
+    max_len = (load_sidecar(artifact) or {}).get("max_len") or cfg.prompt_tokens + cfg.new_tokens
+    prompt = min(cfg.prompt_tokens, max_len - cfg.new_tokens)
+    if prompt < 1:
+        raise BadInputError(f"new_tokens {cfg.new_tokens} leave no room for a prompt in the exported "
+                            f"cache of {max_len} positions", file=str(artifact), field="new_tokens")
+    return prompt, cfg.new_tokens
+
+
+def _generation_result(raw: dict, artifact: Path, cfg: BenchConfig, *, target: str, threads: int,
+                       warmup: int, runs: int, device: dict) -> BenchResult:
+    g = raw["generation"]
+    lat = g["decode_ms"]
+    raw = {**raw, "latencies_ms": lat}
+    r = _result(raw, artifact, runner="native", target=target, threads=threads, warmup=warmup,
+                runs=runs, device=device, shapes={"prompt": [1, g["prompt_tokens"]]})
+    r.outputs = None
+    r.generation = {"prompt_tokens": g["prompt_tokens"], "new_tokens": g["new_tokens"],
+                    "ttft_ms": summarize(g["ttft_ms"]),
+                    "prefill_tokens_per_s": g["prefill_tokens_per_s"],
+                    "decode_tokens_per_s": g["decode_tokens_per_s"], "tokens": g.get("tokens")}
+    return r
+
+
+def bench_native_generation_host(artifact: Path, cfg: BenchConfig) -> BenchResult:
+    """Prefill + greedy decode inside the native runner (`--generate`): the figure measures the
+    runtime with its KV cache, not a Python loop."""
+    from pocketformer.runtime_bench import native
+
+    prompt, new = _generation_window(artifact, cfg)
+    bundle = native.build_runner(RUNTIME_OF[artifact.suffix], "x86_64", install_missing=True)
+    say(f"bench: {artifact.name} on host, native {bundle.binary.name} --generate {prompt},{new} "
+        f"({cfg.warmup} warm-up, {cfg.runs} runs, {cfg.threads} threads)")
+    try:
+        raw = native.run_native_generate(bundle, artifact, prompt_tokens=prompt, new_tokens=new,
+                                         warmup=cfg.warmup, runs=cfg.runs, threads=cfg.threads)
+    except RuntimeFailure as e:
+        raise _native_failure(e, artifact, "host") from e
+    return _generation_result(raw, artifact, cfg, target="host", threads=cfg.threads,
+                              warmup=cfg.warmup, runs=cfg.runs, device=host_device())
+
+
 def bench(artifacts, cfg: BenchConfig, *, inputs: str | None = None) -> list[BenchResult]:
     cfg.validate()
     artifacts = [Path(a) for a in artifacts]
@@ -182,13 +224,14 @@ def bench(artifacts, cfg: BenchConfig, *, inputs: str | None = None) -> list[Ben
         for runner in cfg.runners:
             for artifact in artifacts:
                 gen = _is_generation(artifact)
-                if runner == "python" or (gen and kind == "host"):
-                    # decoders' generation programs are timed by the Python loop until the
-                    # native runners' generation mode lands (issue 9)
+                if runner == "python":
                     results.append(bench_host(artifact, cfg, inputs=inputs))
+                elif gen and kind == "host":
+                    results.append(bench_native_generation_host(artifact, cfg))
                 elif gen:
-                    raise BadInputError("generation programs (-gen) are benchmarked on the host "
-                                        "only for now", file=str(artifact), field="targets")
+                    raise BadInputError(f"generation programs (-gen) are benchmarked on the host "
+                                        f"(and by `bench --llm` under qemu); not on {target}",
+                                        file=str(artifact), field="targets")
                 elif kind == "host":
                     results.append(bench_native_host(artifact, cfg, inputs=inputs))
                 elif kind == "qemu":

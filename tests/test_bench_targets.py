@@ -64,7 +64,10 @@ def test_qemu_instruction_counts_repeat_and_match_host_outputs(arts, tmp_path):
         assert a["emulated"] and a["target"] == "qemu:cortex-a76"
         assert "asimddp" in a["device"]["features"]
         ia, ib = a["instructions_per_inference"], b["instructions_per_inference"]
-        assert ia > 1e5 and abs(ia - ib) / ia < 1e-3, (a["artifact"], ia, ib)
+        # ExecuTorch repeats to ~1e-6; ONNX Runtime's main thread varies by ~1e4 instructions per
+        # call, which is 0.1-1% of this tiny model (MiniLM: 5e-7, docs/runtime_bench.md)
+        tol = 1e-3 if a["format"] == "pte" else 1e-2
+        assert ia > 1e5 and abs(ia - ib) / ia < tol, (a["artifact"], ia, ib)
         vals = np.array(a["outputs"][0]["values"])
         assert np.abs(vals - expected[:vals.size]).max() < 1e-4
 
@@ -99,3 +102,10 @@ def test_bad_targets_and_artifacts_exit_2(arts, tmp_path, capsys):
     assert main(["bench", str(arts / "model.onnx"), "--target", "qemu:max"]) == 2
     assert main(["bench", str(arts / "model.onnx"), "--target", "qemu:cortex-a76",
                  "--runner", "python"]) == 2
+    # a file that is no model: the runner says so, bad input (exit 2), naming the file
+    for suffix in ("onnx", "pte"):
+        junk = tmp_path / f"junk.{suffix}"
+        junk.write_bytes(b"\0" * 64)
+        (tmp_path / f"junk.{suffix}.inputs.npz").write_bytes((arts / "model.onnx.inputs.npz").read_bytes())
+        assert main(["bench", str(junk)]) == 2
+        assert f"junk.{suffix}" in capsys.readouterr().err

@@ -180,7 +180,9 @@ int main(int argc, char** argv) {
 
   double t0 = pf_now_ms();
   Module module(a.model, Module::LoadMode::Mmap);
-  et_check(module.load(), "loading the program");
+  // a file that is not a loadable program is bad input (exit 2), like the ORT runner's
+  if (module.load() != Error::Ok)
+    pf_die(PF_EXIT_BAD_INPUT, "'%s' is not a loadable ExecuTorch program", a.model);
   et_check(module.load_method("forward"), "loading method 'forward'");
   double load_ms = pf_now_ms() - t0;
 

@@ -6,13 +6,25 @@
 
 static const OrtApi* g_ort = NULL;
 
-static void ort_check(OrtStatus* st, const char* what) {
+static void ort_fail(OrtStatus* st, const char* what, int exit_code) {
   if (!st) return;
   const char* msg = g_ort->GetErrorMessage(st);
   OrtErrorCode code = g_ort->GetErrorCode(st);
   fprintf(stderr, "%s: error: %s failed (ORT code %d): %s\n", pf_prog, what, (int)code, msg);
   fflush(stderr);
-  exit(PF_EXIT_RUNTIME);
+  exit(exit_code);
+}
+
+static void ort_check(OrtStatus* st, const char* what) { ort_fail(st, what, PF_EXIT_RUNTIME); }
+
+// Creating the session: a file that is not a loadable model (bad protobuf, invalid graph, an op
+// this runtime lacks) is bad input (exit 2); anything else stays a runtime failure (exit 4).
+static void ort_check_load(OrtStatus* st) {
+  if (!st) return;
+  OrtErrorCode code = g_ort->GetErrorCode(st);
+  int bad = code == ORT_INVALID_ARGUMENT || code == ORT_NO_SUCHFILE || code == ORT_NO_MODEL ||
+            code == ORT_INVALID_PROTOBUF || code == ORT_INVALID_GRAPH || code == ORT_NOT_IMPLEMENTED;
+  ort_fail(st, "CreateSession (loading the model)", bad ? PF_EXIT_BAD_INPUT : PF_EXIT_RUNTIME);
 }
 
 static int from_onnx(ONNXTensorElementDataType t) {
@@ -269,7 +281,7 @@ int main(int argc, char** argv) {
   ort_check(g_ort->SetInterOpNumThreads(so, 1), "SetInterOpNumThreads");
   ort_check(g_ort->SetSessionGraphOptimizationLevel(so, ORT_ENABLE_ALL), "SetSessionGraphOptimizationLevel");
   OrtSession* sess = NULL;
-  ort_check(g_ort->CreateSession(env, a.model, so, &sess), "CreateSession");
+  ort_check_load(g_ort->CreateSession(env, a.model, so, &sess));
   double load_ms = pf_now_ms() - t0;
 
   OrtAllocator* alloc = NULL;
