@@ -214,7 +214,28 @@ def _split_targets(text: str) -> list[str]:
     return targets
 
 
+def cmd_bench_llm(args) -> int:
+    from pocketformer.runtime_bench.llm_race import RaceConfig, race, render, write_json
+    from pocketformer.schema import from_dict
+
+    cfg = from_dict(RaceConfig, {"target": args.target, "threads": args.threads,
+                                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                                 "runs": args.runs, "warmup": args.warmup, "data": args.data,
+                                 "ctx": args.ctx, "chunks": args.chunks}, prefix="bench")
+    result = race(args.artifacts, cfg, against=None if args.against == "none" else args.against)
+    print(render(result))
+    if args.json:
+        write_json(args.json, result)
+    if result["llamacpp_error"]:
+        print(f"pocketformer: llama.cpp could not be measured: {result['llamacpp_error']} "
+              "(our figures above are complete)", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
 def cmd_bench(args) -> int:
+    if args.llm:
+        return cmd_bench_llm(args)
     from pocketformer import fsutil
     from pocketformer.runtime_bench import BenchConfig, bench
     from pocketformer.schema import from_dict
@@ -418,6 +439,14 @@ def make_parser():
                    help="native (C++ runners, every target) and/or python (host only), comma-separated")
     n.add_argument("--qemu-runs", type=int, default=3,
                    help="inferences in the instruction-counted run under qemu")
+    n.add_argument("--llm", action="store_true",
+                   help="decoders: race the -gen programs (native runners) against --against, one "
+                        "table of prefill/decode tok/s, TTFT, RSS, size, perplexity (docs/llm_race.md)")
+    n.add_argument("--against", default="llama.cpp", metavar="llama.cpp[:GGUF]",
+                   help="with --llm: the peer (default GGUF: the built-in SmolLM2's); 'none' to skip")
+    n.add_argument("--data", help="with --llm: text for perplexity, PATH[@START:END] (held out)")
+    n.add_argument("--ctx", type=int, default=128, help="with --llm: perplexity chunk length")
+    n.add_argument("--chunks", type=int, default=16, help="with --llm: perplexity chunks")
     n.add_argument("--runs", type=int, default=30)
     n.add_argument("--warmup", type=int, default=5)
     n.add_argument("--threads", type=int, default=2)
