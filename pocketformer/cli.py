@@ -328,7 +328,7 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
-SETUP_PARTS = ("runners", "qemu", "adbd", "android")
+SETUP_PARTS = ("runners", "qemu", "adbd", "android", "llamacpp")
 
 
 def cmd_setup(args) -> int:
@@ -359,6 +359,12 @@ def cmd_setup(args) -> int:
             from pocketformer.runtime_bench.adbd_peer import setup_peer
 
             print(f"adbd test peer: {setup_peer()}")
+        elif part == "llamacpp":
+            # the measured peer of `bench --llm`: built from the pinned llama-cpp-python sdist
+            from pocketformer.runtime_bench.llamacpp import build_llamacpp
+
+            b = build_llamacpp("x86_64")
+            print(f"llama.cpp {b.version} ({b.commit}): {b.llama_bench}")
         elif part == "android":
             from pocketformer.android import ensure_android_tools
 
@@ -478,7 +484,8 @@ def make_parser():
     ad.add_argument("--out", required=True, help="the .apk to write")
 
     st = sub.add_parser("setup", help="fetch and build what benchmarking needs: native runners "
-                        "(host, linux-aarch64, android-arm64), the QEMU plugin, the adbd test peer")
+                        "(host, linux-aarch64, android-arm64), the QEMU plugin, the adbd test peer, "
+                        "the Android demo's tools, llama.cpp (the peer of bench --llm)")
     st.add_argument("parts", nargs="*", choices=[*SETUP_PARTS, "all"],
                     help="default: runners qemu")
     return p, owners

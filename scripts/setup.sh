@@ -31,5 +31,5 @@ fi
 # packages, QEMU user mode with our instruction-count plugin, and (tests) the real adbd peer.
 # apt packages they need are installed here when running as root; all of it is cached.
 parts="runners qemu"
-[ "${1:-}" = "dev" ] && parts="$parts adbd android"
+[ "${1:-}" = "dev" ] && parts="$parts adbd android llamacpp"
 .venv/bin/pocketformer setup $parts

@@ -1,0 +1,76 @@
+"""`pocketformer bench --llm --against llama.cpp:GGUF` end to end on a tiny decoder: our generation
+program and llama.cpp on a GGUF written from the same weights, in one run and one table; the same
+perplexity protocol on both sides gives the same number; a llama.cpp that cannot be built is
+exit 4 with our figures still printed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pocketformer.cli import main
+from pocketformer.runtime_bench import llamacpp
+
+from conftest import WIKITEXT
+
+
+@pytest.fixture(scope="module")
+def tiny_race(tiny_llama, tmp_path_factory):
+    from pocketformer.export import ExportConfig
+    from pocketformer.export.exporters import export_generation
+    from pocketformer.models import load_model
+
+    out = tmp_path_factory.mktemp("race")
+    gguf = llamacpp.write_gguf(tiny_llama, out / "tiny-f32.gguf", outtype="f32")
+    cfg = ExportConfig(formats=["pte"], seq_len=16, max_len=80, greedy_tokens=8, etrecord=False)
+    export_generation(load_model(tiny_llama), out, "pte", cfg, stem="model", extra={})
+    llamacpp.build_llamacpp("x86_64")     # cached by `pocketformer setup llamacpp`
+    return out, gguf
+
+
+ARGS = ["--prompt-tokens", "24", "--new-tokens", "8", "--runs", "2", "--warmup", "1",
+        "--data", f"{WIKITEXT}@0.6:0.65", "--ctx", "64", "--chunks", "6"]
+
+
+def test_race_one_table_same_weights_same_perplexity(tiny_race, tmp_path, capsys):
+    out, gguf = tiny_race
+    js = tmp_path / "race.json"
+    rc = main(["bench", "--llm", str(out / "model-gen.pte"), "--against", f"llama.cpp:{gguf}",
+               *ARGS, "--json", str(js)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    res = json.loads(js.read_text())
+    ours, peer = res["rows"]
+    assert peer["engine"].startswith("llama.cpp") and res["llamacpp_error"] is None
+    for r in (ours, peer):
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["ttft_ms"] > 0 and r["peak_rss_mb"] > 0 and r["size_mb"] > 0
+    # the same f32 weights and the same protocol (second half of each 64-token chunk)
+    assert ours["perplexity"] == pytest.approx(peer["perplexity"], rel=0.01)
+    assert ours["detail"]["perplexity"]["scored_tokens"] == 6 * 31
+    ratio = res["ratios"]["model-gen.pte"]["decode_vs_llamacpp"]
+    assert ratio == pytest.approx(ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
+    assert "| model-gen.pte |" in printed and "| tiny-f32.gguf |" in printed
+
+
+def test_failed_llamacpp_build_is_exit_4_after_our_figures(tiny_race, tmp_path, monkeypatch, capsys):
+    out, gguf = tiny_race
+    import shutil
+
+    # an empty llama.cpp cache and a PATH without cmake: the peer cannot be built, while our
+    # (cached) runner still finds the compiler it fingerprints its build with
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("g++", "gcc", "readelf", "c++", "cc"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    monkeypatch.setenv("POCKETFORMER_LLAMACPP_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    js = tmp_path / "race.json"
+    rc = main(["bench", "--llm", str(out / "model-gen.pte"), "--against", f"llama.cpp:{gguf}",
+               "--prompt-tokens", "24", "--new-tokens", "8", "--runs", "1", "--json", str(js)])
+    captured = capsys.readouterr()
+    assert rc == 4 and "cannot build llama.cpp" in captured.err
+    res = json.loads(js.read_text())
+    assert len(res["rows"]) == 1 and res["rows"][0]["decode_tokens_per_s"] > 0
+    assert "| model-gen.pte |" in captured.out and "llama.cpp: FAILED" in captured.out
