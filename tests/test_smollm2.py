@@ -1,10 +1,8 @@
-"""The real SmolLM2-135M: drop layers, reload with plain transformers, ONNX parity on logits,
-perplexity on held-out WikiText (calibration on the first half, scoring on the second)."""
+"""The real SmolLM2-135M: drop layers, reload with plain transformers, ONNX parity on logits.
+(Perplexity of a 2-of-30 pruned SmolLM2 on held-out text: tests/test_layered_prune_real.py.)"""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from pocketformer.cli import main
 from conftest import WIKITEXT
 
 pytestmark = pytest.mark.slow
-CLI = str(Path(sys.executable).parent / "pocketformer")
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +45,3 @@ def test_onnx_logits_parity(pruned, tmp_path):
     assert side["parity"]["passed"] and side["parity"]["cosine"] >= 0.99999
     assert side["parity"]["max_abs_diff"] < 1e-3
     assert side["inputs"][0]["name"] == "input_ids" and side["outputs"] == ["logits"]
-
-
-def test_perplexity_on_held_out_text(pruned, tmp_path):
-    dense_json, pruned_json = tmp_path / "dense.json", tmp_path / "pruned.json"
-    for model, path in (("smollm2", dense_json), (str(pruned), pruned_json)):
-        proc = subprocess.run([CLI, "eval", model, "--task", "ppl", "--data", f"{WIKITEXT}@0.5:1",
-                               "--seq-len", "256", "--max-windows", "8", "--json", str(path)],
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    dense = json.loads(dense_json.read_text())["perplexity"]
-    pruned_ppl = json.loads(pruned_json.read_text())["perplexity"]
-    assert 10 < dense < 60, "SmolLM2-135M on detokenised WikiText-2 with 256-token windows"
-    # Two of thirty layers, chosen by Block Influence, with no recovery.
-    assert dense < pruned_ppl < 1.5 * dense

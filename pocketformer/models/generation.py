@@ -84,13 +84,18 @@ def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool):
         else:
             _write_index(kc, pos, k)
             _write_index(vc, pos, v)
-        groups = q.shape[1] // kc.shape[1]
-        keys = kc.repeat_interleave(groups, dim=1) if groups > 1 else kc
-        values = vc.repeat_interleave(groups, dim=1) if groups > 1 else vc
+        kv = kc.shape[1]
+        groups = q.shape[1] // kv
+        # GQA without copying the cache: the query heads that share a KV head (heads are ordered
+        # kv-major, as transformers' repeat_kv has them) are folded into the query-length axis,
+        # so each KV head is multiplied once instead of being expanded `groups` times over the
+        # whole cache every step (that expand was a third of a SmolLM2 decode step).
+        qg = q.contiguous().unflatten(1, (kv, groups)).flatten(2, 3)      # [1, kv, groups*T, hd]
+        mask_g = mask.repeat(1, 1, groups, 1) if groups > 1 else mask
         # written out rather than F.scaled_dot_product_attention, whose decomposition adds
         # boolean "fully masked row" guards that XNNPACK cannot take
-        scores = torch.matmul(q, keys.transpose(2, 3)) * (hd ** -0.5) + mask
-        a = torch.matmul(torch.softmax(scores, dim=-1), values)
+        scores = torch.matmul(qg, kc.transpose(2, 3)) * (hd ** -0.5) + mask_g
+        a = torch.matmul(torch.softmax(scores, dim=-1), vc).unflatten(2, (groups, t)).flatten(1, 2)
         h = h + sa.o_proj(a.transpose(1, 2).reshape(1, t, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(model.model.norm(h))
