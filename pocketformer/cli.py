@@ -442,7 +442,8 @@ def make_parser():
                    help="comma-separated: host, qemu:CPU (cortex-a55/a76, neoverse-n1, ...), "
                         "adb:SERIAL[,SERIAL...]")
     n.add_argument("--runner", default="native",
-                   help="native (C++ runners, every target) and/or python (host only), comma-separated")
+                   help="native (C++ runners, every target), python (host only), app (the "
+                        "android_demo app's benchmark mode, adb targets), comma-separated")
     n.add_argument("--qemu-runs", type=int, default=3,
                    help="inferences in the instruction-counted run under qemu")
     n.add_argument("--llm", action="store_true",

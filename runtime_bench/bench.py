@@ -213,6 +213,27 @@ def bench_native_generation_host(artifact: Path, cfg: BenchConfig) -> BenchResul
                               warmup=cfg.warmup, runs=cfg.runs, device=host_device())
 
 
+def bench_app(artifact: Path, serials: str, cfg: BenchConfig) -> list[BenchResult]:
+    """The installed android_demo app benchmarks the artifact (docs/android_demo.md): the same
+    JSON as the native runners, measured inside an app process (what users' apps see)."""
+    from pocketformer.android import run_app_bench
+    from pocketformer.runtime_bench import adb
+
+    if artifact.suffix != ".onnx":
+        raise BadInputError("the app runner runs ONNX models (ONNX Runtime's Android library)",
+                            file=str(artifact), field="runners")
+    results = []
+    for serial in adb.parse_target(f"adb:{serials}"):
+        dev = adb.Adb(serial, adb_command())
+        say(f"bench: {artifact.name} in the demo app on {serial}")
+        raw = run_app_bench(dev, artifact, warmup=cfg.warmup, runs=cfg.runs, threads=cfg.threads)
+        results.append(_result(raw, artifact, runner="app", target=f"adb:{serial}",
+                               threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs,
+                               device={"target": f"adb:{serial}", "runner": "android_demo app"},
+                               shapes={}))
+    return results
+
+
 def bench(artifacts, cfg: BenchConfig, *, inputs: str | None = None) -> list[BenchResult]:
     cfg.validate()
     artifacts = [Path(a) for a in artifacts]
@@ -226,6 +247,8 @@ def bench(artifacts, cfg: BenchConfig, *, inputs: str | None = None) -> list[Ben
                 gen = _is_generation(artifact)
                 if runner == "python":
                     results.append(bench_host(artifact, cfg, inputs=inputs))
+                elif runner == "app":
+                    results.extend(bench_app(artifact, arg, cfg))
                 elif gen and kind == "host":
                     results.append(bench_native_generation_host(artifact, cfg))
                 elif gen:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pocketformer.errors import BadInputError
 
 TARGET_KINDS = ("host", "qemu:<cpu>", "adb:<serial>[,<serial>...]")
-RUNNERS = ("native", "python")
+RUNNERS = ("native", "python", "app")
 
 
 def parse_target(target: str) -> tuple[str, str | None]:
@@ -28,7 +28,8 @@ class BenchConfig:
     runs: int = 30
     threads: int = 2
     # native: our C++ runners (ExecuTorch Module API / ONNX Runtime C API), on every target;
-    # python: the runtimes' Python bindings, host only, for comparison
+    # python: the runtimes' Python bindings, host only, for comparison;
+    # app: the android_demo app's benchmark mode (am start with extras), adb targets, ONNX only
     runners: list[str] = field(default_factory=lambda: ["native"])
     # decoders' -gen artifacts: prefill this many prompt tokens, then decode this many
     prompt_tokens: int = 128
@@ -48,6 +49,9 @@ class BenchConfig:
         if "python" in self.runners and any(k != "host" for k in kinds):
             raise BadInputError("the python runner measures the host only; use runners = "
                                 "[\"native\"] for qemu: and adb: targets", field="runners")
+        if "app" in self.runners and any(k != "adb" for k in kinds):
+            raise BadInputError("the app runner (android_demo's benchmark mode) runs on adb: "
+                                "targets only", field="runners")
         if self.runs < 1 or self.warmup < 0 or self.threads < 1 or self.qemu_runs < 1:
             raise BadInputError("runs >= 1, qemu_runs >= 1, warmup >= 0 and threads >= 1 are "
                                 "required", field="runs")

@@ -102,6 +102,8 @@ def test_bad_targets_and_artifacts_exit_2(arts, tmp_path, capsys):
     assert main(["bench", str(arts / "model.onnx"), "--target", "qemu:max"]) == 2
     assert main(["bench", str(arts / "model.onnx"), "--target", "qemu:cortex-a76",
                  "--runner", "python"]) == 2
+    assert main(["bench", str(arts / "model.onnx"), "--runner", "app"]) == 2   # adb targets only
+    assert "app runner" in capsys.readouterr().err
     # a file that is no model: the runner says so, bad input (exit 2), naming the file
     for suffix in ("onnx", "pte"):
         junk = tmp_path / f"junk.{suffix}"
