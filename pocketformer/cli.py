@@ -261,8 +261,17 @@ def cmd_bench(args) -> int:
             print(f"  decoder: prefill {g['prompt_tokens']} tokens {g['prefill_tokens_per_s']:.1f} tok/s "
                   f"(TTFT p50 {g['ttft_ms']['p50']:.1f} ms), decode {g['decode_tokens_per_s']:.1f} tok/s "
                   f"over {g['new_tokens']} tokens (latency figures above are per decode step)")
+    profiles = []
+    if args.profile:
+        from pocketformer.runtime_bench.profile import etdump_profile, render_profile
+
+        for a in args.artifacts:
+            if str(a).endswith(".pte"):
+                profiles.append(etdump_profile(a, threads=args.threads))
+                print(render_profile(profiles[-1]))
     if args.json:
-        fsutil.write_json(args.json, {"schema_version": 1, "results": [r.to_dict() for r in results]})
+        fsutil.write_json(args.json, {"schema_version": 1, "results": [r.to_dict() for r in results],
+                                      **({"profiles": profiles} if profiles else {})})
     return EXIT_OK
 
 
@@ -446,6 +455,9 @@ def make_parser():
                         "android_demo app's benchmark mode, adb targets), comma-separated")
     n.add_argument("--qemu-runs", type=int, default=3,
                    help="inferences in the instruction-counted run under qemu")
+    n.add_argument("--profile", action="store_true",
+                   help="also a per-operator profile of each .pte from ETDump + its ETRecord "
+                        "(per decode step for -gen programs)")
     n.add_argument("--llm", action="store_true",
                    help="decoders: race the -gen programs (native runners) against --against, one "
                         "table of prefill/decode tok/s, TTFT, RSS, size, perplexity (docs/llm_race.md)")

@@ -155,3 +155,14 @@ def test_bench_times_prefill_and_decode_of_generation_graphs(het_exports, tmp_pa
         assert g["ttft_ms"]["p50"] > 0
     # a prompt that does not fit the exported cache (48 positions) is a bad input
     assert main(["bench", str(art / "art" / "model-gen.pte"), "--new-tokens", "60", "--runs", "1"]) == 2
+
+
+def test_bench_profile_names_operators_per_decode_step(het_exports, tmp_path):
+    art, _, _ = het_exports
+    out = tmp_path / "p.json"
+    assert main(["bench", str(art / "art" / "model-gen.pte"), "--runs", "2", "--warmup", "0",
+                 "--prompt-tokens", "8", "--new-tokens", "4", "--profile", "--json", str(out)]) == 0
+    (prof,) = json.loads(out.read_text())["profiles"]
+    assert prof["kind"] == "decode step" and prof["step_ms"] > 0 and prof["etrecord"]
+    names = {e["event"] for e in prof["events"]}
+    assert "DELEGATE_CALL" in names and any("Fully Connected" in n for n in names)
