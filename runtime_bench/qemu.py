@@ -94,36 +94,9 @@ int main(void) {
 """
 # Host-side launcher: the peak RSS that wait4 reports for a direct child of Python includes the
 # forked Python image (Linux keeps the pre-exec high-water mark), so Python starts this small
-# program, which forks, execs the command and reports the command's own rusage via wait4.
-_SPAWN_C = r"""
-#include <errno.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/resource.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-    if (argc < 3) { fprintf(stderr, "usage: rusage_spawn REPORT CMD...\n"); return 126; }
-    pid_t pid = fork();
-    if (pid < 0) { perror("rusage_spawn: fork"); return 126; }
-    if (pid == 0) { execvp(argv[2], argv + 2); perror("rusage_spawn: exec"); _exit(127); }
-    signal(SIGINT, SIG_IGN);
-    int status; struct rusage ru;
-    while (wait4(pid, &status, 0, &ru) < 0) { if (errno != EINTR) { perror("wait4"); return 126; } }
-    FILE *f = fopen(argv[1], "w");
-    if (f) {
-        fprintf(f, "maxrss_kb %ld\nutime_s %.6f\nstime_s %.6f\nstatus %d\n", ru.ru_maxrss,
-                ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6,
-                ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6,
-                WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status));
-        fclose(f);
-    }
-    if (WIFSIGNALED(status)) { signal(WTERMSIG(status), SIG_DFL); raise(WTERMSIG(status)); }
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 126;
-}
-"""
+# program, which forks, execs the command and reports the command's own rusage via wait4
+# (one source with the llama.cpp peer's launcher).
+_SPAWN_C = (Path(__file__).resolve().parent / "native" / "pf_rusage.c").read_text()
 _MOUNT_FAIL = "pocketformer-qemu: cannot bind-mount the fake /proc/cpuinfo"
 _MOUNT_FAIL_RC = 125
 
