@@ -37,14 +37,12 @@ def _is_generation(artifact: Path) -> bool:
 
 
 def runner_command(binary: str, model: str, raw_inputs, *, warmup: int, runs: int, threads: int,
-                   json_out: str, values: int = 8, seed: int = 0) -> list[str]:
+                   json_out: str) -> list[str]:
     """The native runners' command line (runtime_bench/native/bench_common.h)."""
-    cmd = [str(binary), "--model", str(model)]
-    for path, dtype, shape in raw_inputs or []:
-        dims = "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
-        cmd += ["--input", f"{path}:{dtype}:{dims}"]
-    return cmd + ["--seed", str(seed), "--warmup", str(warmup), "--runs", str(runs),
-                  "--threads", str(threads), "--values", str(values), "--json", str(json_out)]
+    from pocketformer.runtime_bench.native import runner_args
+
+    return [str(binary), "--model", str(model),
+            *runner_args(raw_inputs, warmup=warmup, runs=runs, threads=threads), "--json", str(json_out)]
 
 
 def _result(raw: dict, artifact: Path, *, runner: str, target: str, threads: int, warmup: int,
@@ -145,15 +143,15 @@ def adb_command() -> list[str]:
 def bench_adb(artifact: Path, serials: str, cfg: BenchConfig, *,
               inputs: str | None = None) -> list[BenchResult]:
     from pocketformer.runtime_bench import adb
+    from pocketformer.runtime_bench.native import runner_args
 
     serial_list = adb.parse_target(f"adb:{serials}")
     say(f"bench: {artifact.name} on {', '.join(serial_list)} over adb")
     with tempfile.TemporaryDirectory(prefix="pf-bench-") as td:
         raw_inputs, shapes = _raw_inputs(artifact, inputs, Path(td))
-        args = ["--warmup", str(cfg.warmup), "--runs", str(cfg.runs), "--threads", str(cfg.threads)]
-        for path, dtype, shape in raw_inputs:
-            dims = "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
-            args += ["--input", f"{Path(path).name}:{dtype}:{dims}"]
+        # the runner runs in the pushed directory: inputs are named by their base names there
+        args = runner_args([(Path(p).name, d, shape) for p, d, shape in raw_inputs],
+                           warmup=cfg.warmup, runs=cfg.runs, threads=cfg.threads)
         found = adb.bench_devices(serial_list, RUNTIME_OF[artifact.suffix], artifact, args,
                                   adb=adb_command(), inputs=[Path(p) for p, _, _ in raw_inputs])
     results = []

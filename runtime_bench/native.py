@@ -528,13 +528,20 @@ def run_native(bundle: RunnerBundle, model: str | os.PathLike, *,
     fills the inputs from `seed` using the model's metadata. `prefix` wraps the command (QEMU).
     Raises RuntimeFailure (with the stderr tail and `.returncode`) when the runner fails.
     """
+    args = runner_args(inputs, seed=seed, warmup=warmup, runs=runs, threads=threads, values=values)
+    return _invoke(bundle, model, args, prefix=prefix, timeout=timeout, env=env)
+
+
+def runner_args(inputs, *, seed: int = 0, warmup: int, runs: int, threads: int,
+                values: int = 8) -> list[str]:
+    """The runners' flags except --model and --json (bench_common.h); each input is
+    `--input FILE:DTYPE:D1xD2...` (`scalar` for a 0-d one)."""
     args = []
     for path, dtype, shape in inputs or []:
         dims = "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
         args += ["--input", f"{path}:{dtype}:{dims}"]
-    args += ["--seed", str(seed), "--warmup", str(warmup), "--runs", str(runs),
-             "--threads", str(threads), "--values", str(values)]
-    return _invoke(bundle, model, args, prefix=prefix, timeout=timeout, env=env)
+    return args + ["--seed", str(seed), "--warmup", str(warmup), "--runs", str(runs),
+                   "--threads", str(threads), "--values", str(values)]
 
 
 def _invoke(bundle: RunnerBundle, model, args: list[str], *, prefix, timeout, env) -> dict:
