@@ -1025,7 +1025,7 @@ def run_app_bench(adb, artifact: str | os.PathLike, *, apk: str | os.PathLike | 
     there), `asset:NAME` (a model bundled in the APK) or an absolute device path. With `apk`,
     the app is installed first. Then `am start` with extras, poll for the result file, pull it,
     remove it. A result carrying "error" raises BadInputError (exit_code 2) or RuntimeFailure."""
-    from pocketformer.runtime_bench.adb import sync_files
+    from pocketformer.runtime_bench.adb import sync_files, take_json
 
     q = shlex.quote
     install = None
@@ -1068,13 +1068,7 @@ def run_app_bench(adb, artifact: str | os.PathLike, *, apk: str | os.PathLike | 
                                  f"{APP_PACKAGE} installed and the screen unlocked?", device=adb.serial)
         time.sleep(poll_s)
     wall = time.monotonic() - t0
-    with tempfile.TemporaryDirectory(prefix="pf-app-") as td:
-        local_json = adb.pull(result, Path(td) / "result.json")
-        try:
-            data = json.loads(local_json.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RuntimeFailure(f"the app wrote invalid JSON: {e}", device=adb.serial) from e
-    adb.shell(f"rm -f {q(result)}")
+    data = take_json(adb, result, "the app")
     if "error" in data:
         kind = BadInputError if data.get("exit_code") == 2 else RuntimeFailure
         raise kind(f"the app's benchmark failed: {data['error']}", device=adb.serial)

@@ -197,6 +197,19 @@ def _temp_c(raw: int | None) -> float | None:
     return float(raw) if abs(raw) < 200 else raw / 10.0
 
 
+def take_json(adb: Adb, remote: str, who: str) -> dict:
+    """Pull a JSON result file, parse it and remove it from the device; `who` names the writer
+    in the error for a file that is not JSON."""
+    with tempfile.TemporaryDirectory(prefix="pf-adb-") as tmp:
+        local = adb.pull(remote, Path(tmp) / "result.json")
+        try:
+            data = json.loads(local.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RuntimeFailure(f"{who} wrote invalid JSON: {e}", device=adb.serial) from e
+    adb.shell(f"rm -f {shlex.quote(remote)}")
+    return data
+
+
 def read_context(adb: Adb) -> dict:
     """Everything volatile or descriptive a benchmark should carry: properties, per-core
     frequencies and governor, thermal zones, available tools. Missing files are None."""
@@ -485,13 +498,7 @@ def bench_on_device(adb: Adb, bundle_dir: Path, runner_name: str, model: Path,
             tail = (err or out).strip()[-800:]
             kind = BadInputError if rc == 2 else RuntimeFailure
             raise kind(f"runner {runner_name} exited {rc} on the device: {tail}", device=adb.serial)
-        with tempfile.TemporaryDirectory(prefix="pf-adb-") as tmp:
-            local = adb.pull(out_json, Path(tmp) / "result.json")
-            try:
-                runner_json = json.loads(local.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise RuntimeFailure(f"runner wrote invalid JSON: {e}", device=adb.serial) from e
-        adb.shell(f"rm -f {q(out_json)}")
+        runner_json = take_json(adb, out_json, "runner")
         reasons = throttle_reasons(before, after, cores, freq_drop=freq_drop,
                                    temp_limit_c=temp_limit_c)
         attempts.append({"attempt": attempt, "wall_s": wall, "throttle_reasons": reasons,
