@@ -17,7 +17,7 @@ from pocketformer.errors import BadInputError, RuntimeFailure
 from pocketformer.export import load_sidecar
 from pocketformer.progress import say
 from pocketformer.runtime_bench.config import BenchConfig, BenchResult, parse_target
-from pocketformer.runtime_bench.host import _inputs_file, bench_host, host_device
+from pocketformer.runtime_bench.host import _inputs_file, bench_host, generation_window, host_device
 from pocketformer.runtime_bench.stats import summarize
 
 RUNTIME_OF = {".pte": "executorch", ".onnx": "onnxruntime"}
@@ -169,15 +169,6 @@ def bench_adb(artifact: Path, serials: str, cfg: BenchConfig, *,
     return results
 
 
-def _generation_window(artifact: Path, cfg: BenchConfig) -> tuple[int, int]:
-    max_len = (load_sidecar(artifact) or {}).get("max_len") or cfg.prompt_tokens + cfg.new_tokens
-    prompt = min(cfg.prompt_tokens, max_len - cfg.new_tokens)
-    if prompt < 1:
-        raise BadInputError(f"new_tokens {cfg.new_tokens} leave no room for a prompt in the exported "
-                            f"cache of {max_len} positions", file=str(artifact), field="new_tokens")
-    return prompt, cfg.new_tokens
-
-
 def _generation_result(raw: dict, artifact: Path, cfg: BenchConfig, *, target: str, threads: int,
                        warmup: int, runs: int, device: dict) -> BenchResult:
     g = raw["generation"]
@@ -198,7 +189,7 @@ def bench_native_generation_host(artifact: Path, cfg: BenchConfig) -> BenchResul
     runtime with its KV cache, not a Python loop."""
     from pocketformer.runtime_bench import native
 
-    prompt, new = _generation_window(artifact, cfg)
+    prompt, new = generation_window(artifact, cfg, load_sidecar(artifact) or {})
     bundle = native.build_runner(RUNTIME_OF[artifact.suffix], "x86_64", install_missing=True)
     say(f"bench: {artifact.name} on host, native {bundle.binary.name} --generate {prompt},{new} "
         f"({cfg.warmup} warm-up, {cfg.runs} runs, {cfg.threads} threads)")

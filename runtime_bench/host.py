@@ -71,13 +71,19 @@ def bench_host(artifact: str | Path, cfg: BenchConfig, *, inputs: str | None = N
         device=host_device(), latencies_ms=raw["latencies_ms"])
 
 
-def _bench_generation(artifact: Path, cfg: BenchConfig, side: dict) -> BenchResult:
+def generation_window(artifact: Path, cfg: BenchConfig, side: dict) -> tuple[int, int]:
+    """(prompt, new tokens) of a -gen benchmark: the prompt is cut to fit the exported cache."""
     max_len = side.get("max_len") or cfg.prompt_tokens + cfg.new_tokens
-    new = cfg.new_tokens
-    prompt = min(cfg.prompt_tokens, max_len - new)
+    prompt = min(cfg.prompt_tokens, max_len - cfg.new_tokens)
     if prompt < 1:
-        raise BadInputError(f"new_tokens {new} leave no room for a prompt in the exported cache "
-                            f"of {max_len} positions", file=str(artifact), field="new_tokens")
+        raise BadInputError(f"new_tokens {cfg.new_tokens} leave no room for a prompt in the "
+                            f"exported cache of {max_len} positions", file=str(artifact),
+                            field="new_tokens")
+    return prompt, cfg.new_tokens
+
+
+def _bench_generation(artifact: Path, cfg: BenchConfig, side: dict) -> BenchResult:
+    prompt, new = generation_window(artifact, cfg, side)
     say(f"bench: {artifact.name} on host: prefill {prompt} + decode {new} tokens "
         f"({cfg.warmup} warm-up, {cfg.runs} runs, {cfg.threads} threads)")
     raw = _run_worker(artifact, cfg, ["--generate", f"{prompt},{new}"])
