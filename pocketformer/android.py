@@ -227,18 +227,12 @@ def android_tools(*, host: bool = False) -> AndroidTools:
 def _apt_install(pkgs: list[str]) -> None:
     if not pkgs:
         return
-    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get")):
+    from pocketformer.runtime_bench.native import apt_install, can_apt_install
+
+    if not can_apt_install():
         raise BadInputError(f"Debian packages missing: {' '.join(pkgs)}; run "
                             f"`sudo apt-get install {' '.join(pkgs)}`")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *pkgs]
-    _say(" ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env)
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeFailure(f"apt-get install {' '.join(pkgs)} failed: {_tail(r.stderr)}")
+    apt_install(pkgs)
 
 
 def _bullseye_mirror() -> str:

@@ -370,8 +370,14 @@ def cmd_setup(args) -> int:
             print(f"adbd test peer: {setup_peer()}")
         elif part == "llamacpp":
             # the measured peer of `bench --llm`: built from the pinned llama-cpp-python sdist
-            from pocketformer.runtime_bench.llamacpp import build_llamacpp
+            import shutil
 
+            from pocketformer.runtime_bench.llamacpp import APT_PACKAGES, build_llamacpp
+            from pocketformer.runtime_bench.native import apt_install, can_apt_install
+
+            missing = [p for p in APT_PACKAGES if not shutil.which(p)]   # cmake, g++, make
+            if missing and can_apt_install():
+                apt_install(missing)
             b = build_llamacpp("x86_64")
             print(f"llama.cpp {b.version} ({b.commit}): {b.llama_bench}")
         elif part == "android":

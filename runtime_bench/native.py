@@ -287,6 +287,26 @@ def missing_tools(arch: str, *, for_running: bool = False) -> dict[str, str]:
     return {t: p for t, p in tools.items() if shutil.which(t) is None}
 
 
+def can_apt_install() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+def apt_install(pkgs: list[str]) -> None:
+    """`apt-get install -y` (root), retried once after `apt-get update`; RuntimeFailure if not.
+    The one installer the setup steps share (runners, Android tools, llama.cpp)."""
+    if not pkgs:
+        return
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *pkgs]
+    _log("setup: " + " ".join(cmd))
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeFailure(f"apt-get install {' '.join(pkgs)} failed: {_tail(r.stderr)}")
+
+
 def ensure_toolchain(arch: str, *, install_missing: bool = False, for_running: bool = False) -> None:
     missing = missing_tools(arch, for_running=for_running)
     if arch == "aarch64" and not (AARCH64_SYSROOT / "lib").is_dir():
@@ -294,16 +314,8 @@ def ensure_toolchain(arch: str, *, install_missing: bool = False, for_running: b
     if not missing:
         return
     pkgs = sorted(set(missing.values()))
-    if install_missing and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        cmd = ["apt-get", "install", "-y", "--no-install-recommends", *pkgs]
-        _log("native: installing toolchain: " + " ".join(cmd))
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            subprocess.run(["apt-get", "update"], capture_output=True, env=env)
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            raise RuntimeFailure(f"apt-get install {' '.join(pkgs)} failed: {_tail(r.stderr)}")
+    if install_missing and can_apt_install():
+        apt_install(pkgs)
         missing = missing_tools(arch, for_running=for_running)
         if not missing:
             return
