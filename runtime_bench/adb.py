@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from pocketformer.errors import BadInputError, RuntimeFailure
+from pocketformer.fsutil import sha256_file
 
 DEVICE_ROOT = "/data/local/tmp/pocketformer"
 RC_MARKER = "__pocketformer_rc="
@@ -54,13 +55,6 @@ CPU_ZONE_RE = re.compile(r"cpu|cpuss|soc|tsens|mtktscpu|big|mid|little|x86_pkg|a
 FREQ_DROP = 0.10            # a pinned core's frequency cap fell by more than this fraction
 TEMP_LIMIT_C = 80.0         # a CPU/SoC zone at or above this after the run
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_devices(adb: list[str] | tuple[str, ...] = ("adb",), timeout: float = 30) -> dict[str, str]:
@@ -392,7 +386,7 @@ def sync_files(adb: Adb, files: dict[str, Path], *, root: str = DEVICE_ROOT) -> 
     """Push ``files`` ({device name: local path}) to ``root/<hash>/``; <hash> covers every
     name and sha256. Files already there with the same sha256 are skipped (``sha256sum`` on
     the device when it has one; otherwise a manifest written after a complete push)."""
-    sums = {name: _sha256(path) for name, path in files.items()}
+    sums = {name: sha256_file(path) for name, path in files.items()}
     key = hashlib.sha256("".join(f"{n}\0{s}\n" for n, s in sorted(sums.items())).encode())
     remote = f"{root}/{key.hexdigest()[:16]}"
     q = shlex.quote

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pocketformer.errors import BadInputError, RuntimeFailure
+from pocketformer.fsutil import sha256_file
 
 # ---- the pinned source ----------------------------------------------------------------------------
 # llama-cpp-python 0.3.36 vendors ggml-org/llama.cpp@0c1e57098 (its CHANGELOG). The sdist is fetched
@@ -278,13 +279,6 @@ def _run(cmd: list, *, what: str, timeout: float | None = None, log: Path | None
     return res
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _publish(tmp: Path, final: Path) -> None:
     os.chmod(tmp, 0o755)
@@ -387,7 +381,7 @@ def source_dir(version: str = PINNED_VERSION, *, sha256: str | None = None) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
         sdist = _download_sdist(version, tmp / "dl")
-        got = _sha256(sdist)
+        got = sha256_file(sdist)
         if got != expected:
             raise _fail(f"{sdist.name}: sha256 {got} does not match the pinned {expected}; "
                         "refusing to build from it")
