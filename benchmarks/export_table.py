@@ -4,6 +4,8 @@ quality of the shipped file itself, scored through its runtime on a held-out spl
 
     python benchmarks/export_table.py --model smollm2 --quantize fp32,int8,8da4w \\
         --data ../shared/data/wikitext-2/valid.txt@0.5:1 --windows 16 --json docs/measured/export_smollm2.json
+    python benchmarks/export_table.py --model smollm2 --quantize 8da4w --rounding gptq \
+        --calibration ../shared/data/wikitext-2/valid.txt@0:0.5 --data ../shared/data/wikitext-2/valid.txt@0.5:1
     python benchmarks/export_table.py --model minilm --quantize fp32,int8 \\
         --data ../shared/data/stsbenchmark/sts-dev.csv --json docs/measured/export_minilm.json
 
@@ -32,6 +34,11 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=128, help="forward-graph length / ppl window")
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--greedy-tokens", type=int, default=32)
+    p.add_argument("--group-size", type=int, help="8da4w group (default: the exporter's choice)")
+    p.add_argument("--rounding", default="auto", help="8da4w: rtn | gptq | auto")
+    p.add_argument("--calibration", help="8da4w gptq calibration data, PATH[@START:END] "
+                   "(apart from --data)")
+    p.add_argument("--samples", type=int, default=64, help="gptq calibration samples")
     p.add_argument("--out", help="keep the artifacts here (default: a temporary directory)")
     p.add_argument("--json")
     args = p.parse_args()
@@ -54,8 +61,12 @@ def main() -> int:
     rows = []
     for q in [x.strip() for x in args.quantize.split(",") if x.strip()]:
         formats = ["pte"] if q == "8da4w" else ["onnx", "pte"]
+        extra = {}
+        if q == "8da4w":
+            extra = {"group_size": args.group_size, "rounding": args.rounding,
+                     "calibration": args.calibration, "calibration_samples": args.samples}
         cfg = ExportConfig(formats=formats, quantize=q, seq_len=args.seq_len, max_len=args.max_len,
-                           greedy_tokens=args.greedy_tokens)
+                           greedy_tokens=args.greedy_tokens, **extra)
         start = time.perf_counter()
         records = export_model(loaded, out_root / q, cfg)
         total = time.perf_counter() - start
@@ -76,7 +87,8 @@ def main() -> int:
                    "xnnpack_flops": (d.get("delegation") or {}).get("delegated_flops_share"),
                    "quant_plan": {k: v for k, v in (d.get("quantization") or {}).items()
                                   if k in ("group_size", "quantized", "skipped", "embeddings", "lm_head",
-                                           "unquantized_share", "weight_type", "per_channel")},
+                                           "unquantized_share", "weight_type", "per_channel",
+                                           "rounding", "gptq")},
                    "metric": score.metric, "value": score.value, "eager_value": eager.value,
                    "ratio_vs_eager": score.value / eager.value, "eval_note": note.get("seq_len_note")}
             rows.append(row)

@@ -29,6 +29,7 @@ from pocketformer.export.runtimes import open_artifact, open_generator
 FORMATS = ("onnx", "pte")
 QUANTIZATIONS = SCHEMES
 ONNX_QUANTIZATIONS = ("fp32", "int8")
+ROUNDINGS = ("auto", "rtn", "gptq")
 GREEDY_PROMPT = "The history of the city begins in the early years of the"
 
 
@@ -50,6 +51,10 @@ class ExportConfig:
     generation: bool | None = None        # decoders: KV-cache generation graph (default: on)
     max_len: int = 256                    # generation: KV cache length (prompt + new tokens)
     greedy_tokens: int = 32               # generation: greedy tokens compared with eager
+    rounding: str = "auto"                # 8da4w weights: rtn | gptq | auto (gptq when calibrated)
+    calibration: str | None = None        # data for gptq, PATH[@START:END] (a recipe's [data])
+    calibration_samples: int = 64         # gptq: sequences/sentences/images
+    calibration_seq_len: int = 256        # gptq: tokens per text sequence
 
     def validate(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -70,6 +75,18 @@ class ExportConfig:
             raise BadInputError("must be in [0, 1]", field="max_unquantized_share")
         if self.min_delegated_flops is not None and not 0 <= self.min_delegated_flops <= 1:
             raise BadInputError("must be in [0, 1]", field="min_delegated_flops")
+        if self.rounding not in ROUNDINGS:
+            raise BadInputError(f"expected one of {', '.join(ROUNDINGS)}, got {self.rounding!r}",
+                                field="rounding")
+        if self.rounding == "gptq" and self.quantize != "8da4w":
+            raise BadInputError(f"gptq rounds the 4-bit weights of 8da4w; --quantize is {self.quantize}",
+                                field="rounding")
+        if self.rounding == "gptq" and not self.calibration:
+            raise BadInputError("gptq needs calibration data (--calibration PATH[@START:END])",
+                                field="calibration")
+        if self.calibration_samples < 1 or self.calibration_seq_len < 2:
+            raise BadInputError("calibration_samples >= 1 and calibration_seq_len >= 2 are required",
+                                field="calibration_samples")
         if self.max_len < 8 or self.greedy_tokens < 1:
             raise BadInputError("max_len >= 8 and greedy_tokens >= 1 are required", field="max_len")
 
@@ -300,9 +317,13 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
     stem = _stem(name, cfg)
     plan = None
     pte_module = module
+    pte_loaded, group, rounding = loaded, cfg.group_size, None
     if "pte" in cfg.formats and cfg.quantize != "fp32":
+        pte_loaded, group, rounding = _calibrated_rounding(loaded, module, cfg)
         say(f"export: quantize {cfg.quantize} for ExecuTorch")
-        pte_module, plan = quantize_for_executorch(module, cfg.quantize, cfg.group_size)
+        pte_module, plan = quantize_for_executorch(
+            pte_loaded.adapter.export_module(pte_loaded) if rounding else module, cfg.quantize, group)
+        plan.gptq = rounding
         check_plan(plan, cfg.max_unquantized_share)
     extra = {"recipe_sha256": recipe_sha256} if recipe_sha256 else {}
     records = []
@@ -353,8 +374,36 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
             raise BadInputError(f"generation export is for decoders; {loaded.family} is not one",
                                 field="generation")
         for fmt in cfg.formats:
-            records.append(export_generation(loaded, out_dir, fmt, cfg, stem=stem, extra=extra))
+            records.append(export_generation(pte_loaded if fmt == "pte" else loaded, out_dir, fmt,
+                                             cfg, stem=stem, extra=extra, group_size=group,
+                                             rounding=rounding))
     return records
+
+
+def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
+    """GPTQ-rounded copy of the model for 8da4w (export/gptq.py) when asked for (or, with
+    rounding "auto", when calibration data is given); otherwise the model itself with RTN.
+    Returns (model for the .pte, group size, the GPTQ report as a dict or None)."""
+    from pocketformer.export.quantize import choose_group_size
+
+    if cfg.quantize != "8da4w":
+        return loaded, cfg.group_size, None
+    group = cfg.group_size or choose_group_size(
+        [m.in_features for m in module.modules() if isinstance(m, torch.nn.Linear)])
+    if cfg.rounding == "rtn" or (cfg.rounding == "auto" and not cfg.calibration):
+        return loaded, group, None
+    from pocketformer.data import DataSpec, load_for
+    from pocketformer.export.gptq import gptq_round_model
+
+    spec = DataSpec.parse(cfg.calibration, field="export.calibration")
+    spec.check_exists(field="export.calibration")
+    data = load_for(loaded.adapter.data_kind, spec)
+    batches = loaded.adapter.calibration_inputs(loaded, data, max_samples=cfg.calibration_samples,
+                                                seq_len=cfg.calibration_seq_len, batch_size=8)
+    say(f"export: gptq rounding for 8da4w group {group} on {cfg.calibration} "
+        f"({cfg.calibration_samples} samples)")
+    rounded, report = gptq_round_model(loaded, batches, group)
+    return rounded, group, {**report.to_dict(), "calibration": str(spec)}
 
 
 RUNTIME_OF = {"onnx": "onnxruntime", "pte": "executorch"}
@@ -370,7 +419,8 @@ def greedy_prompt(loaded: LoadedModel) -> list[int]:
 
 
 def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportConfig, *,
-                      stem: str, extra: dict) -> ArtifactRecord:
+                      stem: str, extra: dict, group_size: int | None = None,
+                      rounding: dict | None = None) -> ArtifactRecord:
     """The KV-cache generation graph (pocketformer/models/generation.py) for one format, with
     prefill-logit parity and greedy agreement against eager generation."""
     from pocketformer.models.generation import (CachedLM, CacheIOLM, example_step_inputs,
@@ -386,7 +436,8 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
     if fmt == "pte":
         module = CachedLM(model, max_len).eval()
         if cfg.quantize != "fp32":
-            module, plan = quantize_for_executorch(module, cfg.quantize, cfg.group_size)
+            module, plan = quantize_for_executorch(module, cfg.quantize, group_size or cfg.group_size)
+            plan.gptq = rounding
             check_plan(plan, cfg.max_unquantized_share)
         inputs = example_step_inputs(model, max_len)
         names, outputs = module.input_names, module.output_names

@@ -45,6 +45,9 @@ class QuantPlan:
     lm_head: str = "fp32"
     linear_params: int = 0
     unquantized_params: int = 0
+    rounding: str = "rtn"                        # rtn | gptq (export/gptq.py)
+    calibrated: int = 0                          # linears written with calibrated rounding
+    gptq: dict | None = None                     # the calibrated rounding's report
 
     @property
     def unquantized_share(self) -> float:
@@ -73,6 +76,7 @@ def _untie_head(module: nn.Module) -> bool:
     embeds = {id(m.weight): n for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
     tied = False
     for _, lin in _linears(module):
+        tied = tied or bool(getattr(lin, "pf_untied", False))   # untied earlier (export/gptq.py)
         if id(lin.weight) in embeds:
             lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
             tied = True
@@ -116,6 +120,10 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
             weight_dtype=weight_dtype, weight_granularity=granularity),
             filter_fn=lambda m, fqn: id(m) in chosen)
         if scheme == "8da4w":
+            from pocketformer.export.gptq import apply_rounding
+            plan.calibrated = apply_rounding(module)
+            if plan.calibrated:
+                plan.rounding = "gptq"
             embeds = [m for _, m in module.named_modules() if isinstance(m, nn.Embedding)]
             if embeds:
                 # padding_idx only masks gradients, but it adds an argument to aten.embedding

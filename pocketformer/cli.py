@@ -158,9 +158,11 @@ def cmd_export(args) -> int:
            "ort_format": args.ort_format, "max_len": args.max_len,
            "greedy_tokens": args.greedy_tokens,
            "max_unquantized_share": args.max_unquantized_share}
-    for name in ("seq_len", "group_size"):
+    for name in ("seq_len", "group_size", "calibration"):
         if getattr(args, name):
             raw[name] = getattr(args, name)
+    raw["rounding"] = args.rounding
+    raw["calibration_samples"] = args.samples
     if args.min_delegated_flops is not None:
         raw["min_delegated_flops"] = None if args.min_delegated_flops < 0 else args.min_delegated_flops
     if args.no_generation:
@@ -435,6 +437,12 @@ def make_parser():
     e.add_argument("--quantize", default="fp32", help="fp32 | int8 | 8da4w (8da4w: .pte only)")
     e.add_argument("--group-size", type=int, help="8da4w weight group (default: the largest that "
                    "divides every quantized width)")
+    e.add_argument("--rounding", default="auto",
+                   help="8da4w weights: rtn (round to nearest), gptq (calibrated, needs "
+                        "--calibration), auto (gptq when --calibration is given)")
+    e.add_argument("--calibration", help="gptq calibration data, PATH[@START:END] (keep it apart "
+                   "from the text you evaluate on)")
+    e.add_argument("--samples", type=int, default=64, help="gptq calibration samples")
     e.add_argument("--max-unquantized-share", type=float, default=0.0,
                    help="gate: share of linear weights a scheme may leave unquantized (exit 3)")
     e.add_argument("--min-delegated-flops", type=float,

@@ -8,6 +8,7 @@ Output directory layout:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,7 +88,12 @@ def build(recipe: Recipe, out_dir: str | Path) -> Report:
         }
 
     with clock.stage("export"):
-        records = export_model(loaded, out / "artifacts", recipe.export, recipe_sha256=recipe.sha256)
+        export_cfg = recipe.export
+        if export_cfg.calibration is None and recipe.calibration is not None \
+                and export_cfg.quantize == "8da4w" and export_cfg.rounding != "rtn":
+            # calibrated 4-bit rounding on the recipe's calibration split (never its evaluation)
+            export_cfg = dataclasses.replace(export_cfg, calibration=str(recipe.calibration))
+        records = export_model(loaded, out / "artifacts", export_cfg, recipe_sha256=recipe.sha256)
     report.artifacts = [dict(r.to_dict(), path=f"artifacts/{r.path}") for r in records]
 
     with clock.stage("bench"):

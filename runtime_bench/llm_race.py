@@ -273,7 +273,7 @@ def race(artifacts, cfg: RaceConfig, *, against: str | None = "llama.cpp") -> di
     ratios = {}
     if ref is not None:
         for r in rows[:-1]:
-            ratios[r.name] = {
+            ratios[r.file] = {      # keyed by path: two programs may share a file name
                 "decode_vs_llamacpp": _ratio(r.decode_tokens_per_s, ref.decode_tokens_per_s),
                 "prefill_vs_llamacpp": _ratio(r.prefill_tokens_per_s, ref.prefill_tokens_per_s),
                 # fewer instructions per token is faster: llama.cpp's count over ours
@@ -296,13 +296,17 @@ def render(result: dict) -> str:
     head = ["file", "engine", "MB", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MB",
             "perplexity", "instr./token", "decode x llama.cpp", "prefill x llama.cpp"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    names = [r["name"] for r in result["rows"]]
     for r in result["rows"]:
-        q = result["ratios"].get(r["name"], {})
+        q = result["ratios"].get(r["file"], {})
+        name = r["name"]
+        if names.count(name) > 1:       # same file name from different exports: show its folder
+            name = f"{Path(r['file']).parent.name}/{name}"
         speed = q.get("decode_vs_llamacpp")
         if speed is None and q.get("instructions_speedup_vs_llamacpp") is not None:
             speed = q["instructions_speedup_vs_llamacpp"]
         lines.append("| " + " | ".join([
-            r["name"], r["engine"], f(r["size_mb"], ".1f"), f(r["prefill_tokens_per_s"], ".1f"),
+            name, r["engine"], f(r["size_mb"], ".1f"), f(r["prefill_tokens_per_s"], ".1f"),
             f(r["decode_tokens_per_s"], ".1f"), f(r["ttft_ms"], ".1f"), f(r["peak_rss_mb"], ".0f"),
             f(r["perplexity"], ".3f"), f(r["instructions_per_token"], ",.0f"), f(speed, ".3f"),
             f(q.get("prefill_vs_llamacpp"), ".3f")]) + " |")

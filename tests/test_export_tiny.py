@@ -62,7 +62,7 @@ def test_pruned_heterogeneous_decoder_exports_and_decodes_like_eager(het_exports
     assert dele["delegated_flops_share"] >= 0.98 and dele["partitions"] >= 1
 
 
-def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama, tmp_path):
+def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama, small_text, tmp_path):
     import onnx
 
     loaded = load_model(tiny_llama)
@@ -80,11 +80,15 @@ def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama, tmp_pat
     # SmolLM2's embedding has a padding_idx (pad_token_id 2), which once kept ExecuTorch from
     # fusing the int8 embedding into embedding_byte
     loaded.model.get_input_embeddings().padding_idx = 2
-    (q4,) = export_model(loaded, tmp_path / "q4", ExportConfig(quantize="8da4w", formats=["pte"],
-                                                               generation=False, etrecord=False, **FAST))
+    # 8da4w with calibrated (GPTQ) rounding: the program carries GPTQ's integers (test_gptq.py)
+    (q4,) = export_model(loaded, tmp_path / "q4", ExportConfig(
+        quantize="8da4w", formats=["pte"], generation=False, etrecord=False, rounding="gptq",
+        calibration=str(small_text), calibration_samples=8, calibration_seq_len=32, **FAST))
     plan = q4.details["quantization"]
     assert plan["group_size"] == 32 and plan["embeddings"].startswith("int8")
     assert plan["lm_head"].startswith("untied") and q4.parity["passed"]
+    assert plan["rounding"] == "gptq" and plan["gptq"]["rounded"] == 6 * 7 + 1
+    assert plan["gptq"]["relative_output_error_gptq"] < plan["gptq"]["relative_output_error_rtn"]
 
 
 def test_group_size_choice_and_skip_gate(tiny_llama, tmp_path, capsys):

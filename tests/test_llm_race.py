@@ -48,7 +48,7 @@ def test_race_one_table_same_weights_same_perplexity(tiny_race, tmp_path, capsys
     # the same f32 weights and the same protocol (second half of each 64-token chunk)
     assert ours["perplexity"] == pytest.approx(peer["perplexity"], rel=0.01)
     assert ours["detail"]["perplexity"]["scored_tokens"] == 6 * 31
-    ratio = res["ratios"]["model-gen.pte"]["decode_vs_llamacpp"]
+    ratio = res["ratios"][ours["file"]]["decode_vs_llamacpp"]
     assert ratio == pytest.approx(ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
     assert "| model-gen.pte |" in printed and "| tiny-f32.gguf |" in printed
 
@@ -74,3 +74,24 @@ def test_failed_llamacpp_build_is_exit_4_after_our_figures(tiny_race, tmp_path, 
     res = json.loads(js.read_text())
     assert len(res["rows"]) == 1 and res["rows"][0]["decode_tokens_per_s"] > 0
     assert "| model-gen.pte |" in captured.out and "llama.cpp: FAILED" in captured.out
+
+
+def test_same_named_programs_keep_their_own_ratios():
+    """Two exports' model-8da4w-gen.pte in one race: each row gets its own ratio and folder."""
+    from dataclasses import asdict
+
+    from pocketformer.runtime_bench.llm_race import RaceRow, render
+
+    rows = [RaceRow("model-8da4w-gen.pte", "ExecuTorch", "/a/dense/model-8da4w-gen.pte", 105.0,
+                    decode_tokens_per_s=150.0, prefill_tokens_per_s=2000.0),
+            RaceRow("model-8da4w-gen.pte", "ExecuTorch", "/a/pruned/model-8da4w-gen.pte", 89.0,
+                    decode_tokens_per_s=225.0, prefill_tokens_per_s=2500.0),
+            RaceRow("x.gguf", "llama.cpp", "/g/x.gguf", 98.0, decode_tokens_per_s=150.0,
+                    prefill_tokens_per_s=500.0)]
+    ratios = {r.file: {"decode_vs_llamacpp": r.decode_tokens_per_s / 150.0,
+                       "prefill_vs_llamacpp": r.prefill_tokens_per_s / 500.0} for r in rows[:2]}
+    table = render({"config": {"target": "host", "threads": 2, "prompt_tokens": 128,
+                               "new_tokens": 32, "ctx": 128, "chunks": 4, "data": None},
+                    "rows": [asdict(r) for r in rows], "ratios": ratios, "llamacpp_error": None})
+    assert "| dense/model-8da4w-gen.pte |" in table and "| pruned/model-8da4w-gen.pte |" in table
+    assert "| 1.000 | 4.000 |" in table and "| 1.500 | 5.000 |" in table

@@ -1,5 +1,7 @@
-"""The real SmolLM2-135M: drop layers, reload with plain transformers, ONNX parity on logits.
-(Perplexity of a 2-of-30 pruned SmolLM2 on held-out text: tests/test_layered_prune_real.py.)"""
+"""The real SmolLM2-135M: drop layers, reload with plain transformers, ONNX parity on logits,
+and the pruned model's ONNX generation graph decodes the same 32 greedy tokens as eager
+`transformers` (the suite's real-model generation check; .pte generation is checked on the tiny
+decoders, test_export_tiny.py and test_native_generate.py). (Perplexity of a 2-of-30 pruned SmolLM2 on held-out text: tests/test_layered_prune_real.py.)"""
 from __future__ import annotations
 
 import json
@@ -45,3 +47,8 @@ def test_onnx_logits_parity(pruned, tmp_path):
     assert side["parity"]["passed"] and side["parity"]["cosine"] >= 0.99999
     assert side["parity"]["max_abs_diff"] < 1e-3
     assert side["inputs"][0]["name"] == "input_ids" and side["outputs"] == ["logits"]
+    gen = json.loads((out / "model-gen.onnx.json").read_text())
+    p = gen["parity"]
+    assert p["greedy_tokens"] == 32 and p["greedy_match_prefix"] == 32 and p["passed"], p
+    tokens = gen["details"]["generation"]["tokens"]
+    assert tokens == gen["details"]["generation"]["eager_tokens"] and len(set(tokens)) > 3
