@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+
+HEAD_CHUNK_FLOATS = 32 * 1024 * 1024     # 128 MB of fp32 intermediate per chunk of positions
 
 
 def factor_dim(d: int, d1: int | None = None) -> tuple[int, int]:
@@ -91,8 +94,38 @@ class EntangledEmbedding(nn.Module):
         costs = self.head_costs()
         return min(costs, key=costs.get)
 
+    def intermediate_per_position(self) -> int:
+        """Floats of the head's largest run-time intermediate for one position."""
+        (ua, _), (ub, _) = self.table_a.shape, self.table_b.shape
+        V, R = self.index_a.shape
+        return {"pairs": ua * ub, "gather-a": V * R * self.table_b.shape[1],
+                "gather-b": V * R * self.table_a.shape[1]}[self.head_strategy()]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., d] -> [..., V], equal to hidden @ weight.T without forming weight."""
+        """hidden [..., d] -> [..., V], equal to hidden @ weight.T without forming weight.
+
+        In eager mode many positions at once (training, scoring a window) are taken in chunks
+        so the intermediate stays under HEAD_CHUNK_FLOATS (a gather's is V R d_small floats per
+        position: 19 MB for SmolLM2 at 10x), recomputed in backward rather than kept. An
+        exported program (one decode position, or a prefill) runs the contraction whole."""
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self._logits(hidden)
+        lead = hidden.shape[:-1]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        chunk = max(1, HEAD_CHUNK_FLOATS // self.intermediate_per_position())
+        if flat.shape[0] <= chunk:
+            return self._logits(hidden)
+        parts = []
+        for i in range(0, flat.shape[0], chunk):
+            x = flat[i:i + chunk]
+            if torch.is_grad_enabled() and (x.requires_grad or any(
+                    p.requires_grad for p in (self.table_a, self.table_b, self.coef))):
+                parts.append(torch.utils.checkpoint.checkpoint(self._logits, x, use_reentrant=False))
+            else:
+                parts.append(self._logits(x))
+        return torch.cat(parts).reshape(*lead, -1)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         d1, d2 = self.table_a.shape[1], self.table_b.shape[1]
         H = hidden.reshape(*hidden.shape[:-1], d1, d2)
         strategy = self.head_strategy()
