@@ -104,25 +104,24 @@ def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
     assert not (tmp_path / "o").exists()
 
 
-def test_factored_head_chunks_positions_with_the_same_values_and_gradients(monkeypatch):
-    """Many positions at once (training, scoring) go through the head in chunks, recomputed in
-    backward; the result and the gradients are those of the whole contraction."""
-    from pocketformer.models import factored
-
+def test_factored_head_many_positions_same_values_and_gradients():
+    """Many positions at once (training, scoring) take the assembled table in eager mode; values
+    and gradients are those of the factored contraction, which one position still uses."""
     g = torch.Generator().manual_seed(0)
     V, R, ua, ub = 300, 3, 40, 30
     emb = EntangledEmbedding(torch.randn(ua, 4, generator=g), torch.randn(ub, 6, generator=g),
                              torch.randint(0, ua, (V, R), generator=g),
                              torch.randint(0, ub, (V, R), generator=g), torch.randn(V, R, generator=g))
+    # 74 positions: the factored intermediate (74 x V R d_small) exceeds the V x d table
+    assert 74 * emb.intermediate_per_position() > V * 24 > emb.intermediate_per_position()
     h = torch.randn(2, 37, 24, generator=g, requires_grad=True)
-    whole = emb._logits(h)
-    whole.square().mean().backward()
-    grads = [t.grad.clone() for t in (h, emb.table_a, emb.table_b, emb.coef)]
-    for t in (h, emb.table_a, emb.table_b, emb.coef):
+    params = (h, emb.table_a, emb.table_b, emb.coef)
+    emb._logits(h).square().mean().backward()
+    want = [t.grad.clone() for t in params]
+    for t in params:
         t.grad = None
-    monkeypatch.setattr(factored, "HEAD_CHUNK_FLOATS", emb.intermediate_per_position() * 5)
-    chunked = emb.logits(h)                      # 74 positions in chunks of 5
-    torch.testing.assert_close(chunked, whole)
-    chunked.square().mean().backward()
-    for got, want in zip((h.grad, emb.table_a.grad, emb.table_b.grad, emb.coef.grad), grads):
-        torch.testing.assert_close(got, want)
+    got = emb.logits(h)
+    torch.testing.assert_close(got, emb._logits(h))
+    got.square().mean().backward()
+    for t, w in zip(params, want):
+        torch.testing.assert_close(t.grad, w)

@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
-
-HEAD_CHUNK_FLOATS = 32 * 1024 * 1024     # 128 MB of fp32 intermediate per chunk of positions
 
 
 def factor_dim(d: int, d1: int | None = None) -> tuple[int, int]:
@@ -104,26 +101,17 @@ class EntangledEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> [..., V], equal to hidden @ weight.T without forming weight.
 
-        In eager mode many positions at once (training, scoring a window) are taken in chunks
-        so the intermediate stays under HEAD_CHUNK_FLOATS (a gather's is V R d_small floats per
-        position: 19 MB for SmolLM2 at 10x), recomputed in backward rather than kept. An
-        exported program (one decode position, or a prefill) runs the contraction whole."""
+        Exported programs (a decode position, a prefill) always run the factored contraction.
+        In eager mode, when the positions at hand would make its intermediate larger than the
+        V x d table itself (training and scoring windows: a gather's intermediate is V R d_small
+        floats per position, 19 MB for SmolLM2 at 10x), the table is assembled for that call
+        (V R d multiply-adds, gradients flowing to the units) and used as a plain linear."""
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return self._logits(hidden)
-        lead = hidden.shape[:-1]
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        chunk = max(1, HEAD_CHUNK_FLOATS // self.intermediate_per_position())
-        if flat.shape[0] <= chunk:
-            return self._logits(hidden)
-        parts = []
-        for i in range(0, flat.shape[0], chunk):
-            x = flat[i:i + chunk]
-            if torch.is_grad_enabled() and (x.requires_grad or any(
-                    p.requires_grad for p in (self.table_a, self.table_b, self.coef))):
-                parts.append(torch.utils.checkpoint.checkpoint(self._logits, x, use_reentrant=False))
-            else:
-                parts.append(self._logits(x))
-        return torch.cat(parts).reshape(*lead, -1)
+        positions = hidden.numel() // hidden.shape[-1]
+        if positions * self.intermediate_per_position() > self.num_embeddings * self.embedding_dim:
+            return F.linear(hidden, self.weight)
+        return self._logits(hidden)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         d1, d2 = self.table_a.shape[1], self.table_b.shape[1]
