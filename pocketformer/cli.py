@@ -246,7 +246,7 @@ def cmd_bench(args) -> int:
                                   "runs": args.runs, "warmup": args.warmup, "threads": args.threads,
                                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                                   "runners": [r.strip() for r in args.runner.split(",")],
-                                  "qemu_runs": args.qemu_runs},
+                                  "qemu_runs": args.qemu_runs, "processes": args.processes},
                     prefix="bench")
     results = bench(args.artifacts, cfg, inputs=args.inputs)
     for r in results:
@@ -467,6 +467,9 @@ def make_parser():
     n.add_argument("--runner", default="native",
                    help="native (C++ runners, every target), python (host only), app (the "
                         "android_demo app's benchmark mode, adb targets), comma-separated")
+    n.add_argument("--processes", type=int, default=1,
+                   help="host, native runner: repeat the measurement in this many runner "
+                        "processes and pool the latencies (steadier p50 on a shared machine)")
     n.add_argument("--qemu-runs", type=int, default=3,
                    help="inferences in the instruction-counted run under qemu")
     n.add_argument("--profile", action="store_true",

@@ -82,13 +82,22 @@ def bench_native_host(artifact: Path, cfg: BenchConfig, *, inputs: str | None = 
         f"{cfg.runs} runs, {cfg.threads} threads)")
     with tempfile.TemporaryDirectory(prefix="pf-bench-") as td:
         raw_inputs, shapes = _raw_inputs(artifact, inputs, Path(td))
-        try:
-            raw = native.run_native(bundle, artifact, inputs=raw_inputs, warmup=cfg.warmup,
-                                    runs=cfg.runs, threads=cfg.threads)
-        except RuntimeFailure as e:
-            raise _native_failure(e, artifact, "host") from e
-    return _result(raw, artifact, runner="native", target="host", threads=cfg.threads,
-                   warmup=cfg.warmup, runs=cfg.runs, device=host_device(), shapes=shapes)
+        raws = []
+        for _ in range(cfg.processes):
+            try:
+                raws.append(native.run_native(bundle, artifact, inputs=raw_inputs, warmup=cfg.warmup,
+                                              runs=cfg.runs, threads=cfg.threads))
+            except RuntimeFailure as e:
+                raise _native_failure(e, artifact, "host") from e
+    raw = dict(raws[0])       # load and first inference: the first process's
+    raw["latencies_ms"] = [x for r in raws for x in r["latencies_ms"]]
+    raw["peak_rss_mb"] = max(r["peak_rss_mb"] for r in raws)
+    result = _result(raw, artifact, runner="native", target="host", threads=cfg.threads,
+                     warmup=cfg.warmup, runs=cfg.runs * cfg.processes, device=host_device(),
+                     shapes=shapes)
+    if cfg.processes > 1:
+        result.process_p50_ms = [summarize(r["latencies_ms"])["p50"] for r in raws]
+    return result
 
 
 def bench_qemu(artifact: Path, cpu: str, cfg: BenchConfig, *, inputs: str | None = None) -> BenchResult:

@@ -37,6 +37,10 @@ class BenchConfig:
     # qemu: inferences in the counted run (instruction counts repeat, so a few are enough;
     # emulation is 100-300x slower than the host)
     qemu_runs: int = 3
+    # host, native runner: the measurement repeated in this many runner processes, latencies
+    # pooled; between-process variation (not within-run noise) is what moves a host p50 on a
+    # shared machine, and the per-process p50s are kept to show it
+    processes: int = 1
 
     def validate(self) -> None:
         if not self.targets:
@@ -55,6 +59,8 @@ class BenchConfig:
         if self.runs < 1 or self.warmup < 0 or self.threads < 1 or self.qemu_runs < 1:
             raise BadInputError("runs >= 1, qemu_runs >= 1, warmup >= 0 and threads >= 1 are "
                                 "required", field="runs")
+        if self.processes < 1:
+            raise BadInputError("processes >= 1 is required", field="processes")
         if self.prompt_tokens < 1 or self.new_tokens < 2:
             raise BadInputError("prompt_tokens >= 1 and new_tokens >= 2 are required",
                                 field="new_tokens")
@@ -87,6 +93,7 @@ class BenchResult:
     # first output values and checksums from the runner, for parity across targets
     outputs: list[dict] | None = None
     throttled: bool | None = None  # adb: a throttled run that stayed throttled after a retry
+    process_p50_ms: list[float] | None = None   # host native with processes > 1: each one's p50
 
     def to_dict(self) -> dict:
         return asdict(self)

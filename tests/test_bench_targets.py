@@ -53,6 +53,16 @@ def test_host_native_and_python_runners_agree_with_the_model(arts, tmp_path):
     assert native_pte["load_ms"] < 1000 and native_pte["peak_rss_mb"] < 200
 
 
+def test_host_processes_pool_latencies_and_keep_each_p50(arts, tmp_path, capsys):
+    rc, (r,) = _bench([str(arts / "model.pte"), "--runs", "4", "--warmup", "1", "--processes", "3"],
+                      tmp_path)
+    assert rc == 0 and r["runs"] == 12 and len(r["latencies_ms"]) == 12
+    assert len(r["process_p50_ms"]) == 3 and all(p > 0 for p in r["process_p50_ms"])
+    assert min(r["process_p50_ms"]) <= r["latency_ms"]["p50"] <= max(r["process_p50_ms"])
+    assert main(["bench", str(arts / "model.pte"), "--processes", "0"]) == 2
+    assert "processes" in capsys.readouterr().err
+
+
 def test_qemu_instruction_counts_repeat_and_match_host_outputs(arts, tmp_path):
     argv = [str(arts / "model.pte"), str(arts / "model.onnx"), "--target", "qemu:cortex-a76",
             "--qemu-runs", "10"]   # start-up varies by ~1e5 instructions: amortise it
