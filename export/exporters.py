@@ -384,12 +384,11 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
     """GPTQ-rounded copy of the model for 8da4w (export/gptq.py) when asked for (or, with
     rounding "auto", when calibration data is given); otherwise the model itself with RTN.
     Returns (model for the .pte, group size, the GPTQ report as a dict or None)."""
-    from pocketformer.export.quantize import choose_group_size
+    from pocketformer.export.quantize import group_for
 
     if cfg.quantize != "8da4w":
         return loaded, cfg.group_size, None
-    group = cfg.group_size or choose_group_size(
-        [m.in_features for m in module.modules() if isinstance(m, torch.nn.Linear)])
+    group = group_for(module, cfg.group_size)
     if cfg.rounding == "rtn" or (cfg.rounding == "auto" and not cfg.calibration):
         return loaded, group, None
     from pocketformer.data import DataSpec, load_for

@@ -70,6 +70,12 @@ def choose_group_size(widths: list[int]) -> int:
     return GROUP_CANDIDATES[-1]
 
 
+def group_for(module: nn.Module, group_size: int | None = None) -> int:
+    """The 8da4w group of `module`: the one asked for, else the first candidate dividing every
+    linear's input width (export and GPTQ rounding must agree on it)."""
+    return group_size or choose_group_size([m.in_features for _, m in _linears(module)])
+
+
 def _untie_head(module: nn.Module) -> bool:
     """Give a tied LM head its own weight, so the head can be quantized as a linear and the
     embedding as a table. Returns whether a tie was found."""
@@ -100,7 +106,7 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
     if scheme == "int8":
         group = None
     else:
-        group = group_size or choose_group_size([m.in_features for _, m in linears])
+        group = group_for(module, group_size)
     plan = QuantPlan(scheme, group)
     plan.linear_params = sum(m.weight.numel() for _, m in linears)
     chosen = set()
