@@ -45,7 +45,6 @@ class QuantPlan:
     lm_head: str = "fp32"
     linear_params: int = 0
     unquantized_params: int = 0
-    rounding: str = "rtn"                        # rtn | gptq (export/gptq.py)
     calibrated: int = 0                          # linears written with calibrated rounding
     gptq: dict | None = None                     # the calibrated rounding's report
 
@@ -53,9 +52,14 @@ class QuantPlan:
     def unquantized_share(self) -> float:
         return self.unquantized_params / self.linear_params if self.linear_params else 0.0
 
+    @property
+    def rounding(self) -> str:
+        """rtn, or gptq when calibrated integers were written (export/gptq.py)."""
+        return "gptq" if self.calibrated else "rtn"
+
     def to_dict(self) -> dict:
         return {**asdict(self), "unquantized_share": round(self.unquantized_share, 6),
-                "quantized": len(self.quantized)}
+                "quantized": len(self.quantized), "rounding": self.rounding}
 
 
 def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -128,8 +132,6 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
         if scheme == "8da4w":
             from pocketformer.export.gptq import apply_rounding
             plan.calibrated = apply_rounding(module)
-            if plan.calibrated:
-                plan.rounding = "gptq"
             embeds = [m for _, m in module.named_modules() if isinstance(m, nn.Embedding)]
             if embeds:
                 # padding_idx only masks gradients, but it adds an argument to aten.embedding
