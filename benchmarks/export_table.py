@@ -36,8 +36,10 @@ def main() -> int:
     p.add_argument("--greedy-tokens", type=int, default=32)
     p.add_argument("--group-size", type=int, help="8da4w group (default: the exporter's choice)")
     p.add_argument("--rounding", default="auto", help="8da4w: rtn | gptq | auto")
-    p.add_argument("--calibration", help="8da4w gptq calibration data, PATH[@START:END] "
-                   "(apart from --data)")
+    p.add_argument("--calibration", help="calibration data, PATH[@START:END] (apart from --data): "
+                   "8da4w gptq rounding, int8 ONNX smoothing")
+    p.add_argument("--rotation", default="auto", help="8da4w / int8 ONNX: on | off | auto")
+    p.add_argument("--smoothing", type=float, default=0.5, help="int8 ONNX SmoothQuant alpha (0: off)")
     p.add_argument("--samples", type=int, default=64, help="gptq calibration samples")
     p.add_argument("--out", help="keep the artifacts here (default: a temporary directory)")
     p.add_argument("--json")
@@ -64,7 +66,11 @@ def main() -> int:
         extra = {}
         if q == "8da4w":
             extra = {"group_size": args.group_size, "rounding": args.rounding,
-                     "calibration": args.calibration, "calibration_samples": args.samples}
+                     "calibration": args.calibration, "calibration_samples": args.samples,
+                     "rotation": args.rotation}
+        elif q == "int8":
+            extra = {"calibration": args.calibration, "calibration_samples": args.samples,
+                     "rotation": args.rotation, "smoothing": args.smoothing or None}
         cfg = ExportConfig(formats=formats, quantize=q, seq_len=args.seq_len, max_len=args.max_len,
                            greedy_tokens=args.greedy_tokens, **extra)
         start = time.perf_counter()
@@ -88,7 +94,7 @@ def main() -> int:
                    "quant_plan": {k: v for k, v in (d.get("quantization") or {}).items()
                                   if k in ("group_size", "quantized", "skipped", "embeddings", "lm_head",
                                            "unquantized_share", "weight_type", "per_channel",
-                                           "rounding", "gptq")},
+                                           "rounding", "gptq", "rotation", "smoothing")},
                    "metric": score.metric, "value": score.value, "eager_value": eager.value,
                    "ratio_vs_eager": score.value / eager.value, "eval_note": note.get("seq_len_note")}
             rows.append(row)

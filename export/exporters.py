@@ -30,6 +30,7 @@ FORMATS = ("onnx", "pte")
 QUANTIZATIONS = SCHEMES
 ONNX_QUANTIZATIONS = ("fp32", "int8")
 ROUNDINGS = ("auto", "rtn", "gptq")
+ROTATIONS = ("auto", "on", "off")
 GREEDY_PROMPT = "The history of the city begins in the early years of the"
 
 
@@ -55,6 +56,11 @@ class ExportConfig:
     calibration: str | None = None        # data for gptq, PATH[@START:END] (a recipe's [data])
     calibration_samples: int = 64         # gptq: sequences/sentences/images
     calibration_seq_len: int = 256        # gptq: tokens per text sequence
+    rotation: str = "auto"                # rotate the residual stream first (export/rotate.py), for
+                                          # 8da4w and int8 ONNX: on | off | auto (on for RMSNorm
+                                          # decoders when GPTQ runs / int8 ONNX has calibration data)
+    smoothing: float | None = 0.5         # int8 ONNX of a gated decoder with calibration data:
+                                          # SmoothQuant alpha for the FFN down-projection inputs
 
     def validate(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -84,6 +90,15 @@ class ExportConfig:
         if self.rounding == "gptq" and not self.calibration:
             raise BadInputError("gptq needs calibration data (--calibration PATH[@START:END])",
                                 field="calibration")
+        if self.rotation not in ROTATIONS:
+            raise BadInputError(f"expected one of {', '.join(ROTATIONS)}, got {self.rotation!r}",
+                                field="rotation")
+        if self.rotation == "on" and self.quantize == "fp32":
+            raise BadInputError("rotation prepares a model for 8da4w or int8 quantization; "
+                                "--quantize is fp32", field="rotation")
+        if self.smoothing is not None and not 0 <= self.smoothing <= 1:
+            raise BadInputError(f"SmoothQuant alpha must be in [0, 1], got {self.smoothing}",
+                                field="smoothing")
         if self.calibration_samples < 1 or self.calibration_seq_len < 2:
             raise BadInputError("calibration_samples >= 1 and calibration_seq_len >= 2 are required",
                                 field="calibration_samples")
@@ -317,14 +332,17 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
     stem = _stem(name, cfg)
     plan = None
     pte_module = module
-    pte_loaded, group, rounding = loaded, cfg.group_size, None
+    pte_loaded, group, rounding, rotation = loaded, cfg.group_size, None, None
     if "pte" in cfg.formats and cfg.quantize != "fp32":
-        pte_loaded, group, rounding = _calibrated_rounding(loaded, module, cfg)
+        pte_loaded, group, rounding, rotation = _calibrated_rounding(loaded, module, cfg)
         say(f"export: quantize {cfg.quantize} for ExecuTorch")
         pte_module, plan = quantize_for_executorch(
-            pte_loaded.adapter.export_module(pte_loaded) if rounding else module, cfg.quantize, group)
-        plan.gptq = rounding
+            module if pte_loaded is loaded else pte_loaded.adapter.export_module(pte_loaded),
+            cfg.quantize, group)
+        plan.gptq, plan.rotation = rounding, rotation
         check_plan(plan, cfg.max_unquantized_share)
+    onnx_loaded, onnx_prep = _prepare_int8_onnx(loaded, cfg)
+    onnx_module = module if onnx_loaded is loaded else onnx_loaded.adapter.export_module(onnx_loaded)
     extra = {"recipe_sha256": recipe_sha256} if recipe_sha256 else {}
     records = []
     names, outputs = loaded.adapter.input_names, loaded.adapter.output_names
@@ -340,10 +358,13 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
         start = time.perf_counter()
         if fmt == "onnx":
             axes_doc = {k: {str(a): s for a, s in v.items()} for k, v in loaded.adapter.dynamic_axes().items()}
-            details = export_onnx(module, checks[-1], path, cfg, input_names=names, output_names=outputs,
+            details = export_onnx(onnx_module, checks[-1], path, cfg, input_names=names,
+                                  output_names=outputs,
                                   dynamic_shapes=_dynamic_shapes(loaded, names, checks[-1]),
                                   dynamic_axes_doc=axes_doc)
-            reference = module
+            if onnx_prep:
+                details["quantization"].update(onnx_prep)
+            reference = onnx_module
         else:
             details = export_pte(pte_module, checks[-1], path, cfg, plan=plan)
             reference = pte_module
@@ -374,35 +395,72 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
             raise BadInputError(f"generation export is for decoders; {loaded.family} is not one",
                                 field="generation")
         for fmt in cfg.formats:
-            records.append(export_generation(pte_loaded if fmt == "pte" else loaded, out_dir, fmt,
-                                             cfg, stem=stem, extra=extra, group_size=group,
-                                             rounding=rounding))
+            records.append(export_generation(pte_loaded if fmt == "pte" else onnx_loaded, out_dir,
+                                             fmt, cfg, stem=stem, extra=extra, group_size=group,
+                                             rounding=rounding, rotation=rotation, prep=onnx_prep))
     return records
 
 
 def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
-    """GPTQ-rounded copy of the model for 8da4w (export/gptq.py) when asked for (or, with
-    rounding "auto", when calibration data is given); otherwise the model itself with RTN.
-    Returns (model for the .pte, group size, the GPTQ report as a dict or None)."""
+    """The model the 8da4w program is made from: rotated (export/rotate.py) when asked for or,
+    with rotation "auto", when GPTQ runs on a model that can be rotated; then GPTQ-rounded
+    (export/gptq.py) when asked for or, with rounding "auto", when calibration data is given;
+    otherwise the model itself with RTN. Returns (model for the .pte, group size, the GPTQ
+    report as a dict or None, the rotation report as a dict or None)."""
     from pocketformer.export.quantize import group_for
+    from pocketformer.export.rotate import rotatable, rotate_model
 
     if cfg.quantize != "8da4w":
-        return loaded, cfg.group_size, None
+        return loaded, cfg.group_size, None, None
     group = group_for(module, cfg.group_size)
-    if cfg.rounding == "rtn" or (cfg.rounding == "auto" and not cfg.calibration):
-        return loaded, group, None
-    from pocketformer.data import DataSpec, load_for
+    gptq = not (cfg.rounding == "rtn" or (cfg.rounding == "auto" and not cfg.calibration))
+    rotation = None
+    if cfg.rotation == "on" or (cfg.rotation == "auto" and gptq and rotatable(loaded) is None):
+        loaded, report = rotate_model(loaded, check_inputs=loaded.adapter.example_inputs(loaded))
+        rotation = report.to_dict()
+    if not gptq:
+        return loaded, group, None, rotation
     from pocketformer.export.gptq import gptq_round_model
+
+    batches, spec = _calibration_batches(loaded, cfg)
+    say(f"export: gptq rounding for 8da4w group {group} on {cfg.calibration} "
+        f"({cfg.calibration_samples} samples)")
+    rounded, report = gptq_round_model(loaded, batches, group)
+    return rounded, group, {**report.to_dict(), "calibration": str(spec)}, rotation
+
+
+def _calibration_batches(loaded: LoadedModel, cfg: ExportConfig):
+    from pocketformer.data import DataSpec, load_for
 
     spec = DataSpec.parse(cfg.calibration, field="export.calibration")
     spec.check_exists(field="export.calibration")
     data = load_for(loaded.adapter.data_kind, spec)
     batches = loaded.adapter.calibration_inputs(loaded, data, max_samples=cfg.calibration_samples,
                                                 seq_len=cfg.calibration_seq_len, batch_size=8)
-    say(f"export: gptq rounding for 8da4w group {group} on {cfg.calibration} "
-        f"({cfg.calibration_samples} samples)")
-    rounded, report = gptq_round_model(loaded, batches, group)
-    return rounded, group, {**report.to_dict(), "calibration": str(spec)}
+    return batches, spec
+
+
+def _prepare_int8_onnx(loaded: LoadedModel, cfg: ExportConfig):
+    """The model the int8 ONNX graph is made from. ONNX Runtime's dynamic quantization keeps one
+    uint8 scale per activation tensor, so channels with outliers set it for everything: an RMSNorm
+    decoder is rotated (export/rotate.py) when asked for or, under "auto", when calibration data
+    is given, and with calibration data its FFN down-projection inputs are smoothed (SmoothQuant,
+    alpha `cfg.smoothing`). Both leave the fp32 function unchanged. Returns (model, a dict for
+    the sidecar's quantization section or None)."""
+    from pocketformer.export.rotate import rotatable, rotate_model, smooth_ffn
+
+    if cfg.quantize != "int8" or "onnx" not in cfg.formats:
+        return loaded, None
+    prep = {}
+    can_rotate = rotatable(loaded) is None
+    if cfg.rotation == "on" or (cfg.rotation == "auto" and cfg.calibration and can_rotate):
+        loaded, report = rotate_model(loaded, check_inputs=loaded.adapter.example_inputs(loaded))
+        prep["rotation"] = report.to_dict()
+    if cfg.calibration and cfg.smoothing and loaded.family == "llama":
+        batches, spec = _calibration_batches(loaded, cfg)
+        loaded, report = smooth_ffn(loaded, batches, alpha=cfg.smoothing)
+        prep["smoothing"] = {**report.to_dict(), "calibration": str(spec)}
+    return loaded, (prep or None)
 
 
 RUNTIME_OF = {"onnx": "onnxruntime", "pte": "executorch"}
@@ -419,7 +477,8 @@ def greedy_prompt(loaded: LoadedModel) -> list[int]:
 
 def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportConfig, *,
                       stem: str, extra: dict, group_size: int | None = None,
-                      rounding: dict | None = None) -> ArtifactRecord:
+                      rounding: dict | None = None, rotation: dict | None = None,
+                      prep: dict | None = None) -> ArtifactRecord:
     """The KV-cache generation graph (pocketformer/models/generation.py) for one format, with
     prefill-logit parity and greedy agreement against eager generation."""
     from pocketformer.models.generation import (CachedLM, CacheIOLM, example_step_inputs,
@@ -436,7 +495,7 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
         module = CachedLM(model, max_len).eval()
         if cfg.quantize != "fp32":
             module, plan = quantize_for_executorch(module, cfg.quantize, group_size or cfg.group_size)
-            plan.gptq = rounding
+            plan.gptq, plan.rotation = rounding, rotation
             check_plan(plan, cfg.max_unquantized_share)
         inputs = example_step_inputs(model, max_len)
         names, outputs = module.input_names, module.output_names
@@ -448,6 +507,8 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
         details = export_onnx(module, inputs, path, cfg, input_names=names, output_names=outputs,
                               dynamic_shapes=({1: seq}, None, tuple(None for _ in inputs[2:])),
                               dynamic_axes_doc={"tokens": {"1": "seq"}})
+        if prep and "quantization" in details:
+            details["quantization"].update(prep)
     seconds = time.perf_counter() - start
 
     # prefill logits vs the eager module that was exported, from empty caches (export runs on

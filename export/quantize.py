@@ -47,6 +47,7 @@ class QuantPlan:
     unquantized_params: int = 0
     calibrated: int = 0                          # linears written with calibrated rounding
     gptq: dict | None = None                     # the calibrated rounding's report
+    rotation: dict | None = None                 # the residual-stream rotation's (export/rotate.py)
 
     @property
     def unquantized_share(self) -> float:

@@ -162,6 +162,8 @@ def cmd_export(args) -> int:
         if getattr(args, name):
             raw[name] = getattr(args, name)
     raw["rounding"] = args.rounding
+    raw["rotation"] = args.rotation
+    raw["smoothing"] = args.smoothing or None
     raw["calibration_samples"] = args.samples
     if args.min_delegated_flops is not None:
         raw["min_delegated_flops"] = None if args.min_delegated_flops < 0 else args.min_delegated_flops
@@ -440,9 +442,15 @@ def make_parser():
     e.add_argument("--rounding", default="auto",
                    help="8da4w weights: rtn (round to nearest), gptq (calibrated, needs "
                         "--calibration), auto (gptq when --calibration is given)")
-    e.add_argument("--calibration", help="gptq calibration data, PATH[@START:END] (keep it apart "
-                   "from the text you evaluate on)")
-    e.add_argument("--samples", type=int, default=64, help="gptq calibration samples")
+    e.add_argument("--rotation", default="auto",
+                   help="8da4w / int8 ONNX: rotate the residual stream first (export/rotate.py): "
+                        "on, off, auto (on for RMSNorm decoders with gptq / with --calibration)")
+    e.add_argument("--smoothing", type=float, default=0.5,
+                   help="int8 ONNX with --calibration: SmoothQuant alpha for the FFN down-projection "
+                        "inputs of gated decoders (0 turns it off)")
+    e.add_argument("--calibration", help="calibration data, PATH[@START:END], for 8da4w's gptq "
+                   "rounding and int8 ONNX's smoothing (keep it apart from the text you evaluate on)")
+    e.add_argument("--samples", type=int, default=64, help="calibration samples")
     e.add_argument("--max-unquantized-share", type=float, default=0.0,
                    help="gate: share of linear weights a scheme may leave unquantized (exit 3)")
     e.add_argument("--min-delegated-flops", type=float,

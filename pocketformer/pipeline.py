@@ -90,8 +90,10 @@ def build(recipe: Recipe, out_dir: str | Path) -> Report:
     with clock.stage("export"):
         export_cfg = recipe.export
         if export_cfg.calibration is None and recipe.calibration is not None \
-                and export_cfg.quantize == "8da4w" and export_cfg.rounding != "rtn":
-            # calibrated 4-bit rounding on the recipe's calibration split (never its evaluation)
+                and ((export_cfg.quantize == "8da4w" and export_cfg.rounding != "rtn")
+                     or (export_cfg.quantize == "int8" and "onnx" in export_cfg.formats)):
+            # calibrated 4-bit rounding (8da4w) or outlier smoothing (int8 ONNX) on the recipe's
+            # calibration split (never its evaluation)
             export_cfg = dataclasses.replace(export_cfg, calibration=str(recipe.calibration))
         records = export_model(loaded, out / "artifacts", export_cfg, recipe_sha256=recipe.sha256)
     report.artifacts = [dict(r.to_dict(), path=f"artifacts/{r.path}") for r in records]

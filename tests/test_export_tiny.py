@@ -89,6 +89,8 @@ def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama, small_t
     assert plan["lm_head"].startswith("untied") and q4.parity["passed"]
     assert plan["rounding"] == "gptq" and plan["gptq"]["rounded"] == 6 * 7 + 1
     assert plan["gptq"]["relative_output_error_gptq"] < plan["gptq"]["relative_output_error_rtn"]
+    # with GPTQ on an RMSNorm decoder the stream is rotated first (export/rotate.py)
+    assert plan["rotation"]["residual"] == "randomized-hadamard"
 
 
 def test_group_size_choice_and_skip_gate(tiny_llama, tmp_path, capsys):

@@ -78,6 +78,13 @@ class LlamaAdapter(ModelAdapter):
         mlp = layer.mlp
         return FFNSpec([mlp.gate_proj, mlp.up_proj], mlp.down_proj)
 
+    def norms(self, layer):
+        """The RMSNorms in front of attention and the FFN (export/rotate.py folds their gains)."""
+        return layer.input_layernorm, layer.post_attention_layernorm
+
+    def final_norm(self, model):
+        return model.model.norm
+
     def embeddings(self, model):
         return model.model.embed_tokens
 
