@@ -326,6 +326,10 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
     graph, checked by greedy-token agreement with eager `transformers` generation."""
     cfg = cfg or ExportConfig()
     cfg.validate()
+    if cfg.calibration:
+        from pocketformer.data import DataSpec
+
+        DataSpec.parse(cfg.calibration, field="export.calibration").check_exists(field="export.calibration")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = loaded.adapter.export_module(loaded)
@@ -412,12 +416,13 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
 
     if cfg.quantize != "8da4w":
         return loaded, cfg.group_size, None, None
-    group = group_for(module, cfg.group_size)
     gptq = not (cfg.rounding == "rtn" or (cfg.rounding == "auto" and not cfg.calibration))
     rotation = None
     if cfg.rotation == "on" or (cfg.rotation == "auto" and gptq and rotatable(loaded) is None):
         loaded, report = rotate_model(loaded, check_inputs=loaded.adapter.example_inputs(loaded))
         rotation = report.to_dict()
+    # rotated and GPTQ-rounded, a larger group costs little quality: the default is size first
+    group = group_for(module, cfg.group_size, size_first=bool(gptq and rotation))
     if not gptq:
         return loaded, group, None, rotation
     from pocketformer.export.gptq import gptq_round_model

@@ -85,7 +85,7 @@ def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama, small_t
         quantize="8da4w", formats=["pte"], generation=False, etrecord=False, rounding="gptq",
         calibration=str(small_text), calibration_samples=8, calibration_seq_len=32, **FAST))
     plan = q4.details["quantization"]
-    assert plan["group_size"] == 32 and plan["embeddings"].startswith("int8")
+    assert plan["group_size"] == 64 and plan["embeddings"].startswith("int8")   # size first
     assert plan["lm_head"].startswith("untied") and q4.parity["passed"]
     assert plan["rounding"] == "gptq" and plan["gptq"]["rounded"] == 6 * 7 + 1
     assert plan["gptq"]["relative_output_error_gptq"] < plan["gptq"]["relative_output_error_rtn"]
@@ -96,6 +96,10 @@ def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama, small_t
 def test_group_size_choice_and_skip_gate(tiny_llama, tmp_path, capsys):
     assert choose_group_size([576, 1536]) == 32 and choose_group_size([576, 1536, 1400]) == 16
     assert choose_group_size([48, 96]) == 16 and choose_group_size([576, 1536, 1408]) == 32
+    # rotated + GPTQ-rounded models take the largest dividing group (export/exporters.py)
+    assert choose_group_size([576, 1536], size_first=True) == 192
+    assert choose_group_size([576, 1152, 1536], size_first=True) == 192
+    assert choose_group_size([64, 128], size_first=True) == 64
     loaded = load_model(tiny_llama)
     module = loaded.adapter.export_module(loaded)
     _, plan = quantize_for_executorch(module, "8da4w", group_size=48)   # 64 % 48 != 0
