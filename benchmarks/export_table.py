@@ -29,6 +29,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--quantize", default="fp32,int8,8da4w")
+    p.add_argument("--formats", help="onnx,pte (default: both; 8da4w is .pte only)")
     p.add_argument("--data", required=True, help="held-out evaluation data, PATH[@START:END]")
     p.add_argument("--windows", type=int, default=16, help="perplexity windows")
     p.add_argument("--seq-len", type=int, default=128, help="forward-graph length / ppl window")
@@ -63,6 +64,8 @@ def main() -> int:
     rows = []
     for q in [x.strip() for x in args.quantize.split(",") if x.strip()]:
         formats = ["pte"] if q == "8da4w" else ["onnx", "pte"]
+        if args.formats:
+            formats = [f for f in args.formats.split(",") if f in formats]
         extra = {}
         if q == "8da4w":
             extra = {"group_size": args.group_size, "rounding": args.rounding,

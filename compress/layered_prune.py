@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from pocketformer.compress import width
 from pocketformer.compress.criteria import CRITERIA, CriterionOptions, layer_sensitivity, select_layers
-from pocketformer.compress.recovery import RECOVERIES, DistillOptions, distill, lsq_correct
+from pocketformer.compress.recovery import (RECOVERIES, DistillOptions, TeacherTargets, distill,
+                                            lsq_correct)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel, count_params
@@ -151,6 +152,12 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
     ffn_keep = _ffn_keep_for_target(loaded, config) if config.params_fraction else config.ffn_keep
     ffn_width0 = adapter.ffn(adapter.layers(loaded.model)[0]).width
     kv0 = adapter.attention(adapter.layers(loaded.model)[0], loaded.model.config).num_kv_heads
+    targets, minutes_per_step = None, config.recovery_minutes / max(config.steps, 1)
+    if config.recovery == "distill" and config.recovery_minutes > 0:
+        targets = _teacher_targets(teacher, batches)
+        if targets is not None:
+            # computing them is part of the recovery budget
+            minutes_per_step = max(0.0, config.recovery_minutes - targets.seconds / 60) / config.steps
     kept = list(range(n))            # current layer i is original layer kept[i]
     steps = []
     for step, k in enumerate(_split(config.remove_layers, config.steps), 1):
@@ -177,14 +184,34 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
         elif config.recovery == "distill" and config.recovery_minutes > 0:
             record["recovery"] = distill(
                 loaded, teacher, kept, batches,
-                DistillOptions(minutes=config.recovery_minutes / config.steps, lr=config.lr,
-                               ce_weight=config.ce_weight, seed=config.seed + step), label=f"recovery {step}/{config.steps}")
+                DistillOptions(minutes=minutes_per_step, lr=config.lr,
+                               ce_weight=config.ce_weight, seed=config.seed + step),
+                label=f"recovery {step}/{config.steps}", targets=targets)
         steps.append(record)
     removed = sorted(set(range(n)) - set(kept))
-    return {"layers_before": n, "layers_after": len(kept), "removed": removed, "kept": kept,
+    cache = ({"seconds": round(targets.seconds, 1), "megabytes": round(targets.bytes / 1e6, 1)}
+             if targets is not None else None)
+    return {"teacher_targets": cache, "layers_before": n, "layers_after": len(kept), "removed": removed, "kept": kept,
             "criterion": config.criterion, "recovery": config.recovery, "steps": steps,
             "ffn_keep": ffn_keep, "kv_keep": config.kv_keep,
             "scoring_seconds": round(sum(s["selection"]["seconds"] for s in steps if "selection" in s), 3),
             "scoring_layer_evals": sum(s["selection"]["layer_evals"] for s in steps if "selection" in s),
             "scoring_head_evals": sum(s["selection"]["head_evals"] for s in steps if "selection" in s),
             "recovery_seconds": round(sum(s.get("recovery", {}).get("seconds", 0.0) for s in steps), 1)}
+
+
+def _teacher_targets(teacher: LoadedModel, batches):
+    """The teacher's outputs computed once for all recovery steps (compress/recovery.py), when
+    they take at most a quarter of the available memory; otherwise the teacher runs live."""
+    import os
+
+    need = TeacherTargets.size_bytes(teacher, batches)
+    room = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    if not batches or need > room:
+        say(f"recovery: teacher targets need {need / 1e9:.1f} GB, {room / 1e9:.1f} GB allowed; "
+            "running the teacher live")
+        return None
+    targets = TeacherTargets(teacher, batches)
+    say(f"recovery: teacher targets for {len(batches)} batches in {targets.seconds:.0f} s "
+        f"({targets.bytes / 1e9:.2f} GB)")
+    return targets

@@ -106,22 +106,68 @@ def lsq_correct(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batc
 
 # ---- distillation -------------------------------------------------------------------------------
 
-def _kd_loss(family: str, s_out: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+class TeacherTargets:
+    """The unpruned model's targets on the calibration batches, computed once and reused by every
+    recovery step: its output (log-probabilities for decoders, the sentence embedding for
+    encoders) and every layer's output, stored in fp16. Each distillation step then runs only
+    the student: the teacher's forward pass (more layers than the student) and its log-softmax
+    over the vocabulary were a third of a step's time on SmolLM2. The teacher never changes,
+    so the targets are the numbers the live teacher would give, up to fp16 storage."""
+
+    def __init__(self, teacher: LoadedModel, batches):
+        start = time.perf_counter()
+        adapter = teacher.adapter
+        module = adapter.export_module(teacher)
+        layers = adapter.layers(teacher.model)
+        self.outputs: list[torch.Tensor] = []
+        self.hidden: list[list[torch.Tensor]] = []
+        store: dict = {}
+        hooks = _layer_outputs_hooks(layers, range(len(layers)), store)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    out = module(*batch).float()
+                    if teacher.family != "bert":
+                        out = torch.log_softmax(out, dim=-1)
+                    self.outputs.append(out.to(torch.float16))
+                    self.hidden.append([store[i].detach().to(torch.float16) for i in range(len(layers))])
+        finally:
+            for h in hooks:
+                h.remove()
+        self.family = teacher.family
+        self.seconds = time.perf_counter() - start
+        self.bytes = sum(t.numel() * 2 for t in self.outputs) + sum(
+            t.numel() * 2 for hs in self.hidden for t in hs)
+
+    @staticmethod
+    def size_bytes(teacher: LoadedModel, batches) -> int:
+        """What the cache would hold, to decide whether it fits."""
+        cfg = teacher.model.config
+        tokens = sum(int(b[0].numel()) for b in batches)
+        width = cfg.vocab_size if teacher.family != "bert" else 0
+        return 2 * tokens * (width + cfg.hidden_size * (len(teacher.adapter.layers(teacher.model)) + 1))
+
+
+def _kd_loss(family: str, s_out: torch.Tensor, t_out: torch.Tensor, *, t_is_logp: bool = False,
+             s_logp: torch.Tensor | None = None) -> torch.Tensor:
     if family == "bert":
-        return (1 - nn.functional.cosine_similarity(s_out, t_out, dim=-1)).mean()
-    t_logp = torch.log_softmax(t_out.float(), dim=-1)
-    s_logp = torch.log_softmax(s_out.float(), dim=-1)
+        return (1 - nn.functional.cosine_similarity(s_out, t_out.to(s_out.dtype), dim=-1)).mean()
+    t_logp = t_out.float() if t_is_logp else torch.log_softmax(t_out.float(), dim=-1)
+    if s_logp is None:
+        s_logp = torch.log_softmax(s_out.float(), dim=-1)
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
 
 
 def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
-            opts: DistillOptions, *, label: str = "distill") -> dict:
+            opts: DistillOptions, *, label: str = "distill",
+            targets: TeacherTargets | None = None) -> dict:
     """Train the pruned model (all but the token embeddings and LM head) against the unpruned one
     on the calibration batches until the wall-clock budget runs out: output KD (KL for distributions, 1 - cos for embeddings), the
     next-token loss on the user's text for decoders, and each kept layer's output matched to its
     teacher layer (MSE normalised by the teacher state's energy). AdamW, linear warm-up over the
     first 5% of the budget and linear decay to zero at its end (time-based, since the number of
-    steps a budget buys is not known in advance)."""
+    steps a budget buys is not known in advance). With `targets` (the teacher's outputs on the
+    same batches, computed once) only the student runs."""
     adapter = loaded.adapter
     model = loaded.model
     if not batches:
@@ -143,7 +189,8 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
     s_store: dict = {}
     t_store: dict = {}
     hooks = _layer_outputs_hooks(s_layers, range(len(s_layers)), s_store)
-    hooks += _layer_outputs_hooks(t_layers, kept, t_store)
+    if targets is None:
+        hooks += _layer_outputs_hooks(t_layers, kept, t_store)
     gen = torch.Generator().manual_seed(opts.seed)
     steps = tokens = 0
     losses: list[float] = []
@@ -160,18 +207,25 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
                 for group in opt.param_groups:
                     group["lr"] = opts.lr * min(1.0, frac / 0.05) * (1.0 - frac)
                 batch = batches[bi]
-                with torch.no_grad():
-                    t_out = t_module(*batch)
+                if targets is None:
+                    with torch.no_grad():
+                        t_out = t_module(*batch)
+                else:
+                    t_out = targets.outputs[bi]
+                    t_store = {i: targets.hidden[bi][i] for i in kept}
                 s_out = s_module(*batch)
-                loss = opts.kd_weight * _kd_loss(loaded.family, s_out, t_out)
+                # one log-softmax of the student serves the KL and the next-token loss
+                s_logp = None if loaded.family == "bert" else torch.log_softmax(s_out.float(), dim=-1)
+                loss = opts.kd_weight * _kd_loss(loaded.family, s_out, t_out,
+                                                 t_is_logp=targets is not None, s_logp=s_logp)
                 if opts.ce_weight and loaded.family == "llama":
                     ids = batch[0]
-                    loss = loss + opts.ce_weight * nn.functional.cross_entropy(
-                        s_out[:, :-1].reshape(-1, s_out.shape[-1]).float(), ids[:, 1:].reshape(-1))
+                    loss = loss - opts.ce_weight * s_logp[:, :-1].gather(
+                        -1, ids[:, 1:].unsqueeze(-1)).mean()
                 if opts.hidden_weight:
                     h = 0.0
                     for pos, t_idx in enumerate(kept):
-                        t = t_store[t_idx].detach()
+                        t = t_store[t_idx].detach().to(s_store[pos].dtype)
                         h = h + ((s_store[pos] - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
                     loss = loss + opts.hidden_weight * h / len(kept)
                 opt.zero_grad(set_to_none=True)
@@ -196,5 +250,6 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
     tail = losses[-max(1, min(5, len(losses))):]
     return {"recovery": "distill", "steps": steps, "tokens": tokens,
             "seconds": round(time.perf_counter() - start, 1), "budget_seconds": budget,
+            "loss_step1": losses[0] if losses else math.nan,
             "loss_first": float(sum(head) / len(head)) if losses else math.nan,
             "loss_last": float(sum(tail) / len(tail)) if losses else math.nan, "lr": opts.lr}
