@@ -10,6 +10,8 @@ ONNX Runtime:
     int8   `quantize_dynamic` over MatMul/Gemm: int8 weights per output channel (signed, symmetric),
            uint8 dynamic activations, no reduce_range (that is an x86 AVX2 saturation workaround;
            ARM's sdot/udot kernels use the full range).
+           With calibration data an RMSNorm decoder is rotated and smoothed first
+           (export/rotate.py, exporters._prepare_int8_onnx).
     8da4w  not offered for ONNX (ORT's 4-bit MatMulNBits is a contrib op the mobile builds do not
            all carry); asking for it is a bad-input error naming the format.
 
