@@ -437,8 +437,8 @@ def make_parser():
     e.add_argument("model")
     e.add_argument("--format", default="onnx,pte", help="comma list of onnx, pte")
     e.add_argument("--quantize", default="fp32", help="fp32 | int8 | 8da4w (8da4w: .pte only)")
-    e.add_argument("--group-size", type=int, help="8da4w weight group (default: the largest that "
-                   "divides every quantized width)")
+    e.add_argument("--group-size", type=int, help="8da4w weight group (default: one that divides "
+                   "every quantized width; 32 first, or the largest when rotated and GPTQ-rounded)")
     e.add_argument("--rounding", default="auto",
                    help="8da4w weights: rtn (round to nearest), gptq (calibrated, needs "
                         "--calibration), auto (gptq when --calibration is given)")
