@@ -37,8 +37,9 @@ def test_race_one_table_same_weights_same_perplexity(tiny_race, tmp_path, capsys
     js = tmp_path / "race.json"
     rc = main(["bench", "--llm", str(out / "model-gen.pte"), "--against", f"llama.cpp:{gguf}",
                *ARGS, "--json", str(js)])
-    printed = capsys.readouterr().out
-    assert rc == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert rc == 0, captured.err[-3000:]
     res = json.loads(js.read_text())
     ours, peer = res["rows"]
     assert peer["engine"].startswith("llama.cpp") and res["llamacpp_error"] is None
