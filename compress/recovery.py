@@ -134,7 +134,6 @@ class TeacherTargets:
         finally:
             for h in hooks:
                 h.remove()
-        self.family = teacher.family
         self.seconds = time.perf_counter() - start
         self.bytes = sum(t.numel() * 2 for t in self.outputs) + sum(
             t.numel() * 2 for hs in self.hidden for t in hs)

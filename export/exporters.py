@@ -412,15 +412,11 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
     otherwise the model itself with RTN. Returns (model for the .pte, group size, the GPTQ
     report as a dict or None, the rotation report as a dict or None)."""
     from pocketformer.export.quantize import group_for
-    from pocketformer.export.rotate import rotatable, rotate_model
 
     if cfg.quantize != "8da4w":
         return loaded, cfg.group_size, None, None
     gptq = not (cfg.rounding == "rtn" or (cfg.rounding == "auto" and not cfg.calibration))
-    rotation = None
-    if cfg.rotation == "on" or (cfg.rotation == "auto" and gptq and rotatable(loaded) is None):
-        loaded, report = rotate_model(loaded, check_inputs=loaded.adapter.example_inputs(loaded))
-        rotation = report.to_dict()
+    loaded, rotation = _rotated(loaded, cfg, auto=gptq)
     # rotated and GPTQ-rounded, a larger group costs little quality: the default is size first
     group = group_for(module, cfg.group_size, size_first=bool(gptq and rotation))
     if not gptq:
@@ -434,11 +430,21 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
     return rounded, group, {**report.to_dict(), "calibration": str(spec)}, rotation
 
 
+def _rotated(loaded: LoadedModel, cfg: ExportConfig, *, auto: bool):
+    """The model rotated (export/rotate.py) when rotation is "on", or "auto" and `auto` holds
+    for a model that can be rotated; else unchanged. Returns (model, rotation report or None)."""
+    from pocketformer.export.rotate import rotatable, rotate_model
+
+    if cfg.rotation == "on" or (cfg.rotation == "auto" and auto and rotatable(loaded) is None):
+        rotated, report = rotate_model(loaded, check_inputs=loaded.adapter.example_inputs(loaded))
+        return rotated, report.to_dict()
+    return loaded, None
+
+
 def _calibration_batches(loaded: LoadedModel, cfg: ExportConfig):
     from pocketformer.data import DataSpec, load_for
 
-    spec = DataSpec.parse(cfg.calibration, field="export.calibration")
-    spec.check_exists(field="export.calibration")
+    spec = DataSpec.parse(cfg.calibration, field="export.calibration")   # checked in export_model
     data = load_for(loaded.adapter.data_kind, spec)
     batches = loaded.adapter.calibration_inputs(loaded, data, max_samples=cfg.calibration_samples,
                                                 seq_len=cfg.calibration_seq_len, batch_size=8)
@@ -452,15 +458,14 @@ def _prepare_int8_onnx(loaded: LoadedModel, cfg: ExportConfig):
     is given, and with calibration data its FFN down-projection inputs are smoothed (SmoothQuant,
     alpha `cfg.smoothing`). Both leave the fp32 function unchanged. Returns (model, a dict for
     the sidecar's quantization section or None)."""
-    from pocketformer.export.rotate import rotatable, rotate_model, smooth_ffn
+    from pocketformer.export.rotate import smooth_ffn
 
     if cfg.quantize != "int8" or "onnx" not in cfg.formats:
         return loaded, None
     prep = {}
-    can_rotate = rotatable(loaded) is None
-    if cfg.rotation == "on" or (cfg.rotation == "auto" and cfg.calibration and can_rotate):
-        loaded, report = rotate_model(loaded, check_inputs=loaded.adapter.example_inputs(loaded))
-        prep["rotation"] = report.to_dict()
+    loaded, rotation = _rotated(loaded, cfg, auto=bool(cfg.calibration))
+    if rotation:
+        prep["rotation"] = rotation
     if cfg.calibration and cfg.smoothing and loaded.family == "llama":
         batches, spec = _calibration_batches(loaded, cfg)
         loaded, report = smooth_ffn(loaded, batches, alpha=cfg.smoothing)

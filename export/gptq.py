@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pocketformer.export.quantize import untie_output_head
 from pocketformer.progress import say
 
 QMIN, QMAX = -8, 7
@@ -199,11 +200,8 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
     model = copy.deepcopy(loaded.model).eval()
     adapter = loaded.adapter
     # the head gets its own weight so rounding it does not touch a tied embedding table
+    untie_output_head(adapter, model)
     head = adapter.output_head(model)
-    emb = adapter.embeddings(model)
-    if head is not None and emb is not None and getattr(emb, "weight", None) is head.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        head.pf_untied = True       # so the quantization plan still says the head was untied
     work = copy.copy(loaded)
     work.model = model
     probe = LayerProbe(work)

@@ -89,13 +89,23 @@ def group_for(module: nn.Module, group_size: int | None = None, *, size_first: b
                                            size_first=size_first)
 
 
+def untie_output_head(adapter, model: nn.Module) -> None:
+    """Before rounding or rotating a copy of a model: give an output head tied to the token
+    embedding its own weight, so changing the head leaves the table alone, and mark it, so the
+    quantization plan still reports the untie (`_untie_head`)."""
+    head, emb = adapter.output_head(model), adapter.embeddings(model)
+    if head is not None and emb is not None and getattr(emb, "weight", None) is head.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        head.pf_untied = True
+
+
 def _untie_head(module: nn.Module) -> bool:
     """Give a tied LM head its own weight, so the head can be quantized as a linear and the
     embedding as a table. Returns whether a tie was found."""
     embeds = {id(m.weight): n for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
     tied = False
     for _, lin in _linears(module):
-        tied = tied or bool(getattr(lin, "pf_untied", False))   # untied earlier (export/gptq.py)
+        tied = tied or bool(getattr(lin, "pf_untied", False))   # untied earlier (untie_output_head)
         if id(lin.weight) in embeds:
             lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
             tied = True

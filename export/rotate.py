@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from pocketformer.errors import BadInputError
+from pocketformer.export.quantize import untie_output_head
 from pocketformer.progress import say
 
 
@@ -177,10 +178,8 @@ def rotate_model(loaded, *, seed: int = 0, check_inputs=None):
     start = time.perf_counter()
     adapter = loaded.adapter
     model = copy.deepcopy(loaded.model).eval()
+    untie_output_head(adapter, model)
     emb, head = adapter.embeddings(model), adapter.output_head(model)
-    if head is not None and head.weight is emb.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        head.pf_untied = True       # the quantization plan reports the untie
     gen = torch.Generator().manual_seed(seed)
     d = emb.weight.shape[1]
     q, kind = rotation_matrix(d, gen)
@@ -273,6 +272,7 @@ def smooth_ffn(loaded, batches, *, alpha: float = 0.5):
     adapter = out.adapter
     amax = _down_input_absmax(out, batches)
     ffns = [adapter.ffn(layer) for layer in adapter.layers(out.model)]
+    after = []
     for ffn, a in zip(ffns, amax):
         up, down = ffn.inputs[-1], ffn.output
         w = _as64(down.weight)
@@ -281,9 +281,9 @@ def smooth_ffn(loaded, batches, *, alpha: float = 0.5):
         _set(up.weight, _as64(up.weight) / s[:, None])
         if up.bias is not None:
             _set(up.bias, _as64(up.bias) / s)
-    after = _down_input_absmax(out, batches)
+        after.append(float((_as64(a) / s).max()))   # the input of channel j is now x_j / s_j
     report = SmoothingReport(alpha, len(ffns), sum(int(b[0].shape[0]) for b in batches),
-                             float(max(a.max() for a in amax)), float(max(a.max() for a in after)))
+                             float(max(a.max() for a in amax)), max(after))
     report.seconds = time.perf_counter() - start
     say(f"smoothing: {len(ffns)} down-projections, largest input {report.max_input_before:.1f} -> "
         f"{report.max_input_after:.1f} (alpha {alpha})")
