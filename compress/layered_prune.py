@@ -152,12 +152,11 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
     ffn_keep = _ffn_keep_for_target(loaded, config) if config.params_fraction else config.ffn_keep
     ffn_width0 = adapter.ffn(adapter.layers(loaded.model)[0]).width
     kv0 = adapter.attention(adapter.layers(loaded.model)[0], loaded.model.config).num_kv_heads
-    targets, minutes_per_step = None, config.recovery_minutes / max(config.steps, 1)
-    if config.recovery == "distill" and config.recovery_minutes > 0:
-        targets = _teacher_targets(teacher, batches)
-        if targets is not None:
-            # computing them is part of the recovery budget
-            minutes_per_step = max(0.0, config.recovery_minutes - targets.seconds / 60) / config.steps
+    distilling = config.recovery == "distill" and config.recovery_minutes > 0
+    targets = _teacher_targets(teacher, batches) if distilling else None
+    # computing the targets is part of the recovery budget
+    spent = targets.seconds / 60 if targets is not None else 0.0
+    minutes_per_step = max(0.0, config.recovery_minutes - spent) / config.steps
     kept = list(range(n))            # current layer i is original layer kept[i]
     steps = []
     for step, k in enumerate(_split(config.remove_layers, config.steps), 1):
@@ -181,7 +180,7 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
                 multiple=config.width_multiple)
         if config.recovery == "lsq":
             record["recovery"] = lsq_correct(loaded, teacher, kept, batches)
-        elif config.recovery == "distill" and config.recovery_minutes > 0:
+        elif distilling:
             record["recovery"] = distill(
                 loaded, teacher, kept, batches,
                 DistillOptions(minutes=minutes_per_step, lr=config.lr,
