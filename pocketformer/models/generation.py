@@ -14,6 +14,9 @@ static except T (1 .. max_len), which the exporters keep dynamic.
     CacheIOLM     the caches are inputs and the updated caches outputs (`present_*`): the ONNX
                   form, where the caller carries the cache from step to step.
 
+The ExecuTorch form computes RMSNorm and RoPE with operators XNNPACK takes on a dynamic token
+axis (`XnnpackOps`), so the only cuts in its delegated graph are the cache writes.
+
 RoPE comes from the model's own rotary module (so rope scaling variants follow the config);
 Qwen3's per-head q/k norms are applied when the layer has them. Sliding-window attention
 (Mistral) is not modelled: such models generate correctly only within the window.
@@ -53,12 +56,70 @@ def _write_index(cache, pos, new):
     cache[:, :, pos] = new
 
 
-def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool):
+def _is_rms_norm(norm) -> bool:
+    """transformers' RMSNorm modules (Llama, Qwen2/3, Mistral, ...): y = w * x / rms(x). Gemma's
+    (1 + w) variant keeps its own forward (it names its epsilon `eps`)."""
+    return type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class PlainOps:
+    """Normalisation and RoPE as transformers computes them (the ONNX form)."""
+
+    @staticmethod
+    def norm(module, x):
+        return module(x)
+
+    @staticmethod
+    def rope(x, cos, sin):
+        return x * cos + _rotate_half(x) * sin
+
+
+class XnnpackOps(nn.Module):
+    """The same arithmetic written with operators XNNPACK takes on a graph whose token axis is
+    dynamic, so the delegated graph is not cut inside every layer (the 8da4w generation program
+    of SmolLM2 lowered as 302 partitions, most of its export time, each one a delegate call):
+
+    - RMSNorm: the mean of squares as a product with a constant 1/d column. XNNPACK's mean only
+      averages 4-D tensors over the two inner axes, so `mean(-1)` stayed on portable kernels
+      twice per layer. Statistics in fp32 and the gain after casting back, as in transformers.
+    - RoPE: `rotate_half` (a slice of each half and a concatenation; XNNPACK's slice does not
+      take dynamic shapes) as a product with a constant signed permutation matrix, which is
+      exact: every output is one input times +-1.
+    """
+
+    def __init__(self, widths, head_dim: int):
+        super().__init__()
+        for d in sorted(set(widths)):
+            self.register_buffer(f"mean_{d}", torch.full((1, d), 1.0 / d), persistent=False)
+        h = head_dim // 2
+        rot = torch.zeros(head_dim, head_dim)
+        rot[torch.arange(h), torch.arange(h) + h] = -1.0      # out[i] = -x[i + h], i < h
+        rot[torch.arange(h) + h, torch.arange(h)] = 1.0       # out[i + h] = x[i]
+        self.register_buffer("rotate", rot, persistent=False)
+
+    def norm(self, module, x):
+        if not _is_rms_norm(module):
+            return module(x)
+        dtype = x.dtype
+        xf = x.to(torch.float32)
+        var = nn.functional.linear(xf * xf, getattr(self, f"mean_{x.shape[-1]}"))
+        return module.weight * (xf * torch.rsqrt(var + module.variance_epsilon)).to(dtype)
+
+    def rope(self, x, cos, sin):
+        return x * cos + nn.functional.linear(x, self.rotate) * sin
+
+
+def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool, ops=PlainOps):
     """Shared body. `caches` is a list of (k, v) tensors updated in place: through a narrowed
     view at a data-dependent start (ExecuTorch: a slice copy into the planned buffer), or by
-    index assignment (ONNX: ScatterND)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
+    index assignment (ONNX: ScatterND). `ops` computes the normalisations and RoPE. Batch 1:
+    reshapes name every size but the token axis (XNNPACK reshapes only with one inferred
+    dimension and no symbolic one) and attention is a 3-D batched matmul over KV heads."""
     hd = _head_dim(model)
     t = tokens.shape[1]
     pos = input_pos + torch.arange(t, dtype=input_pos.dtype)
@@ -68,37 +129,44 @@ def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool):
         torch._check(start + t <= mask_table.shape[0])
     h = model.model.embed_tokens(tokens)
     cos, sin = model.model.rotary_emb(h, pos.unsqueeze(0))
-    mask = mask_table.index_select(0, pos).unsqueeze(0).unsqueeze(0)  # [1, 1, T, max_len]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)                     # [1, T, 1, hd], all layers
+    mask = mask_table.index_select(0, pos).unsqueeze(0)               # [1, T, max_len]
+    masks = {1: mask}   # the mask repeated per query group, once per distinct group count
+    scale = hd ** -0.5
     for layer, (kc, vc) in zip(model.model.layers, caches):
         sa = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = sa.q_proj(x).view(1, t, -1, hd)
-        k = sa.k_proj(x).view(1, t, -1, hd)
-        v = sa.v_proj(x).view(1, t, -1, hd).transpose(1, 2)
+        nq, nkv, length = sa.q_proj.out_features // hd, kc.shape[1], kc.shape[2]
+        x = ops.norm(layer.input_layernorm, h)
+        q = sa.q_proj(x).view(1, -1, nq, hd)
+        k = sa.k_proj(x).view(1, -1, nkv, hd)
+        v = sa.v_proj(x).view(1, -1, nkv, hd).transpose(1, 2)
         if getattr(sa, "q_norm", None) is not None:
-            q, k = sa.q_norm(q), sa.k_norm(k)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = ops.norm(sa.q_norm, q), ops.norm(sa.k_norm, k)
+        q = ops.rope(q, cos, sin)                                     # [1, T, nq, hd]
+        k = ops.rope(k, cos, sin).transpose(1, 2)                     # [1, nkv, T, hd]
         if narrow:
             _write_narrow(kc, start, t, k)
             _write_narrow(vc, start, t, v)
         else:
             _write_index(kc, pos, k)
             _write_index(vc, pos, v)
-        kv = kc.shape[1]
-        groups = q.shape[1] // kv
+        groups = nq // nkv
         # GQA without copying the cache: the query heads that share a KV head (heads are ordered
         # kv-major, as transformers' repeat_kv has them) are folded into the query-length axis,
-        # so each KV head is multiplied once instead of being expanded `groups` times over the
-        # whole cache every step (that expand was a third of a SmolLM2 decode step).
-        qg = q.contiguous().unflatten(1, (kv, groups)).flatten(2, 3)      # [1, kv, groups*T, hd]
-        mask_g = mask.repeat(1, 1, groups, 1) if groups > 1 else mask
+        # row t * groups + g, so each KV head is multiplied once instead of being expanded
+        # `groups` times over the whole cache every step (that expand was a third of a SmolLM2
+        # decode step). Token-major rows make both reshapes plain merges/splits of one axis.
+        qg = q.view(1, -1, nkv, groups * hd).transpose(1, 2).reshape(nkv, -1, hd)  # [kv, T*g, hd]
+        if groups not in masks:
+            masks[groups] = mask.repeat_interleave(groups, dim=1)
         # written out rather than F.scaled_dot_product_attention, whose decomposition adds
         # boolean "fully masked row" guards that XNNPACK cannot take
-        scores = torch.matmul(qg, kc.transpose(2, 3)) * (hd ** -0.5) + mask_g
-        a = torch.matmul(torch.softmax(scores, dim=-1), vc).unflatten(2, (groups, t)).flatten(1, 2)
-        h = h + sa.o_proj(a.transpose(1, 2).reshape(1, t, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(model.model.norm(h))
+        scores = torch.bmm(qg, kc.view(nkv, length, hd).transpose(1, 2)) * scale + masks[groups]
+        a = torch.bmm(torch.softmax(scores, dim=-1), vc.view(nkv, length, hd))   # [kv, T*g, hd]
+        a = a.view(nkv, -1, groups * hd).transpose(0, 1).reshape(1, -1, nq * hd)
+        h = h + sa.o_proj(a)
+        h = h + layer.mlp(ops.norm(layer.post_attention_layernorm, h))
+    return model.lm_head(ops.norm(model.model.norm, h))
 
 
 class CachedLM(nn.Module):
@@ -112,6 +180,7 @@ class CachedLM(nn.Module):
         self.model = model
         self.max_len = max_len
         self.register_buffer("mask_table", causal_table(max_len), persistent=False)
+        self.ops = XnnpackOps([model.config.hidden_size, _head_dim(model)], _head_dim(model))
         for i, shape in enumerate(cache_shapes(model, max_len)):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
@@ -121,7 +190,8 @@ class CachedLM(nn.Module):
         return [(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")) for i in range(n)]
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return _step(self.model, tokens, input_pos, self.caches(), self.mask_table, narrow=True)
+        return _step(self.model, tokens, input_pos, self.caches(), self.mask_table, narrow=True,
+                     ops=self.ops)
 
 
 class CacheIOLM(nn.Module):
