@@ -34,6 +34,8 @@ class LayeredPruneConfig:
     recovery_minutes: float = 5.0     # total distillation budget, split evenly over the steps
     lr: float = 5e-5
     ce_weight: float = 1.0            # next-token loss on the user's text beside KD (decoders)
+    teacher_top_k: int = 0            # decoders: keep the teacher's top-k tokens per position
+                                      # (0: the whole distribution) so more text fits in memory
     sketch_dim: int = 64
     sketch: str = "gaussian"
     sample_fraction: float = 0.25
@@ -65,6 +67,8 @@ class LayeredPruneConfig:
         if self.steps < 1 or (self.remove_layers and self.steps > self.remove_layers):
             raise BadInputError(f"must be between 1 and remove_layers ({self.remove_layers})",
                                 field="steps")
+        if self.teacher_top_k < 0:
+            raise BadInputError("must be >= 0 (0: the whole distribution)", field="teacher_top_k")
         if self.recovery_minutes < 0 or self.lr <= 0:
             raise BadInputError("recovery_minutes must be >= 0 and lr > 0", field="recovery_minutes")
         if self.sketch not in ("gaussian", "rademacher") or self.sketch_dim < 1:
@@ -153,7 +157,7 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
     ffn_width0 = adapter.ffn(adapter.layers(loaded.model)[0]).width
     kv0 = adapter.attention(adapter.layers(loaded.model)[0], loaded.model.config).num_kv_heads
     distilling = config.recovery == "distill" and config.recovery_minutes > 0
-    targets = _teacher_targets(teacher, batches) if distilling else None
+    targets = _teacher_targets(teacher, batches, config.teacher_top_k) if distilling else None
     # computing the targets is part of the recovery budget
     spent = targets.seconds / 60 if targets is not None else 0.0
     minutes_per_step = max(0.0, config.recovery_minutes - spent) / config.steps
@@ -188,7 +192,8 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
                 label=f"recovery {step}/{config.steps}", targets=targets)
         steps.append(record)
     removed = sorted(set(range(n)) - set(kept))
-    cache = ({"seconds": round(targets.seconds, 1), "megabytes": round(targets.bytes / 1e6, 1)}
+    cache = ({"seconds": round(targets.seconds, 1), "megabytes": round(targets.bytes / 1e6, 1),
+              "top_k": targets.top_k or None}
              if targets is not None else None)
     return {"teacher_targets": cache, "layers_before": n, "layers_after": len(kept), "removed": removed, "kept": kept,
             "criterion": config.criterion, "recovery": config.recovery, "steps": steps,
@@ -199,18 +204,18 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
             "recovery_seconds": round(sum(s.get("recovery", {}).get("seconds", 0.0) for s in steps), 1)}
 
 
-def _teacher_targets(teacher: LoadedModel, batches):
+def _teacher_targets(teacher: LoadedModel, batches, top_k: int = 0):
     """The teacher's outputs computed once for all recovery steps (compress/recovery.py), when
     they take at most a quarter of the available memory; otherwise the teacher runs live."""
     import os
 
-    need = TeacherTargets.size_bytes(teacher, batches)
+    need = TeacherTargets.size_bytes(teacher, batches, top_k)
     room = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     if not batches or need > room:
         say(f"recovery: teacher targets need {need / 1e9:.1f} GB, {room / 1e9:.1f} GB allowed; "
             "running the teacher live")
         return None
-    targets = TeacherTargets(teacher, batches)
+    targets = TeacherTargets(teacher, batches, top_k)
     say(f"recovery: teacher targets for {len(batches)} batches in {targets.seconds:.0f} s "
-        f"({targets.bytes / 1e9:.2f} GB)")
+        f"({targets.bytes / 1e9:.2f} GB{f', top {top_k} tokens' if targets.top_k else ''})")
     return targets

@@ -3,6 +3,7 @@ per-layer widths save and reload, GQA groups stay whole."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -218,3 +219,41 @@ def test_cached_teacher_targets_give_the_live_teachers_loss(family, request, sma
         assert (len(calls) == 0) == cached
     # same weights, same (seeded) first batch: the same loss up to the fp16 storage
     assert results[True]["loss_step1"] == pytest.approx(results[False]["loss_step1"], rel=2e-3)
+
+
+def test_top_k_teacher_targets_bound_and_match_the_full_kl(tiny_llama, small_text):
+    """The top-k teacher cache (k tokens + "any other") gives the KL of the coarsened
+    distributions: at most the full KL, equal to it when k covers the vocabulary; it stores
+    k values per position instead of the vocabulary, and distillation runs on it."""
+    import copy
+
+    from pocketformer.compress.recovery import (DistillOptions, TeacherTargets, TopK, _kd_loss,
+                                                distill)
+    from pocketformer.models import LoadedModel
+
+    loaded = load_model(tiny_llama)
+    teacher = LoadedModel(loaded.adapter, copy.deepcopy(loaded.model), loaded.tokenizer,
+                          loaded.source, dict(loaded.extras))
+    batches = _calib(loaded, small_text, n=8).inputs(loaded)
+    vocab = loaded.model.config.vocab_size
+    full = TeacherTargets(teacher, batches)
+    top = TeacherTargets(teacher, batches, top_k=8)
+    every = TeacherTargets(teacher, batches, top_k=vocab)
+    assert isinstance(top.outputs[0], TopK) and top.outputs[0].index.shape[-1] == 8
+    assert top.bytes < full.bytes
+    assert TeacherTargets.size_bytes(teacher, batches, 8) >= top.bytes
+    # a student that differs from the teacher: the pruned model
+    loaded.adapter.keep_layers(loaded.model, [0, 5])
+    with torch.no_grad():
+        s_out = loaded.adapter.export_module(loaded)(*batches[0]).float()
+    kl_full = _kd_loss("llama", s_out, full.outputs[0], t_is_logp=True).item()
+    kl_top = _kd_loss("llama", s_out, top.outputs[0]).item()
+    kl_every = _kd_loss("llama", s_out, every.outputs[0]).item()
+    assert kl_full > 1e-3
+    assert 0 < kl_top <= kl_full + 1e-4
+    assert kl_every == pytest.approx(kl_full, rel=1e-2)
+    rec = distill(loaded, teacher, [0, 5], batches, DistillOptions(minutes=0.02, seed=0),
+                  targets=top)
+    assert rec["steps"] >= 1 and math.isfinite(rec["loss_last"])
+    with pytest.raises(BadInputError, match="teacher_top_k"):
+        parse_params(get_method("layered-prune"), {"remove_layers": 2, "teacher_top_k": -1})
