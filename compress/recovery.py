@@ -163,7 +163,7 @@ class TopK:
 
     @property
     def nbytes(self) -> int:
-        return self.logp.numel() * 2 + self.index.numel() * 4
+        return self.logp.nbytes + self.index.nbytes
 
 
 def _kd_loss(family: str, s_out: torch.Tensor, t_out, *, t_is_logp: bool = False,

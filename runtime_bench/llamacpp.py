@@ -669,7 +669,7 @@ def llama_perplexity(build: LlamaCppBuild, gguf, text_file, *, ctx: int = 256,
     # before the program exits"), so a run that exits 0 can lose its last lines, the final
     # estimate among them; seen on tiny models, whose whole run takes milliseconds. Such a run is
     # repeated, at most twice more.
-    for attempt in range(3):
+    for _ in range(3):
         res, usage = _launch(build, cmd, what="llama-perplexity", timeout=timeout)
         text = res.stdout + "\n" + res.stderr
         m = _PPL_FINAL.search(text)

@@ -62,11 +62,6 @@ def _is_rms_norm(norm) -> bool:
     return type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class PlainOps:
     """Normalisation and RoPE as transformers computes them (the ONNX form)."""
 
@@ -76,7 +71,9 @@ class PlainOps:
 
     @staticmethod
     def rope(x, cos, sin):
-        return x * cos + _rotate_half(x) * sin
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        return x * cos + rotate_half(x) * sin
 
 
 class XnnpackOps(nn.Module):
@@ -180,7 +177,8 @@ class CachedLM(nn.Module):
         self.model = model
         self.max_len = max_len
         self.register_buffer("mask_table", causal_table(max_len), persistent=False)
-        self.ops = XnnpackOps([model.config.hidden_size, _head_dim(model)], _head_dim(model))
+        hd = _head_dim(model)
+        self.ops = XnnpackOps([model.config.hidden_size, hd], hd)
         for i, shape in enumerate(cache_shapes(model, max_len)):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
