@@ -17,6 +17,7 @@ import time
 
 from pocketformer import fsutil
 from pocketformer.compress import Calibration, get_method, parse_params, run_step
+from pocketformer.compress.layered_prune import _teacher_targets
 from pocketformer.compress.recovery import DistillOptions, distill
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
@@ -40,6 +41,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--eval-max-windows", type=int, default=32)
+    p.add_argument("--teacher-top-k", type=int, default=0,
+                   help="distillation against the teacher's cached top-k tokens (as the recipe option)")
+    p.add_argument("--sample-fraction", type=float,
+                   help="the personalized criterion's share of batches per round (recipe option)")
     p.add_argument("--dense-recovery", action="store_true",
                    help="also train the unpruned model with the same recovery budget")
     p.add_argument("--json")
@@ -70,14 +75,20 @@ def main() -> int:
             teacher = LoadedModel(loaded.adapter, copy.deepcopy(loaded.model), loaded.tokenizer,
                                   loaded.source, dict(loaded.extras))
             n = len(loaded.adapter.layers(loaded.model))
-            rec = distill(loaded, teacher, list(range(n)), calib.inputs(loaded),
-                          DistillOptions(minutes=a.recovery_minutes, lr=a.lr), label="dense recovery")
+            batches = calib.inputs(loaded)
+            targets = _teacher_targets(teacher, batches, a.teacher_top_k)
+            rec = distill(loaded, teacher, list(range(n)), batches,
+                          DistillOptions(minutes=a.recovery_minutes, lr=a.lr), label="dense recovery",
+                          targets=targets)
             details = {"removed": [], "scoring_seconds": 0.0, "recovery_seconds": rec["seconds"],
                        "scoring_layer_evals": 0, "scoring_head_evals": 0}
         else:
             cfg = parse_params(method, {"remove_layers": a.remove_layers, "criterion": criterion,
                                         "recovery": a.recovery, "recovery_minutes": a.recovery_minutes,
-                                        "steps": a.steps, "lr": a.lr})
+                                        "steps": a.steps, "lr": a.lr,
+                                        "teacher_top_k": a.teacher_top_k,
+                                        **({"sample_fraction": a.sample_fraction}
+                                           if a.sample_fraction is not None else {})})
             details = run_step(loaded, "layered-prune", cfg, calib)["details"]
         q = evaluate(loaded, task, ev, opts=opts)
         row = {"criterion": criterion, "removed": details["removed"],
