@@ -38,6 +38,9 @@ def main() -> int:
     p.add_argument("--hidden-minutes", type=float, default=0.5)
     p.add_argument("--distill-minutes", type=float, default=2.0)
     p.add_argument("--eval-max-windows", type=int, default=32)
+    p.add_argument("--b-share", type=float, default=0.5, help="see: share of the unit tables for B")
+    p.add_argument("--frequency-weight", type=float, default=0.0,
+                   help="stage 1a row weights from calibration counts (see and svd alike)")
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args()
@@ -56,8 +59,12 @@ def main() -> int:
         for name in a.methods.split(","):
             method, extra = METHODS[name]
             loaded = load_model(a.model)
-            cfg = parse_params(get_method(method), {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
-                                                    "distill_minutes": a.distill_minutes, **extra})
+            params = {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
+                      "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
+                      **extra}
+            if method == "see":
+                params["b_share"] = a.b_share
+            cfg = parse_params(get_method(method), params)
             start = time.perf_counter()
             details = run_step(loaded, method, cfg, Calibration(cal, seq_len=a.seq_len, max_samples=a.samples,
                                                                  batch_size=a.batch_size))["details"]

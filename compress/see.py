@@ -40,6 +40,9 @@ class SEEConfig:
     max_rank: int | None = None      # rank terms per token; default 4, or 2 above ratio 20
     inventory: str = "wordnet"       # wordnet | random (same structure, units assigned at random)
     knowledge_share: float = 0.6     # share of the A table reserved for WordNet units
+    b_share: float = 0.5             # share of the unit-table parameters that goes to B
+    frequency_weight: float = 0.0    # stage 1a: row v counts 1 + this x (its calibration count
+                                     # / the mean count of the tokens that occur)
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
@@ -58,6 +61,10 @@ class SEEConfig:
             raise BadInputError("must be in 1..16", field="max_rank")
         if not 0 <= self.knowledge_share < 1:
             raise BadInputError("must be in [0, 1)", field="knowledge_share")
+        if not 0 < self.b_share < 1:
+            raise BadInputError("must be in (0, 1)", field="b_share")
+        if self.frequency_weight < 0:
+            raise BadInputError("must be >= 0", field="frequency_weight")
         if min(self.hidden_minutes, self.distill_minutes) < 0 or self.reconstruct_steps < 0:
             raise BadInputError("budgets must be >= 0", field="distill_minutes")
 
@@ -127,22 +134,23 @@ class Plan:
     stats: dict
 
 
-def budget(V: int, d: int, d1: int, d2: int, ratio: float, R: int) -> tuple[int, int]:
+def budget(V: int, d: int, d1: int, d2: int, ratio: float, R: int, b_share: float = 0.5
+           ) -> tuple[int, int]:
     """Unit counts (U_a, U_b) whose tables plus the V x R coefficients fit V d / ratio parameters,
-    split evenly between the two tables."""
+    a `b_share` of the table parameters going to B."""
     total = V * d / ratio - V * R
     if total <= d1 + d2:
         raise BadInputError(f"ratio {ratio:g} cannot be met: the {V} x {R} coefficients alone need "
                             f"{V * R:,} of the {int(V * d / ratio):,} parameters allowed; "
                             "lower the ratio or max_rank", field="ratio")
-    return max(1, int(total / 2 / d1)), max(1, int(total / 2 / d2))
+    return max(1, int(total * (1 - b_share) / d1)), max(1, int(total * b_share / d2))
 
 
 def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int, cfg: SEEConfig,
                wordnet=None) -> Plan:
     V, d = E.shape
     R = cfg.rank()
-    Ua, Ub = budget(V, d, d1, d2, cfg.ratio, R)
+    Ua, Ub = budget(V, d, d1, d2, cfg.ratio, R, cfg.b_share)
     index_a = torch.zeros(V, R, dtype=torch.long)
     active = torch.zeros(V, R, dtype=torch.bool)
     senses: dict[int, list[tuple[str, ...]]] = {}
@@ -224,17 +232,21 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
 # ---- training -----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: int = 10) -> list[float]:
+def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: int = 10,
+        weights: torch.Tensor | None = None) -> list[float]:
     """Alternating least squares on ||sum_r c A[ia] (x) B[ib] - e||^2 over all tokens: each sweep
     solves, in closed form, every A row, then every B row, then every coefficient, each against
-    the residual that leaves its own term out (block coordinate descent; the error never rises)."""
+    the residual that leaves its own term out (block coordinate descent; the error never rises).
+    With `weights` (V), token v's squared error counts w_v times (the unit updates weight each
+    token's share; a token's own coefficients are unaffected)."""
     V, R = emb.index_a.shape
     d1, d2 = emb.table_a.shape[1], emb.table_b.shape[1]
     M = E.view(V, d1, d2).float()
     ia, ib = emb.index_a, emb.index_b
     mask = active.float()
     errors = []
-    norm = float((E ** 2).sum())
+    w = torch.ones(V) if weights is None else weights.float()
+    norm = float((w.unsqueeze(-1) * E ** 2).sum())
 
     def residual_terms():
         a, b = emb.table_a[ia], emb.table_b[ib]                       # V R d1, V R d2
@@ -245,15 +257,16 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
     for _ in range(iters):
         Rv, a, b = residual_terms()
         c = emb.coef * mask
-        num = torch.einsum("vr,vrij,vrj->vri", c, Rv, b).reshape(-1, d1)
-        den = ((c ** 2) * (b ** 2).sum(-1)).reshape(-1)
+        cw = c * w.unsqueeze(-1)                                      # token weights in the sums
+        num = torch.einsum("vr,vrij,vrj->vri", cw, Rv, b).reshape(-1, d1)
+        den = (cw * c * (b ** 2).sum(-1)).reshape(-1)
         A_num = torch.zeros_like(emb.table_a).index_add_(0, ia.reshape(-1), num)
         A_den = torch.zeros(emb.table_a.shape[0]).index_add_(0, ia.reshape(-1), den)
         used = A_den > 1e-12
         emb.table_a[used] = A_num[used] / A_den[used].unsqueeze(-1)
         Rv, a, b = residual_terms()
-        num = torch.einsum("vr,vrij,vri->vrj", c, Rv, a).reshape(-1, d2)
-        den = ((c ** 2) * (a ** 2).sum(-1)).reshape(-1)
+        num = torch.einsum("vr,vrij,vri->vrj", cw, Rv, a).reshape(-1, d2)
+        den = (cw * c * (a ** 2).sum(-1)).reshape(-1)
         B_num = torch.zeros_like(emb.table_b).index_add_(0, ib.reshape(-1), num)
         B_den = torch.zeros(emb.table_b.shape[0]).index_add_(0, ib.reshape(-1), den)
         used = B_den > 1e-12
@@ -264,24 +277,27 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
         gram = K @ K.transpose(1, 2) + 1e-6 * torch.eye(R)
         rhs = (K @ M.reshape(V, -1, 1)).squeeze(-1)
         emb.coef.copy_(torch.linalg.solve(gram, rhs) * mask)
-        errors.append(float(((emb.rows(torch.arange(V)) - E) ** 2).sum() / norm))
+        errors.append(float((w.unsqueeze(-1) * (emb.rows(torch.arange(V)) - E) ** 2).sum() / norm))
     return errors
 
 
 def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, seed: int,
-             active: torch.Tensor | None = None) -> dict:
-    """Stage 1a: minimise ||E_see - E||_F^2 / ||E||_F^2 over the whole vocabulary: alternating
-    least squares first, then full-batch Adam on all parameters jointly."""
+             active: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> dict:
+    """Stage 1a: minimise ||E_see - E||_F^2 / ||E||_F^2 over the whole vocabulary (each row's
+    error counted `weights[v]` times when given): alternating least squares first, then
+    full-batch Adam on all parameters jointly."""
     torch.manual_seed(seed)
-    als_errors = als(emb, E, active if active is not None else emb.coef.detach() != 0)
+    als_errors = als(emb, E, active if active is not None else emb.coef.detach() != 0,
+                     weights=weights)
     opt = torch.optim.Adam([emb.table_a, emb.table_b, emb.coef], lr=lr)
-    norm = float((E ** 2).sum())
+    w = (torch.ones(E.shape[0]) if weights is None else weights.float()).unsqueeze(-1)
+    norm = float((w * E ** 2).sum())
     ids = torch.arange(E.shape[0])
     first = last = math.nan
     for step in progress(range(steps), "SEE rows", total=steps):
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        loss = ((emb.rows(ids) - E) ** 2).sum() / norm
+        loss = (w * (emb.rows(ids) - E) ** 2).sum() / norm
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -289,9 +305,29 @@ def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, se
             first = loss.item()
         last = loss.item()
     with torch.no_grad():
-        rel = float(((emb.rows(ids) - E) ** 2).sum() / norm)
+        err = (emb.rows(ids) - E) ** 2
+        rel = float(err.sum() / (E ** 2).sum())
+        weighted = float((w * err).sum() / norm)
     return {"als_errors": [round(e, 4) for e in als_errors], "steps": steps, "loss_first": first,
-            "loss_last": last, "relative_error": rel}
+            "loss_last": last, "relative_error": rel,
+            **({"weighted_relative_error": weighted} if weights is not None else {})}
+
+
+def row_weights(batches, V: int, strength: float) -> torch.Tensor | None:
+    """Stage 1a's row weights from the calibration data: 1 + strength x count / mean count over
+    the tokens that occur (padding excluded), so rows the user's text uses are fitted first and
+    every other row still counts once. None when strength is 0 or there is no data."""
+    if strength <= 0 or not batches:
+        return None
+    n = torch.zeros(V)
+    for batch in batches:
+        ids = batch[0]
+        mask = batch[1].bool() if len(batch) > 1 and batch[1].shape == ids.shape else torch.ones_like(ids, dtype=torch.bool)
+        n.index_add_(0, ids[mask].reshape(-1), torch.ones(int(mask.sum())))
+    seen = n > 0
+    if not seen.any():
+        return None
+    return 1 + strength * n / n[seen].mean()
 
 
 def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> EntangledEmbedding:
@@ -423,7 +459,8 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     say(f"see: planning units for {V} tokens (d = {d1} x {d2}, ratio {config.ratio:g})")
     plan = plan_units(tokens, loaded.family, E, d1, d2, config)
     module = init_entangled(plan, d1, d2, E, config.seed)
-    rows = fit_rows(module, E, config.reconstruct_steps, config.lr, config.seed, plan.active)
+    weights = row_weights(calib.inputs(loaded) if calib is not None else [], V, config.frequency_weight)
+    rows = fit_rows(module, E, config.reconstruct_steps, config.lr, config.seed, plan.active, weights)
     tied, stages = _replace_and_train(loaded, module, calib, config, "see")
     before = V * d
     return {"vocab": V, "d": d, "factors": [d1, d2], "tied_head": tied, "plan": plan.stats,
@@ -437,11 +474,14 @@ class EmbedSVDConfig:
     hidden_minutes: float = 0.5
     distill_minutes: float = 2.0
     distill_lr: float = 1e-3
+    frequency_weight: float = 0.0    # as see's: a row-weighted truncated SVD
     seed: int = 0
 
     def validate(self) -> None:
         if self.ratio <= 1:
             raise BadInputError("must be > 1", field="ratio")
+        if self.frequency_weight < 0:
+            raise BadInputError("must be >= 0", field="frequency_weight")
 
     def needs_calibration(self) -> bool:
         return self.hidden_minutes > 0 or self.distill_minutes > 0
@@ -456,8 +496,12 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     k = int(V * d / config.ratio / (V + d))
     if k < 1:
         raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table", field="ratio")
-    U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
-    module = FactoredEmbedding((U[:, :k] * S[:k]).float(), Vh[:k].float())
+    # Row weights w: the best rank-k fit of sum_v w_v ||p_v Q - e_v||^2 is the truncated SVD of
+    # diag(sqrt w) E with its left factor scaled back by 1 / sqrt w.
+    w = row_weights(calib.inputs(loaded) if calib is not None else [], V, config.frequency_weight)
+    sw = torch.ones(V, 1, dtype=torch.float64) if w is None else w.double().sqrt().unsqueeze(-1)
+    U, S, Vh = torch.linalg.svd(sw * E.double(), full_matrices=False)
+    module = FactoredEmbedding((U[:, :k] * S[:k] / sw).float(), Vh[:k].float())
     rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
     tied, stages = _replace_and_train(loaded, module, calib, config, "embed-svd")
     return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,

@@ -22,7 +22,7 @@ from pocketformer.progress import say
 from pocketformer.versions import versions
 from pocketformer.export.delegation import delegation_report
 from pocketformer.export.parity import compare
-from pocketformer.export.quantize import (SCHEMES, QuantPlan, check_plan, quantize_for_executorch,
+from pocketformer.export.quantize import (HEAD_SCHEMES, SCHEMES, QuantPlan, check_plan, quantize_for_executorch,
                                           quantize_onnx_dynamic)
 from pocketformer.export.runtimes import open_artifact, open_generator
 
@@ -39,6 +39,7 @@ class ExportConfig:
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
     quantize: str = "fp32"              # fp32 | int8 | 8da4w (see export/quantize.py)
     group_size: int | None = None       # 8da4w weight group; default: largest dividing every width
+    lm_head: str = "int4"               # 8da4w: the output head's weights, int4 (grouped) or int8
     max_unquantized_share: float = 0.0  # gate: share of linear weights a scheme may leave in fp32
     batch: int = 1                 # example batch for the .pte (static) and parity inputs
     seq_len: int | None = None     # example/static sequence length; adapter default if unset
@@ -77,6 +78,9 @@ class ExportConfig:
             raise BadInputError("batch must be >= 1 and seq_len >= 2", field="seq_len")
         if self.group_size is not None and self.group_size < 1:
             raise BadInputError("must be >= 1", field="group_size")
+        if self.lm_head not in HEAD_SCHEMES:
+            raise BadInputError(f"expected one of {', '.join(HEAD_SCHEMES)}, got {self.lm_head!r}",
+                                field="lm_head")
         if not 0 <= self.max_unquantized_share <= 1:
             raise BadInputError("must be in [0, 1]", field="max_unquantized_share")
         if self.min_delegated_flops is not None and not 0 <= self.min_delegated_flops <= 1:
@@ -342,7 +346,7 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
         say(f"export: quantize {cfg.quantize} for ExecuTorch")
         pte_module, plan = quantize_for_executorch(
             module if pte_loaded is loaded else pte_loaded.adapter.export_module(pte_loaded),
-            cfg.quantize, group)
+            cfg.quantize, group, lm_head=cfg.lm_head)
         plan.gptq, plan.rotation = rounding, rotation
         check_plan(plan, cfg.max_unquantized_share)
     onnx_loaded, onnx_prep = _prepare_int8_onnx(loaded, cfg)
@@ -426,7 +430,7 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
     batches, spec = _calibration_batches(loaded, cfg)
     say(f"export: gptq rounding for 8da4w group {group} on {cfg.calibration} "
         f"({cfg.calibration_samples} samples)")
-    rounded, report = gptq_round_model(loaded, batches, group)
+    rounded, report = gptq_round_model(loaded, batches, group, include_head=cfg.lm_head == "int4")
     return rounded, group, {**report.to_dict(), "calibration": str(spec)}, rotation
 
 
@@ -504,7 +508,8 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
     if fmt == "pte":
         module = CachedLM(model, max_len).eval()
         if cfg.quantize != "fp32":
-            module, plan = quantize_for_executorch(module, cfg.quantize, group_size or cfg.group_size)
+            module, plan = quantize_for_executorch(module, cfg.quantize, group_size or cfg.group_size,
+                                                   lm_head=cfg.lm_head)
             plan.gptq, plan.rotation = rounding, rotation
             check_plan(plan, cfg.max_unquantized_share)
         inputs = example_step_inputs(model, max_len)

@@ -5,7 +5,9 @@ ExecuTorch (torchao `quantize_`, lowered to XNNPACK):
            (8da8w). Embeddings stay fp32.
     8da4w  every nn.Linear: int4 weights in groups of `group_size` input channels, int8 dynamic
            activations; every nn.Embedding (and a tied LM head's table, which is untied first):
-           int8 weights per row.
+           int8 weights per row. `lm_head="int8"` gives the output head 8da8w (int8 weights per
+           output channel) instead, as llama.cpp keeps its output/token table at 8 bits (Q8_0) in
+           its 4-bit files: the head is the linear whose rounding error reaches every logit.
 ONNX Runtime:
     int8   `quantize_dynamic` over MatMul/Gemm: int8 weights per output channel (signed, symmetric),
            uint8 dynamic activations, no reduce_range (that is an x86 AVX2 saturation workaround;
@@ -31,6 +33,7 @@ from torch import nn
 from pocketformer.errors import BadInputError, BudgetError
 
 SCHEMES = ("fp32", "int8", "8da4w")
+HEAD_SCHEMES = ("int4", "int8")
 # Quality first: 32 is the group ExecuTorch's LLM recipes use for 8da4w; on SmolLM2 it keeps
 # perplexity at 1.51x dense against 2.39x for 192 (docs/export.md), for ~14% more bytes.
 # Larger groups are the fallback when a width is not a multiple of 32.
@@ -112,9 +115,19 @@ def _untie_head(module: nn.Module) -> bool:
     return tied
 
 
-def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | None = None
-                            ) -> tuple[nn.Module, QuantPlan]:
-    """A quantized copy of `module` (the original is untouched) and the plan that was applied."""
+def output_head(module: nn.Module) -> nn.Linear | None:
+    """The LM head of `module`: the last linear whose outputs are as many as an embedding's rows."""
+    vocab = {m.num_embeddings for m in module.modules() if isinstance(m, nn.Embedding)}
+    heads = [m for _, m in _linears(module) if m.out_features in vocab]
+    return heads[-1] if heads else None
+
+
+def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | None = None,
+                            lm_head: str = "int4") -> tuple[nn.Module, QuantPlan]:
+    """A quantized copy of `module` (the original is untouched) and the plan that was applied.
+    `lm_head` (8da4w): int4 like every other linear, or int8 (8da8w per output channel)."""
+    if lm_head not in HEAD_SCHEMES:
+        raise BadInputError(f"expected one of {', '.join(HEAD_SCHEMES)}, got {lm_head!r}", field="lm_head")
     if scheme == "fp32":
         return module, QuantPlan("fp32", None)
     if scheme not in SCHEMES:
@@ -142,12 +155,21 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
         else:
             chosen.add(id(m))
             plan.quantized.append(name)
+    head8 = output_head(module) if scheme == "8da4w" and lm_head == "int8" else None
+    if head8 is not None and id(head8) not in chosen:          # its width did not fit the group
+        plan.skipped = [s for s in plan.skipped if s["name"] != _name_of(module, head8)]
+        plan.unquantized_params -= head8.weight.numel()
+        plan.quantized.append(_name_of(module, head8))
     weight_dtype = torch.int8 if scheme == "int8" else torch.int4
     granularity = PerAxis(0) if group is None else PerGroup(group)
     with torch.no_grad():
         quantize_(module, Int8DynamicActivationIntxWeightConfig(
             weight_dtype=weight_dtype, weight_granularity=granularity),
-            filter_fn=lambda m, fqn: id(m) in chosen)
+            filter_fn=lambda m, fqn: id(m) in chosen and m is not head8)
+        if head8 is not None:
+            quantize_(module, Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+                filter_fn=lambda m, fqn: m is head8)
         if scheme == "8da4w":
             from pocketformer.export.gptq import apply_rounding
             plan.calibrated = apply_rounding(module)
@@ -162,9 +184,13 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
                           filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
                 plan.embeddings = "int8 weight-only, one scale per row"
     head_desc = ("untied from the embedding; " if tied else "") + (
-        "8da8w per channel" if scheme == "int8" else f"8da4w, group {group}")
+        "8da8w per channel" if scheme == "int8" or head8 is not None else f"8da4w, group {group}")
     plan.lm_head = head_desc
     return module, plan
+
+
+def _name_of(module: nn.Module, target: nn.Module) -> str:
+    return next(n for n, m in module.named_modules() if m is target)
 
 
 def check_plan(plan: QuantPlan, max_unquantized_share: float) -> None:

@@ -161,6 +161,7 @@ def cmd_export(args) -> int:
     for name in ("seq_len", "group_size", "calibration"):
         if getattr(args, name):
             raw[name] = getattr(args, name)
+    raw["lm_head"] = args.lm_head
     raw["rounding"] = args.rounding
     raw["rotation"] = args.rotation
     raw["smoothing"] = args.smoothing or None
@@ -439,6 +440,9 @@ def make_parser():
     e.add_argument("--quantize", default="fp32", help="fp32 | int8 | 8da4w (8da4w: .pte only)")
     e.add_argument("--group-size", type=int, help="8da4w weight group (default: one that divides "
                    "every quantized width; 32 first, or the largest when rotated and GPTQ-rounded)")
+    e.add_argument("--lm-head", default="int4",
+                   help="8da4w: the output head's weights, int4 like the other linears or int8 "
+                        "(per output channel; what llama.cpp's 4-bit files keep at 8 bits)")
     e.add_argument("--rounding", default="auto",
                    help="8da4w weights: rtn (round to nearest), gptq (calibrated, needs "
                         "--calibration), auto (gptq when --calibration is given)")

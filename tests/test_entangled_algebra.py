@@ -74,3 +74,46 @@ def test_strategy_choice_follows_cost():
     big = EntangledEmbedding(torch.randn(400, 4), torch.randn(300, 6), torch.zeros(V, R, dtype=torch.long),
                              torch.zeros(V, R, dtype=torch.long), torch.ones(V, R))
     assert big.head_strategy() == "gather-b"   # U_b d1 d2 + V R d1 is the smallest
+
+
+def test_weighted_als_favours_heavy_rows_and_never_rises():
+    """Stage 1a with row weights (calibration counts): the weighted error never rises from sweep
+    to sweep, and the heavily weighted rows end up fitted better than without weights."""
+    from pocketformer.compress.see import als, row_weights
+
+    g = torch.Generator().manual_seed(1)
+    V, R, d1, d2 = 40, 2, 3, 4
+    E = torch.randn(V, d1 * d2, generator=g)
+    start = _random(V=V, R=R, Ua=6, Ub=5, d1=d1, d2=d2, seed=2)
+    batches = [(torch.tensor([[0, 1, 2, 3, 0, 1]]), torch.tensor([[1, 1, 1, 1, 1, 0]]))]
+    w = row_weights(batches, V, 50.0)
+    # counts 2, 1, 1, 1 (the padded position is not counted), mean count 1.25
+    assert w[0] == 1 + 50 * 2 / 1.25 and w[1] == w[2] == w[3] == 1 + 50 / 1.25 and w[4] == 1
+    assert row_weights(batches, V, 0.0) is None
+    plain, weighted = (EntangledEmbedding(start.table_a.detach().clone(), start.table_b.detach().clone(),
+                                          start.index_a, start.index_b, start.coef.detach().clone())
+                       for _ in range(2))
+    active = torch.ones(V, R, dtype=torch.bool)
+    als(plain, E, active, iters=15)
+    errors = als(weighted, E, active, iters=15, weights=w)
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])), errors
+    heavy = torch.arange(4)
+    err = lambda emb: float(((emb.weight[heavy] - E[heavy]) ** 2).sum())
+    assert err(weighted) < err(plain)
+
+
+def test_row_weighted_svd_is_the_weighted_optimum():
+    """embed-svd's weighted initialisation: the truncated SVD of diag(sqrt w) E, unscaled, beats
+    the plain truncated SVD on the weighted error (it is the weighted rank-k optimum)."""
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    w = torch.ones(30, dtype=torch.float64)
+    w[:5] = 100.0
+    sw = w.sqrt().unsqueeze(-1)
+    k = 3
+    U, S, Vh = torch.linalg.svd(sw * E, full_matrices=False)
+    weighted = (U[:, :k] * S[:k] / sw) @ Vh[:k]
+    U0, S0, Vh0 = torch.linalg.svd(E, full_matrices=False)
+    plain = (U0[:, :k] * S0[:k]) @ Vh0[:k]
+    werr = lambda X: float((w.unsqueeze(-1) * (X - E) ** 2).sum())
+    assert werr(weighted) < werr(plain)

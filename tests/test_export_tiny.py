@@ -176,3 +176,37 @@ def test_bench_profile_names_operators_per_decode_step(het_exports, tmp_path):
     assert prof["kind"] == "decode step" and prof["step_ms"] > 0 and prof["etrecord"]
     names = {e["event"] for e in prof["events"]}
     assert "DELEGATE_CALL" in names and any("Fully Connected" in n for n in names)
+
+
+def test_int8_lm_head_of_8da4w(tiny_llama, tmp_path):
+    """--lm-head int8: every other linear stays 4-bit, the head gets int8 weights per output
+    channel (llama.cpp's 4-bit files keep the output table at 8 bits), which rounds the logits
+    closer to the fp32 ones; the program exports with parity and greedy agreement."""
+    from pocketformer.export.quantize import output_head
+
+    loaded = load_model(tiny_llama)
+    module = loaded.adapter.export_module(loaded)
+    q4, p4 = quantize_for_executorch(module, "8da4w", group_size=32)
+    q8, p8 = quantize_for_executorch(module, "8da4w", group_size=32, lm_head="int8")
+    assert "8da4w" in p4.lm_head and "8da8w" in p8.lm_head
+    assert p8.quantized == p4.quantized and p8.skipped == [] and p8.unquantized_params == 0
+    w8, w4 = output_head(q8).weight, output_head(q4).weight
+    assert w8.qdata.dtype == torch.int8 and int(w8.qdata.abs().max()) > 7      # uses 8 bits
+    assert int(w4.qdata.abs().max()) <= 8 and w8.scale.numel() == w8.qdata.shape[0]
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = module(ids)
+        err4 = float((q4(ids) - ref).pow(2).mean())
+        err8 = float((q8(ids) - ref).pow(2).mean())
+    assert err8 < err4, (err8, err4)
+    out = tmp_path / "h8"
+    assert main(["export", str(tiny_llama), "--format", "pte", "--quantize", "8da4w", "--group-size",
+                 "32", "--lm-head", "int8", "--no-etrecord", "--seq-len", "16", "--max-len", "48",
+                 "--greedy-tokens", "10", "--out", str(out)]) == 0
+    for name in ("model-8da4w.pte", "model-8da4w-gen.pte"):
+        side = json.loads((out / f"{name}.json").read_text())
+        assert side["parity"]["passed"], side["parity"]
+        assert side["details"]["quantization"]["lm_head"].endswith("8da8w per channel")
+    bad = main(["export", str(tiny_llama), "--format", "pte", "--quantize", "8da4w", "--lm-head",
+                "int2", "--out", str(tmp_path / "bad")])
+    assert bad == 2
