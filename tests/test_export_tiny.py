@@ -181,7 +181,7 @@ def test_bench_profile_names_operators_per_decode_step(het_exports, tmp_path):
 def test_int8_lm_head_of_8da4w(tiny_llama, tmp_path):
     """--lm-head int8: every other linear stays 4-bit, the head gets int8 weights per output
     channel (llama.cpp's 4-bit files keep the output table at 8 bits), which rounds the logits
-    closer to the fp32 ones; the program exports with parity and greedy agreement."""
+    closer to the fp32 ones; the program exports with parity."""
     from pocketformer.export.quantize import output_head
 
     loaded = load_model(tiny_llama)
@@ -200,13 +200,13 @@ def test_int8_lm_head_of_8da4w(tiny_llama, tmp_path):
         err8 = float((q8(ids) - ref).pow(2).mean())
     assert err8 < err4, (err8, err4)
     out = tmp_path / "h8"
+    # through the CLI (one program: the generation graph quantizes with the same function)
     assert main(["export", str(tiny_llama), "--format", "pte", "--quantize", "8da4w", "--group-size",
-                 "32", "--lm-head", "int8", "--no-etrecord", "--seq-len", "16", "--max-len", "48",
-                 "--greedy-tokens", "10", "--out", str(out)]) == 0
-    for name in ("model-8da4w.pte", "model-8da4w-gen.pte"):
-        side = json.loads((out / f"{name}.json").read_text())
-        assert side["parity"]["passed"], side["parity"]
-        assert side["details"]["quantization"]["lm_head"].endswith("8da8w per channel")
+                 "32", "--lm-head", "int8", "--no-etrecord", "--no-generation", "--seq-len", "16",
+                 "--out", str(out)]) == 0
+    side = json.loads((out / "model-8da4w.pte.json").read_text())
+    assert side["parity"]["passed"], side["parity"]
+    assert side["details"]["quantization"]["lm_head"].endswith("8da8w per channel")
     bad = main(["export", str(tiny_llama), "--format", "pte", "--quantize", "8da4w", "--lm-head",
                 "int2", "--out", str(tmp_path / "bad")])
     assert bad == 2
