@@ -18,7 +18,8 @@ import time
 import torch
 
 from pocketformer.compress import Calibration
-from pocketformer.compress.see import SEEConfig, fit_rows, init_entangled, plan_units, row_weights
+from pocketformer.compress.see import (SEEConfig, fit_rows, init_entangled, plan_units, row_weights,
+                                       weighted_svd)
 from pocketformer.data import DataSpec, load_for
 from pocketformer.models import load_model
 from pocketformer.models.factored import factor_dim
@@ -72,10 +73,8 @@ def main() -> int:
               flush=True)
     k = int(V * d / a.ratio / (V + d))
     for beta in [float(b) for b in a.svd_weights.split(",")]:
-        w = row_weights(cal, V, beta)
-        sw = torch.ones(V, 1, dtype=torch.float64) if w is None else w.double().sqrt().unsqueeze(-1)
-        U, S, Vh = torch.linalg.svd(sw * E.double(), full_matrices=False)
-        Ek = ((U[:, :k] * S[:k] / sw) @ Vh[:k]).float()
+        P, Q = weighted_svd(E, k, row_weights(cal, V, beta))
+        Ek = P @ Q
         print(f"svd k {k} frequency_weight {beta:g}: row error "
               f"{float(((Ek - E) ** 2).sum() / (E ** 2).sum()):.3f}, eval-weighted {eval_weighted(Ek):.3f}",
               flush=True)

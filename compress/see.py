@@ -405,9 +405,8 @@ def _install(loaded: LoadedModel, module: nn.Module, *, tied: bool) -> None:
         loaded.adapter.set_lm_head(loaded.model, head_for(module))
 
 
-def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, calib: Calibration | None,
-            cfg, label: str) -> dict:
-    batches = calib.inputs(loaded) if calib is not None else []
+def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, batches, cfg,
+            label: str) -> dict:
     params = [p for p in module.parameters()]
     hidden = _train_against_teacher(loaded, teacher, params, batches, cfg.hidden_minutes,
                                     cfg.distill_lr, cfg.seed, "hidden", f"{label} stage 1b")
@@ -435,14 +434,14 @@ def _embedding_table(loaded: LoadedModel) -> torch.Tensor:
     return emb.weight.detach().clone()
 
 
-def _replace_and_train(loaded: LoadedModel, module: nn.Module, calib: Calibration | None, config,
+def _replace_and_train(loaded: LoadedModel, module: nn.Module, batches, config,
                        label: str) -> tuple[bool, dict]:
     """Install `module` as the embedding (and the tied head), then run stages 1b and 2 against a
     copy of the model as it was; returns (tied, stage records)."""
     tied = loaded.adapter.tied_head(loaded.model)
     teacher = _teacher(loaded)
     _install(loaded, module, tied=tied)
-    return tied, _stages(loaded, teacher, module, calib, config, label)
+    return tied, _stages(loaded, teacher, module, batches, config, label)
 
 
 @register("see", SEEConfig,
@@ -459,13 +458,25 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     say(f"see: planning units for {V} tokens (d = {d1} x {d2}, ratio {config.ratio:g})")
     plan = plan_units(tokens, loaded.family, E, d1, d2, config)
     module = init_entangled(plan, d1, d2, E, config.seed)
-    weights = row_weights(calib.inputs(loaded) if calib is not None else [], V, config.frequency_weight)
+    batches = calib.inputs(loaded) if calib is not None else []
+    weights = row_weights(batches, V, config.frequency_weight)
     rows = fit_rows(module, E, config.reconstruct_steps, config.lr, config.seed, plan.active, weights)
-    tied, stages = _replace_and_train(loaded, module, calib, config, "see")
+    tied, stages = _replace_and_train(loaded, module, batches, config, "see")
     before = V * d
     return {"vocab": V, "d": d, "factors": [d1, d2], "tied_head": tied, "plan": plan.stats,
             "params_before": before, "params_after": module.param_count(),
             "ratio": before / module.param_count(), "stage1_rows": rows, **stages}
+
+
+def weighted_svd(E: torch.Tensor, k: int, weights: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, Q), V x k and k x d, minimising sum_v w_v ||p_v Q - e_v||^2: the truncated SVD of
+    diag(sqrt w) E with its left factor scaled back by 1 / sqrt w (the plain truncated SVD when
+    `weights` is None)."""
+    sw = (torch.ones(E.shape[0], dtype=torch.float64) if weights is None
+          else weights.double().sqrt()).unsqueeze(-1)
+    U, S, Vh = torch.linalg.svd(sw * E.double(), full_matrices=False)
+    return (U[:, :k] * S[:k] / sw).float(), Vh[:k].float()
 
 
 @dataclass
@@ -496,14 +507,10 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     k = int(V * d / config.ratio / (V + d))
     if k < 1:
         raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table", field="ratio")
-    # Row weights w: the best rank-k fit of sum_v w_v ||p_v Q - e_v||^2 is the truncated SVD of
-    # diag(sqrt w) E with its left factor scaled back by 1 / sqrt w.
-    w = row_weights(calib.inputs(loaded) if calib is not None else [], V, config.frequency_weight)
-    sw = torch.ones(V, 1, dtype=torch.float64) if w is None else w.double().sqrt().unsqueeze(-1)
-    U, S, Vh = torch.linalg.svd(sw * E.double(), full_matrices=False)
-    module = FactoredEmbedding((U[:, :k] * S[:k] / sw).float(), Vh[:k].float())
+    batches = calib.inputs(loaded) if calib is not None else []
+    module = FactoredEmbedding(*weighted_svd(E, k, row_weights(batches, V, config.frequency_weight)))
     rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
-    tied, stages = _replace_and_train(loaded, module, calib, config, "embed-svd")
+    tied, stages = _replace_and_train(loaded, module, batches, config, "embed-svd")
     return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,
             "params_after": module.param_count(), "ratio": V * d / module.param_count(),
             "stage1_rows": {"relative_error": rel}, **stages}

@@ -145,9 +145,11 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
         group = group_for(module, group_size)
     plan = QuantPlan(scheme, group)
     plan.linear_params = sum(m.weight.numel() for _, m in linears)
+    # an int8 head is per output channel, so no group has to divide its width
+    head8 = output_head(module) if scheme == "8da4w" and lm_head == "int8" else None
     chosen = set()
     for name, m in linears:
-        if group is not None and m.in_features % group:
+        if group is not None and m.in_features % group and m is not head8:
             plan.skipped.append({"name": name, "in_features": m.in_features,
                                  "params": m.weight.numel(),
                                  "reason": f"in_features {m.in_features} is not a multiple of group {group}"})
@@ -155,11 +157,6 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
         else:
             chosen.add(id(m))
             plan.quantized.append(name)
-    head8 = output_head(module) if scheme == "8da4w" and lm_head == "int8" else None
-    if head8 is not None and id(head8) not in chosen:          # its width did not fit the group
-        plan.skipped = [s for s in plan.skipped if s["name"] != _name_of(module, head8)]
-        plan.unquantized_params -= head8.weight.numel()
-        plan.quantized.append(_name_of(module, head8))
     weight_dtype = torch.int8 if scheme == "int8" else torch.int4
     granularity = PerAxis(0) if group is None else PerGroup(group)
     with torch.no_grad():
@@ -187,10 +184,6 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
         "8da8w per channel" if scheme == "int8" or head8 is not None else f"8da4w, group {group}")
     plan.lm_head = head_desc
     return module, plan
-
-
-def _name_of(module: nn.Module, target: nn.Module) -> str:
-    return next(n for n, m in module.named_modules() if m is target)
 
 
 def check_plan(plan: QuantPlan, max_unquantized_share: float) -> None:

@@ -103,17 +103,20 @@ def test_weighted_als_favours_heavy_rows_and_never_rises():
 
 
 def test_row_weighted_svd_is_the_weighted_optimum():
-    """embed-svd's weighted initialisation: the truncated SVD of diag(sqrt w) E, unscaled, beats
-    the plain truncated SVD on the weighted error (it is the weighted rank-k optimum)."""
+    """embed-svd's weighted initialisation (`weighted_svd`): the truncated SVD of diag(sqrt w) E,
+    unscaled, beats the plain truncated SVD on the weighted error (it is the weighted rank-k
+    optimum); without weights it is the plain truncated SVD."""
+    from pocketformer.compress.see import weighted_svd
+
     g = torch.Generator().manual_seed(0)
-    E = torch.randn(30, 8, generator=g, dtype=torch.float64)
-    w = torch.ones(30, dtype=torch.float64)
+    E = torch.randn(30, 8, generator=g)
+    w = torch.ones(30)
     w[:5] = 100.0
-    sw = w.sqrt().unsqueeze(-1)
     k = 3
-    U, S, Vh = torch.linalg.svd(sw * E, full_matrices=False)
-    weighted = (U[:, :k] * S[:k] / sw) @ Vh[:k]
-    U0, S0, Vh0 = torch.linalg.svd(E, full_matrices=False)
-    plain = (U0[:, :k] * S0[:k]) @ Vh0[:k]
+    P, Q = weighted_svd(E, k, w)
+    U0, S0, Vh0 = torch.linalg.svd(E.double(), full_matrices=False)
+    plain = ((U0[:, :k] * S0[:k]) @ Vh0[:k]).float()
+    P0, Q0 = weighted_svd(E, k)
+    torch.testing.assert_close(P0 @ Q0, plain)
     werr = lambda X: float((w.unsqueeze(-1) * (X - E) ** 2).sum())
-    assert werr(weighted) < werr(plain)
+    assert werr(P @ Q) < werr(plain)
