@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pocketformer.compress import width
 from pocketformer.compress.criteria import CRITERIA, CriterionOptions, layer_sensitivity, select_layers
-from pocketformer.compress.recovery import (RECOVERIES, DistillOptions, TeacherTargets, distill,
+from pocketformer.compress.recovery import (RECOVERIES, DistillOptions, LowRank, TeacherTargets, distill,
                                             lsq_correct)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
@@ -33,6 +33,8 @@ class LayeredPruneConfig:
     recovery: str = "none"            # none | lsq | distill, run after every step
     recovery_minutes: float = 5.0     # total distillation budget, split evenly over the steps
     lr: float = 5e-5
+    recovery_rank: int = 0            # distill: > 0 trains a rank-r term beside each frozen linear
+                                      # instead of the weights (exact 4-bit export, export/grid.py)
     ce_weight: float = 1.0            # next-token loss on the user's text beside KD (decoders)
     teacher_top_k: int = 0            # decoders: keep the teacher's top-k tokens per position
                                       # (0: the whole distribution) so more text fits in memory
@@ -67,6 +69,16 @@ class LayeredPruneConfig:
         if self.steps < 1 or (self.remove_layers and self.steps > self.remove_layers):
             raise BadInputError(f"must be between 1 and remove_layers ({self.remove_layers})",
                                 field="steps")
+        if self.recovery_rank < 0:
+            raise BadInputError("must be >= 0 (0: train the weights themselves)", field="recovery_rank")
+        if self.recovery_rank and self.recovery != "distill":
+            raise BadInputError(f"a low-rank recovery is a distillation; recovery is {self.recovery!r}",
+                                field="recovery_rank")
+        if self.recovery_rank and self.prunes_width():
+            raise BadInputError("a low-rank recovery keeps each linear's weights and adds a rank-r "
+                                "term; width pruning slices the weights between steps (use "
+                                "recovery_rank = 0 with ffn_keep, kv_keep or params_fraction)",
+                                field="recovery_rank")
         if self.teacher_top_k < 0:
             raise BadInputError("must be >= 0 (0: the whole distribution)", field="teacher_top_k")
         if self.recovery_minutes < 0 or self.lr <= 0:
@@ -162,6 +174,7 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
     spent = targets.seconds / 60 if targets is not None else 0.0
     minutes_per_step = max(0.0, config.recovery_minutes - spent) / config.steps
     kept = list(range(n))            # current layer i is original layer kept[i]
+    lowrank = LowRank(config.recovery_rank, config.seed) if distilling and config.recovery_rank else None
     steps = []
     for step, k in enumerate(_split(config.remove_layers, config.steps), 1):
         record: dict = {"step": step, "removed": []}
@@ -188,8 +201,9 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
             record["recovery"] = distill(
                 loaded, teacher, kept, batches,
                 DistillOptions(minutes=minutes_per_step, lr=config.lr,
-                               ce_weight=config.ce_weight, seed=config.seed + step),
-                label=f"recovery {step}/{config.steps}", targets=targets)
+                               ce_weight=config.ce_weight, seed=config.seed + step,
+                               rank=config.recovery_rank),
+                label=f"recovery {step}/{config.steps}", targets=targets, lowrank=lowrank)
         steps.append(record)
     removed = sorted(set(range(n)) - set(kept))
     cache = ({"seconds": round(targets.seconds, 1), "megabytes": round(targets.bytes / 1e6, 1),

@@ -24,6 +24,7 @@ class DistillOptions:
     ce_weight: float = 1.0        # next-token cross-entropy on the user's text (decoders only)
     hidden_weight: float = 1.0    # normalised MSE of each kept layer's output vs its teacher layer
     seed: int = 0
+    rank: int = 0                 # > 0: train a rank-r term beside each frozen linear (LowRank)
 
 
 def _layer_outputs_hooks(layers, indices, store: dict):
@@ -98,10 +99,78 @@ def lsq_correct(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batc
         W0 = down.weight.detach().double()
         W = torch.linalg.solve(A + lam * torch.eye(F, dtype=torch.float64), (B + lam * W0).T).T
         down.weight.copy_(W.float())
+        down.__dict__.pop("pf_lowrank", None)   # no longer base + B A
         corrected.append({"student_layer": pos, "teacher_layer": t_idx, "gap_to": nxt})
     skipped = [k for k in range(kept[0])] if kept and kept[0] > 0 else []
     return {"recovery": "lsq", "corrected": corrected, "uncorrected_leading_gap": skipped,
             "ridge": ridge}
+
+
+# ---- low-rank recovery --------------------------------------------------------------------------
+
+class _Delta(nn.Module):
+    """Parametrization weight = base + B @ A."""
+
+    def __init__(self, a: nn.Parameter, b: nn.Parameter):
+        super().__init__()
+        self.A, self.B = a, b
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        return base + self.B @ self.A
+
+
+class LowRank:
+    """Recovery that leaves every linear's weight as it was and trains a rank-r term beside it:
+    W = W0 + B A (A: r x in, B: out x r), the same factors carried over all recovery steps, so
+    the final change to each linear has rank at most r whatever the number of steps. Between
+    steps the term is merged into the weight (the next criterion sees the recovered model) and
+    taken out again before the next recovery step.
+
+    Why: the built-in SmolLM2 is a Q4_1 GGUF dequantised, so its linears lie on a 4-bit grid
+    that the export can keep exactly (export/grid.py); full fine-tuning moves every weight by
+    a fraction of a grid step, which any 4-bit rounding discards (docs/llm_race.md). With a
+    low-rank recovery the export rounds W0 (exactly) and carries B A in fp32 beside it."""
+
+    def __init__(self, rank: int, seed: int = 0):
+        self.rank = rank
+        self.gen = torch.Generator().manual_seed(seed)
+        self.factors: dict[int, tuple[nn.Linear, nn.Parameter, nn.Parameter]] = {}
+
+    def attach(self, layers) -> list[nn.Parameter]:
+        """Take B A out of every linear of `layers` and re-express it as a parametrization;
+        returns the trainable factors. New linears get A ~ N(0, 1/in) and B = 0 (no change)."""
+        from torch.nn.utils import parametrize
+
+        trainable = []
+        for layer in layers:
+            for lin in [m for m in layer.modules() if isinstance(m, nn.Linear)]:
+                prior = getattr(lin, "pf_lowrank", None)
+                if id(lin) not in self.factors and prior is not None and prior[0].shape[0] == self.rank:
+                    # factors of an earlier low-rank recovery (a saved model): continue them
+                    self.factors[id(lin)] = (lin, nn.Parameter(prior[0].clone()), nn.Parameter(prior[1].clone()))
+                if id(lin) not in self.factors:
+                    a = torch.randn(self.rank, lin.in_features, generator=self.gen) / math.sqrt(lin.in_features)
+                    b = torch.zeros(lin.out_features, self.rank)
+                    self.factors[id(lin)] = (lin, nn.Parameter(a), nn.Parameter(b))
+                _, a, b = self.factors[id(lin)]
+                with torch.no_grad():
+                    lin.weight.sub_(b @ a)
+                parametrize.register_parametrization(lin, "weight", _Delta(a, b), unsafe=True)
+                lin.parametrizations.weight.original.requires_grad_(False)
+                trainable += [a, b]
+        return trainable
+
+    def merge(self) -> None:
+        """Fold B A back into plain weights (the model is an ordinary model again) and leave the
+        factors on each linear as `pf_lowrank` (not a parameter: the state dict is unchanged;
+        saved beside the weights by the adapter, export/grid.py reads them)."""
+        from torch.nn.utils import parametrize
+
+        for lin, a, b in self.factors.values():
+            if parametrize.is_parametrized(lin, "weight"):
+                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+                lin.weight.requires_grad_(False)
+            lin.pf_lowrank = (a.detach().clone(), b.detach().clone())
 
 
 # ---- distillation -------------------------------------------------------------------------------
@@ -196,14 +265,16 @@ def _topk_kl(t: TopK, s_logp: torch.Tensor) -> torch.Tensor:
 
 def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
             opts: DistillOptions, *, label: str = "distill",
-            targets: TeacherTargets | None = None) -> dict:
+            targets: TeacherTargets | None = None, lowrank: LowRank | None = None) -> dict:
     """Train the pruned model (all but the token embeddings and LM head) against the unpruned one
     on the calibration batches until the wall-clock budget runs out: output KD (KL for distributions, 1 - cos for embeddings), the
     next-token loss on the user's text for decoders, and each kept layer's output matched to its
     teacher layer (MSE normalised by the teacher state's energy). AdamW, linear warm-up over the
     first 5% of the budget and linear decay to zero at its end (time-based, since the number of
     steps a budget buys is not known in advance). With `targets` (the teacher's outputs on the
-    same batches, computed once) only the student runs."""
+    same batches, computed once) only the student runs. With `lowrank` (opts.rank > 0) the
+    linears of the kept layers stay frozen and a rank-r term beside each is trained instead
+    (LowRank), with the remaining parameters (norms, biases)."""
     adapter = loaded.adapter
     model = loaded.model
     if not batches:
@@ -218,6 +289,16 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
     # SEE compresses separately.
     frozen = {id(p) for mod in (adapter.embeddings(model), adapter.lm_head(model)) if mod is not None
               for p in mod.parameters()}
+    if opts.rank:
+        if lowrank is None or lowrank.rank != opts.rank:
+            raise ValueError("rank > 0 needs a LowRank store of the same rank")
+        lowrank.attach(s_layers)
+        frozen |= {id(lin.parametrizations.weight.original) for lin, _, _ in lowrank.factors.values()
+                   if hasattr(lin, "parametrizations")}
+    else:
+        for mod in model.modules():   # the weights themselves are trained: no longer base + B A
+            if hasattr(mod, "pf_lowrank"):
+                del mod.pf_lowrank
     params = [p for p in model.parameters() if id(p) not in frozen]
     for p in params:
         p.requires_grad_(True)
@@ -282,10 +363,13 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
         for p in params:
             p.requires_grad_(False)
         opt.zero_grad(set_to_none=True)
+        if lowrank is not None:
+            lowrank.merge()
     head = losses[: max(1, min(5, len(losses)))]
     tail = losses[-max(1, min(5, len(losses))):]
     return {"recovery": "distill", "steps": steps, "tokens": tokens,
             "seconds": round(time.perf_counter() - start, 1), "budget_seconds": budget,
             "loss_step1": losses[0] if losses else math.nan,
             "loss_first": float(sum(head) / len(head)) if losses else math.nan,
-            "loss_last": float(sum(tail) / len(tail)) if losses else math.nan, "lr": opts.lr}
+            "loss_last": float(sum(tail) / len(tail)) if losses else math.nan, "lr": opts.lr,
+            **({"rank": opts.rank, "trained_params": sum(p.numel() for p in params)} if opts.rank else {})}

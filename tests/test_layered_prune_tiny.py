@@ -92,6 +92,57 @@ def test_step_buffered_recovery_reduces_distortion(tiny_llama, small_text, tmp_p
     assert results["distill"] < results["none"]
 
 
+def test_low_rank_recovery_changes_each_linear_by_rank_r_and_saves_the_factors(tiny_llama, small_text,
+                                                                              tmp_path):
+    """recovery_rank: over two steps the kept linears change by exactly B A (rank <= r, the same
+    factors both steps), norms still train, the distortion drops, and the factors save and
+    reload beside an ordinary weights file."""
+    method = get_method("layered-prune")
+    loaded, teacher = load_model(tiny_llama), load_model(tiny_llama)
+    before = {id(m): m.weight.detach().clone() for m in loaded.model.modules()
+              if isinstance(m, torch.nn.Linear)}
+    calib = _calib(loaded, small_text)
+    cfg = parse_params(method, {"remove_layers": 2, "steps": 2, "recovery": "distill",
+                                "recovery_minutes": 0.1, "lr": 1e-3, "bootstrap": 50,
+                                "ce_weight": 0.0, "recovery_rank": 3})
+    rec = run_step(loaded, "layered-prune", cfg, calib)
+    assert [s["recovery"]["rank"] for s in rec["details"]["steps"]] == [3, 3]
+    linears = [m for m in loaded.adapter.layers(loaded.model).modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * 7
+    for m in linears:
+        a, b = m.pf_lowrank
+        delta = m.weight - before[id(m)]
+        assert torch.allclose(delta, b @ a, atol=1e-6)
+        assert torch.linalg.matrix_rank(delta, atol=1e-6) <= 3
+    assert any(float((m.pf_lowrank[1]).abs().max()) > 0 for m in linears)
+    norm = loaded.adapter.layers(loaded.model)[0].input_layernorm.weight
+    assert not torch.allclose(norm, torch.ones_like(norm))      # norms train beside the factors
+    batches = calib.inputs(loaded)
+    with torch.inference_mode():
+        s = loaded.adapter.export_module(loaded)
+        t = teacher.adapter.export_module(teacher)
+        recovered = sum(float(((s(*b) - t(*b)) ** 2).mean()) for b in batches)
+    plain = load_model(tiny_llama)
+    plain.adapter.keep_layers(plain.model, [i for i in range(6) if i not in rec["details"]["removed"]])
+    with torch.inference_mode():
+        p = plain.adapter.export_module(plain)
+        unrecovered = sum(float(((p(*b) - t(*b)) ** 2).mean()) for b in batches)
+    assert recovered < unrecovered
+    save_model(loaded, tmp_path / "m")
+    assert (tmp_path / "m" / "pocketformer_lowrank.safetensors").is_file()
+    again = load_model(tmp_path / "m")
+    for m, n in zip(linears, [x for x in again.adapter.layers(again.model).modules()
+                              if isinstance(x, torch.nn.Linear)]):
+        assert torch.equal(m.pf_lowrank[0], n.pf_lowrank[0]) and torch.equal(m.weight, n.weight)
+    # full fine-tuning afterwards: the weights are no longer base + B A, the factors go
+    cfg = parse_params(method, {"remove_layers": 1, "recovery": "distill", "recovery_minutes": 0.02,
+                                "lr": 1e-4, "bootstrap": 50})
+    run_step(again, "layered-prune", cfg, _calib(again, small_text))
+    assert not any(hasattr(m, "pf_lowrank") for m in again.model.modules())
+    with pytest.raises(BadInputError, match="width pruning"):
+        parse_params(method, {"ffn_keep": 0.5, "recovery": "distill", "recovery_rank": 4}).validate()
+
+
 def test_gqa_head_pruning_and_per_layer_widths_reload(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pocketformer.errors import BadInputError
 from pocketformer.models.base import (AttentionSpec, FFNSpec, LoadedModel, ModelAdapter,
-                                      METADATA_FILE, count_params)
+                                      METADATA_FILE, attach_lowrank, count_params)
 from pocketformer.models.bert import BertAdapter
 from pocketformer.models.llama import LlamaAdapter
 from pocketformer.models.vit import ViTAdapter
@@ -131,6 +131,7 @@ def load_model(source: str | os.PathLike) -> LoadedModel:
         loaded = adapter.load_dir(path, None)
     except (OSError, ValueError, RuntimeError) as e:
         raise BadInputError(f"cannot load model: {e}", file=text) from e
+    attach_lowrank(loaded.model, path)
     meta = path / METADATA_FILE
     if meta.is_file():
         blob = json.loads(meta.read_text())

@@ -18,6 +18,10 @@ from pocketformer.errors import BadInputError
 from pocketformer.models import factored
 
 METADATA_FILE = "pocketformer.json"
+# Factors of a low-rank recovery (compress/recovery.py LowRank), already merged into the weights:
+# "<linear>.A" (r x in) and "<linear>.B" (out x r) with weight = base + B @ A. Export reads them
+# to round the base alone (export/grid.py); plain transformers ignores the file.
+LOWRANK_FILE = "pocketformer_lowrank.safetensors"
 
 
 @dataclass
@@ -75,11 +79,42 @@ def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
     if linear.bias is not None:
         linear.bias = nn.Parameter(linear.bias.detach()[rows].clone())
     linear.out_features = len(rows)
+    linear.__dict__.pop("pf_lowrank", None)   # low-rank recovery factors of the old shape
 
 
 def _keep_cols(linear: nn.Linear, cols: torch.Tensor) -> None:
     linear.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())
     linear.in_features = len(cols)
+    linear.__dict__.pop("pf_lowrank", None)
+
+
+def lowrank_factors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The low-rank recovery factors carried by `model`'s linears, as LOWRANK_FILE stores them."""
+    out = {}
+    for name, mod in model.named_modules():
+        ab = getattr(mod, "pf_lowrank", None)
+        if ab is not None and isinstance(mod, nn.Linear):
+            out[f"{name}.A"], out[f"{name}.B"] = ab
+    return out
+
+
+def attach_lowrank(model: nn.Module, path: Path) -> int:
+    """Put the factors of LOWRANK_FILE in `path` back on the linears they belong to (those whose
+    shapes match). Returns how many linears got factors."""
+    file = path / LOWRANK_FILE
+    if not file.is_file():
+        return 0
+    from safetensors.torch import load_file
+
+    blob = load_file(str(file))
+    n = 0
+    for name, mod in model.named_modules():
+        a, b = blob.get(f"{name}.A"), blob.get(f"{name}.B")
+        if isinstance(mod, nn.Linear) and a is not None and b is not None \
+                and a.shape[1] == mod.in_features and b.shape[0] == mod.out_features:
+            mod.pf_lowrank = (a, b)
+            n += 1
+    return n
 
 
 def _prefix_of(model: nn.Module, module: nn.Module) -> str:
@@ -156,6 +191,10 @@ class ModelAdapter:
                 head_prefix = _prefix_of(model, head)
                 state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith(head_prefix)}
         model.save_pretrained(out_dir, state_dict=state_dict)
+        factors = lowrank_factors(model)
+        if factors:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in factors.items()}, str(out_dir / LOWRANK_FILE))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(out_dir)
         meta = {
@@ -189,7 +228,8 @@ class ModelAdapter:
                 self.set_lm_head(model, factored.head_for(module))
         state = {}
         for f in sorted(path.glob("*.safetensors")):
-            state.update(load_file(f))
+            if f.name != LOWRANK_FILE:
+                state.update(load_file(f))
         state = _to_module_names(model, state)
         missing, unexpected = model.load_state_dict(state, strict=False)
         head_keys = {k for k in missing if k.startswith(("lm_head.", "cls."))} if tied else set()
