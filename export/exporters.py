@@ -29,7 +29,7 @@ from pocketformer.export.runtimes import open_artifact, open_generator
 FORMATS = ("onnx", "pte")
 QUANTIZATIONS = SCHEMES
 ONNX_QUANTIZATIONS = ("fp32", "int8")
-ROUNDINGS = ("auto", "rtn", "gptq")
+ROUNDINGS = ("auto", "rtn", "gptq", "grid")
 ROTATIONS = ("auto", "on", "off")
 GREEDY_PROMPT = "The history of the city begins in the early years of the"
 
@@ -53,7 +53,8 @@ class ExportConfig:
     generation: bool | None = None        # decoders: KV-cache generation graph (default: on)
     max_len: int = 256                    # generation: KV cache length (prompt + new tokens)
     greedy_tokens: int = 32               # generation: greedy tokens compared with eager
-    rounding: str = "auto"                # 8da4w weights: rtn | gptq | auto (gptq when calibrated)
+    rounding: str = "auto"                # 8da4w weights: rtn | gptq | grid | auto (grid for a model
+                                          # with low-rank recovery factors, else gptq when calibrated)
     calibration: str | None = None        # data for gptq, PATH[@START:END] (a recipe's [data])
     calibration_samples: int = 64         # gptq: sequences/sentences/images
     calibration_seq_len: int = 256        # gptq: tokens per text sequence
@@ -91,6 +92,12 @@ class ExportConfig:
         if self.rounding == "gptq" and self.quantize != "8da4w":
             raise BadInputError(f"gptq rounds the 4-bit weights of 8da4w; --quantize is {self.quantize}",
                                 field="rounding")
+        if self.rounding == "grid" and self.quantize != "8da4w":
+            raise BadInputError(f"grid rounding writes the 4-bit weights of 8da4w; --quantize is "
+                                f"{self.quantize}", field="rounding")
+        if self.rounding == "grid" and self.rotation == "on":
+            raise BadInputError("grid rounding keeps the weights' own 4-bit grid, which a rotation "
+                                "would mix; use --rotation off or auto", field="rotation")
         if self.rounding == "gptq" and not self.calibration:
             raise BadInputError("gptq needs calibration data (--calibration PATH[@START:END])",
                                 field="calibration")
@@ -419,6 +426,14 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
 
     if cfg.quantize != "8da4w":
         return loaded, cfg.group_size, None, None
+    if cfg.rounding == "grid" or (cfg.rounding == "auto" and _has_lowrank(loaded)):
+        from pocketformer.export.grid import grid_model
+
+        group = cfg.group_size or 32
+        gridded, report = grid_model(loaded, group)
+        say(f"export: grid rounding, group {group}: {report.exact_blocks}/{report.blocks} blocks exact, "
+            f"{report.with_lowrank} linears with a rank-{report.lowrank_rank} term beside them")
+        return gridded, group, {"method": "grid", **report.to_dict()}, None
     gptq = not (cfg.rounding == "rtn" or (cfg.rounding == "auto" and not cfg.calibration))
     loaded, rotation = _rotated(loaded, cfg, auto=gptq)
     # rotated and GPTQ-rounded, a larger group costs little quality: the default is size first
@@ -432,6 +447,12 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
         f"({cfg.calibration_samples} samples)")
     rounded, report = gptq_round_model(loaded, batches, group, include_head=cfg.lm_head == "int4")
     return rounded, group, {**report.to_dict(), "calibration": str(spec)}, rotation
+
+
+def _has_lowrank(loaded: LoadedModel) -> bool:
+    """Whether the model's linears carry low-rank recovery factors (compress/recovery.py LowRank):
+    then their base weights are the original ones and grid rounding keeps both exactly."""
+    return any(getattr(m, "pf_lowrank", None) is not None for m in loaded.model.modules())
 
 
 def _rotated(loaded: LoadedModel, cfg: ExportConfig, *, auto: bool):

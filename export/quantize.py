@@ -56,6 +56,7 @@ class QuantPlan:
     calibrated: int = 0                          # linears written with calibrated rounding
     gptq: dict | None = None                     # the calibrated rounding's report
     rotation: dict | None = None                 # the residual-stream rotation's (export/rotate.py)
+    side_params: int = 0                         # side linears of grid rounding (export/grid.py)
 
     @property
     def unquantized_share(self) -> float:
@@ -63,7 +64,10 @@ class QuantPlan:
 
     @property
     def rounding(self) -> str:
-        """rtn, or gptq when calibrated integers were written (export/gptq.py)."""
+        """rtn; gptq when calibrated integers were written (export/gptq.py); grid when the
+        integers are an asymmetric block grid's (export/grid.py)."""
+        if self.calibrated and self.gptq and self.gptq.get("method") == "grid":
+            return "grid"
         return "gptq" if self.calibrated else "rtn"
 
     def to_dict(self) -> dict:
@@ -72,7 +76,9 @@ class QuantPlan:
 
 
 def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    """The linears a scheme quantizes: all but the fp32 side pairs of grid rounding (`pf_side`)."""
+    return [(n, m) for n, m in module.named_modules()
+            if isinstance(m, nn.Linear) and not getattr(m, "pf_side", False)]
 
 
 def choose_group_size(widths: list[int], *, size_first: bool = False) -> int:
@@ -145,6 +151,8 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
         group = group_for(module, group_size)
     plan = QuantPlan(scheme, group)
     plan.linear_params = sum(m.weight.numel() for _, m in linears)
+    sides8 = {id(m) for m in module.modules() if getattr(m, "pf_side", None) == "int8"}
+    plan.side_params = sum(m.weight.numel() for m in module.modules() if getattr(m, "pf_side", False))
     # an int8 head is per output channel, so no group has to divide its width
     head8 = output_head(module) if scheme == "8da4w" and lm_head == "int8" else None
     chosen = set()
@@ -163,10 +171,11 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
         quantize_(module, Int8DynamicActivationIntxWeightConfig(
             weight_dtype=weight_dtype, weight_granularity=granularity),
             filter_fn=lambda m, fqn: id(m) in chosen and m is not head8)
-        if head8 is not None:
+        if head8 is not None or sides8:
+            # 8da8w per output channel: an int8 head, and grid rounding's side inputs (export/grid.py)
             quantize_(module, Int8DynamicActivationIntxWeightConfig(
                 weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-                filter_fn=lambda m, fqn: m is head8)
+                filter_fn=lambda m, fqn: m is head8 or id(m) in sides8)
         if scheme == "8da4w":
             from pocketformer.export.gptq import apply_rounding
             plan.calibrated = apply_rounding(module)

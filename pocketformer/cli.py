@@ -445,7 +445,10 @@ def make_parser():
                         "(per output channel; what llama.cpp's 4-bit files keep at 8 bits)")
     e.add_argument("--rounding", default="auto",
                    help="8da4w weights: rtn (round to nearest), gptq (calibrated, needs "
-                        "--calibration), auto (gptq when --calibration is given)")
+                        "--calibration), grid (keep the weights' own 4-bit block grid, e.g. a "
+                        "GGUF Q4_1's, exactly, plus a low-rank recovery term: export/grid.py), "
+                        "auto (grid for a model with low-rank recovery factors, else gptq when "
+                        "--calibration is given)")
     e.add_argument("--rotation", default="auto",
                    help="8da4w / int8 ONNX: rotate the residual stream first (export/rotate.py): "
                         "on, off, auto (on for RMSNorm decoders with gptq / with --calibration)")
