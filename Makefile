@@ -13,7 +13,7 @@ demo: setup
 
 # The test suite (also what CI runs). pytest's "no tests collected" (exit 5) is a failure here.
 test: setup-dev
-	.venv/bin/python -m pytest -q tests; rc=$$?; \
+	.venv/bin/python -m pytest -q --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; \
 	exit $$rc
 

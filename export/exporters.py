@@ -433,7 +433,19 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
         gridded, report = grid_model(loaded, group)
         say(f"export: grid rounding, group {group}: {report.exact_blocks}/{report.blocks} blocks exact, "
             f"{report.with_lowrank} linears with a rank-{report.lowrank_rank} term beside them")
-        return gridded, group, {"method": "grid", **report.to_dict()}, None
+        details = {"method": "grid", **report.to_dict()}
+        if cfg.lm_head == "int4" and cfg.calibration and cfg.rounding != "rtn":
+            # the output head is not on a 4-bit grid (a tied Q8_0 table): GPTQ rounds it alone
+            from pocketformer.export.gptq import gptq_round_model
+
+            batches, spec = _calibration_batches(gridded, cfg)
+            say(f"export: gptq rounding of the output head, group {group}, on {cfg.calibration}")
+            gridded, head = gptq_round_model(gridded, batches, group, include_layers=False)
+            details["head"] = {**head.to_dict(), "calibration": str(spec)}
+        elif cfg.lm_head == "int4":
+            say("export: grid rounding with an int4 head and no calibration data: the head is "
+                "rounded to nearest (costly on SmolLM2; give --calibration or --lm-head int8)")
+        return gridded, group, details, None
     gptq = not (cfg.rounding == "rtn" or (cfg.rounding == "auto" and not cfg.calibration))
     loaded, rotation = _rotated(loaded, cfg, auto=gptq)
     # rotated and GPTQ-rounded, a larger group costs little quality: the default is size first

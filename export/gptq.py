@@ -190,10 +190,13 @@ def _round_set(linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor],
 
 
 def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int, *,
-                     damp: float = 0.01, act_order: bool = True, include_head: bool = True):
+                     damp: float = 0.01, act_order: bool = True, include_head: bool = True,
+                     include_layers: bool = True):
     """A copy of `loaded` whose transformer-layer linears (and output head) carry GPTQ-rounded
     4-bit weights for `group` (see the module docstring), and the report. Linears whose width is
-    not a multiple of `group`, and linears outside the layers and head, are left to RTN."""
+    not a multiple of `group`, and linears outside the layers and head, are left to RTN.
+    include_layers=False rounds the head alone (the layers only carry the features to it): grid
+    rounding (export/grid.py) writes the layers' integers itself."""
     from pocketformer.compress.probe import LayerProbe
 
     start = time.perf_counter()
@@ -214,7 +217,7 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
         hidden = [t.inputs[0] for t in traces]
         for li, layer in enumerate(layers):
             lins = {f"layers.{li}.{n}": m for n, m in layer.named_modules()
-                    if isinstance(m, nn.Linear) and m.in_features % group == 0}
+                    if isinstance(m, nn.Linear) and m.in_features % group == 0} if include_layers else {}
             acc = _Hessians(lins)
             try:
                 for t, h in zip(traces, hidden):
@@ -227,7 +230,8 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
                 out = layer(h, *t.layer_args, **t.layer_kwargs)
                 nxt.append(out[0] if isinstance(out, (tuple, list)) else out)
             hidden = nxt
-            say(f"gptq: layer {li + 1}/{len(layers)} ({len(lins)} linears)")
+            if include_layers:
+                say(f"gptq: layer {li + 1}/{len(layers)} ({len(lins)} linears)")
         if include_head and head is not None and head.in_features % group == 0:
             feats = [probe.features(t, h) for t, h in zip(traces, hidden)]
             x = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).to(torch.float64)

@@ -79,6 +79,29 @@ def test_grid_generation_program_runs_in_executorch(tiny_llama, tmp_path):
     assert report is None
 
 
+def test_grid_with_an_int4_head_rounds_the_head_by_gptq(tiny_llama, small_text):
+    """With calibration data and an int4 head, grid rounding leaves the layers' integers to the
+    grid and GPTQ-rounds the head alone; its output error is below the round-to-nearest head's."""
+    loaded = _on_grid_with_lowrank(load_model(tiny_llama))
+    module = loaded.adapter.export_module(loaded)
+    cfg = ExportConfig(formats=["pte"], quantize="8da4w", calibration=str(small_text),
+                       calibration_samples=8, calibration_seq_len=32)
+    work, group, rounding, _ = _calibrated_rounding(loaded, module, cfg)
+    assert rounding["method"] == "grid" and rounding["head"]["rounded"] == 1
+    assert rounding["head"]["relative_output_error_gptq"] < rounding["head"]["relative_output_error_rtn"]
+    bases = [m for m in work.model.modules() if getattr(m, "pf_rounding", None) is not None]
+    assert len(bases) == 6 * 7 + 1          # the grid's 42 base linears and the head
+    plain, _, _, _ = _calibrated_rounding(loaded, module, dataclasses.replace(cfg, calibration=None))
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = module(ids)
+        errs = []
+        for w in (work, plain):
+            q, plan = quantize_for_executorch(w.adapter.export_module(w), "8da4w", group)
+            errs.append(float((q(ids) - ref).pow(2).mean()))
+    assert plan.calibrated == 42 and errs[0] < errs[1], errs
+
+
 def test_grid_bad_input(tiny_llama):
     for bad in ({"quantize": "int8", "rounding": "grid"},
                 {"quantize": "8da4w", "rounding": "grid", "rotation": "on"}):
