@@ -60,8 +60,10 @@ def test_grid_rewrite_is_exact_and_beats_round_to_nearest(tiny_llama, tmp_path):
 
 def test_grid_generation_program_runs_in_executorch(tiny_llama, tmp_path):
     """auto picks grid for a model with low-rank factors; the KV-cache .pte matches its eager
-    module and decodes like it."""
-    loaded = _on_grid_with_lowrank(load_model(tiny_llama))
+    module and decodes like it. (Two of the six layers: lowering time grows with the linears.)"""
+    loaded = load_model(tiny_llama)
+    loaded.adapter.keep_layers(loaded.model, [0, 1])
+    loaded = _on_grid_with_lowrank(loaded)
     cfg = ExportConfig(formats=["pte"], quantize="8da4w", lm_head="int8", seq_len=16, max_len=32,
                        greedy_tokens=8, min_delegated_flops=None, etrecord=False)
     module = loaded.adapter.export_module(loaded)
@@ -71,7 +73,7 @@ def test_grid_generation_program_runs_in_executorch(tiny_llama, tmp_path):
     rec = export_generation(work, tmp_path, "pte", cfg, stem="model-8da4w", extra={},
                             group_size=group, rounding=rounding, rotation=rotation)
     q = rec.details["quantization"]
-    assert q["rounding"] == "grid" and q["side_params"] > 0 and q["calibrated"] == 42
+    assert q["rounding"] == "grid" and q["side_params"] > 0 and q["calibrated"] == 2 * 7
     assert rec.parity["passed"], rec.parity
     assert rec.parity["greedy_match_prefix"] >= 4, rec.parity
     # rtn asked for explicitly: no grid
