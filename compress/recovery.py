@@ -129,19 +129,19 @@ class LowRank:
     Why: the built-in SmolLM2 is a Q4_1 GGUF dequantised, so its linears lie on a 4-bit grid
     that the export can keep exactly (export/grid.py); full fine-tuning moves every weight by
     a fraction of a grid step, which any 4-bit rounding discards (docs/llm_race.md). With a
-    low-rank recovery the export rounds W0 (exactly) and carries B A in fp32 beside it."""
+    low-rank recovery the export keeps W0 exactly and carries B A beside it."""
 
     def __init__(self, rank: int, seed: int = 0):
         self.rank = rank
         self.gen = torch.Generator().manual_seed(seed)
         self.factors: dict[int, tuple[nn.Linear, nn.Parameter, nn.Parameter]] = {}
 
-    def attach(self, layers) -> list[nn.Parameter]:
-        """Take B A out of every linear of `layers` and re-express it as a parametrization;
-        returns the trainable factors. New linears get A ~ N(0, 1/in) and B = 0 (no change)."""
+    def attach(self, layers) -> None:
+        """Take B A out of every linear of `layers` and re-express it as a parametrization (the
+        factors become parameters of the model; its linears' own weights are frozen). New linears
+        get A ~ N(0, 1/in) and B = 0 (no change)."""
         from torch.nn.utils import parametrize
 
-        trainable = []
         for layer in layers:
             for lin in [m for m in layer.modules() if isinstance(m, nn.Linear)]:
                 prior = getattr(lin, "pf_lowrank", None)
@@ -157,8 +157,6 @@ class LowRank:
                     lin.weight.sub_(b @ a)
                 parametrize.register_parametrization(lin, "weight", _Delta(a, b), unsafe=True)
                 lin.parametrizations.weight.original.requires_grad_(False)
-                trainable += [a, b]
-        return trainable
 
     def merge(self) -> None:
         """Fold B A back into plain weights (the model is an ordinary model again) and leave the
@@ -293,6 +291,7 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
         if lowrank is None or lowrank.rank != opts.rank:
             raise ValueError("rank > 0 needs a LowRank store of the same rank")
         lowrank.attach(s_layers)
+        # factors of linears in layers removed by earlier steps stay in the store, unattached
         frozen |= {id(lin.parametrizations.weight.original) for lin, _, _ in lowrank.factors.values()
                    if hasattr(lin, "parametrizations")}
     else:

@@ -81,7 +81,7 @@ class GridLinear(nn.Module):
     base: a symmetric 4-bit linear (its integers and scales in `pf_rounding`, written into the
     quantized tensors by export/gptq.py apply_rounding).
     side_in = [P^T; A] ((in/g + r) x in): the 0/1 block-sum rows and the low-rank A; quantized
-    8da8w (`pf_side = "int8"`): the 0/1 rows are exact in int8, and the block sums are then
+    8da8w (`pf_side`, quantized 8da8w by export/quantize.py): the 0/1 rows are exact in int8, and the block sums are then
     those of the same int8-quantized activations the 4-bit linear reads, as in llama.cpp's
     Q4_1 x Q8_1 dot product; A is rounded per row.
     side_out = [C, B] (out x (in/g + r)): 8da8w as well. Rounding C per output row to int8
@@ -95,7 +95,7 @@ class GridLinear(nn.Module):
     def __init__(self, base: nn.Linear, side_in: nn.Linear, side_out: nn.Linear):
         super().__init__()
         self.base, self.side_in, self.side_out = base, side_in, side_out
-        side_in.pf_side = side_out.pf_side = "int8"
+        side_in.pf_side = side_out.pf_side = True
 
     @property
     def in_features(self) -> int:
@@ -152,7 +152,7 @@ def grid_linear(lin: nn.Linear, group: int, report: GridReport) -> GridLinear:
     return GridLinear(base, side_in, side_out)
 
 
-def grid_model(loaded: LoadedModel, group: int = 32, *, skip_head: bool = True) -> tuple[LoadedModel, GridReport]:
+def grid_model(loaded: LoadedModel, group: int = 32) -> tuple[LoadedModel, GridReport]:
     """A copy of `loaded` whose linears inside its layers are GridLinear (the token embedding and
     the output head are left to the quantizer's own schemes). Every such linear's input width
     must be a multiple of `group`."""

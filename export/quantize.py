@@ -76,7 +76,8 @@ class QuantPlan:
 
 
 def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The linears a scheme quantizes: all but the fp32 side pairs of grid rounding (`pf_side`)."""
+    """The linears a scheme quantizes: all but the side pairs of grid rounding (`pf_side`, always
+    8da8w per channel)."""
     return [(n, m) for n, m in module.named_modules()
             if isinstance(m, nn.Linear) and not getattr(m, "pf_side", False)]
 
@@ -151,8 +152,8 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
         group = group_for(module, group_size)
     plan = QuantPlan(scheme, group)
     plan.linear_params = sum(m.weight.numel() for _, m in linears)
-    sides8 = {id(m) for m in module.modules() if getattr(m, "pf_side", None) == "int8"}
-    plan.side_params = sum(m.weight.numel() for m in module.modules() if getattr(m, "pf_side", False))
+    sides8 = {id(m): m for m in module.modules() if getattr(m, "pf_side", False)}
+    plan.side_params = sum(m.weight.numel() for m in sides8.values())
     # an int8 head is per output channel, so no group has to divide its width
     head8 = output_head(module) if scheme == "8da4w" and lm_head == "int8" else None
     chosen = set()
