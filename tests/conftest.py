@@ -45,14 +45,14 @@ def _byte_bpe_tokenizer(text_file: Path, vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-def _save_causal(tmp_path_factory, small_text, model_type: str) -> Path:
+def _save_causal(tmp_path_factory, small_text, model_type: str, layers: int = 6) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    out = tmp_path_factory.mktemp(f"tiny_{model_type}")
+    out = tmp_path_factory.mktemp(f"tiny_{model_type}_{layers}")
     tok = _byte_bpe_tokenizer(small_text)
     config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64,
-                                  intermediate_size=128, num_hidden_layers=6,
+                                  intermediate_size=128, num_hidden_layers=layers,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   max_position_embeddings=256, tie_word_embeddings=True)
     torch.manual_seed(0)
@@ -64,6 +64,13 @@ def _save_causal(tmp_path_factory, small_text, model_type: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, small_text) -> Path:
     return _save_causal(tmp_path_factory, small_text, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_2l(tmp_path_factory, small_text) -> Path:
+    """tiny_llama with two layers: for tests whose time is ExecuTorch lowering, which grows with
+    the number of linears."""
+    return _save_causal(tmp_path_factory, small_text, "llama", layers=2)
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,11 @@ from pathlib import Path
 CLI = str(Path(sys.executable).parent / "pocketformer")
 
 
-def test_layered_prune_then_see_in_one_recipe(tiny_llama, small_text, tmp_path):
+def test_layered_prune_then_see_in_one_recipe(tiny_llama_2l, small_text, tmp_path):
     recipe = tmp_path / "combined.toml"
     recipe.write_text(f"""
 [model]
-source = "{tiny_llama}"
+source = "{tiny_llama_2l}"
 [data]
 calibration = "{small_text}@0:0.5"
 evaluation = "{small_text}@0.5:1"

@@ -23,13 +23,15 @@ def test_minilm_see_ratio_10(tmp_path):
     emb_before = loaded.adapter.embeddings(loaded.model).weight.numel()
     cal = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0:0.5"))
     cfg = parse_params(get_method("see"), {"ratio": 10, "reconstruct_steps": 200,
-                                           "hidden_minutes": 0.25, "distill_minutes": 1.0})
+                                           "hidden_minutes": 0.25, "distill_minutes": 0.5})
     rec = run_step(loaded, "see", cfg, Calibration(cal, seq_len=128, max_samples=750, batch_size=32))
     d = rec["details"]
     assert d["ratio"] >= 10 and d["params_before"] == emb_before
     assert d["plan"]["knowledge_coverage"] > 0.5          # WordNet covers most whole-word tokens
     see = evaluate(loaded, "sts", ev).value
-    assert see >= 0.90 * dense, (see, dense)   # measured 0.938x with 0.5 + 2 min (docs/see.md)
+    # measured 0.938x with 0.5 + 2 min (docs/see.md). Stage 2 was cut from 1 to 0.5 min for the
+    # suite's time; the test passed so beside a running build, i.e. with fewer steps than alone
+    assert see >= 0.90 * dense, (see, dense)
     save_model(loaded, tmp_path / "m")
     again = load_model(tmp_path / "m")
     assert evaluate(again, "sts", ev).value == pytest.approx(see, abs=1e-6)

@@ -23,8 +23,8 @@ def _calib(loaded, path):
                        max_samples=16, batch_size=4)
 
 
-def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama, small_text, tmp_path):
-    loaded = load_model(tiny_llama)
+def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, small_text, tmp_path):
+    loaded = load_model(tiny_llama_2l)
     cfg = parse_params(get_method("see"), {"ratio": 4, "reconstruct_steps": 300, **FAST})
     rec = run_step(loaded, "see", cfg, _calib(loaded, small_text))
     d = rec["details"]
@@ -45,8 +45,11 @@ def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama, small_text,
     again = load_model(tmp_path / "m")
     with torch.inference_mode():
         torch.testing.assert_close(again.adapter.export_module(again)(*ids), expected)
-    records = export_model(again, tmp_path / "art", ExportConfig(seq_len=16, max_len=48,
-                                                                 greedy_tokens=8, etrecord=False))
+    # .pte forward and generation programs (ONNX of the same structure: test_combined_recipe.py)
+    records = export_model(again, tmp_path / "art", ExportConfig(formats=["pte"], seq_len=16,
+                                                                 max_len=48, greedy_tokens=8,
+                                                                 etrecord=False))
+    assert {r.path for r in records} == {"model.pte", "model-gen.pte"}
     assert all(r.parity["passed"] for r in records), [r.parity for r in records]
 
 
