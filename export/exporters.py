@@ -432,8 +432,7 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
         group = cfg.group_size or 32
         gridded, report = grid_model(loaded, group)
         say(f"export: grid rounding, group {group}: {report.exact_blocks}/{report.blocks} blocks exact, "
-            f"{report.with_lowrank} linears with a rank-{report.lowrank_rank} term beside them, "
-            f"{report.shared_inputs} shared side inputs")
+            f"{report.with_lowrank} linears with a rank-{report.lowrank_rank} term beside them")
         details = {"method": "grid", **report.to_dict()}
         if cfg.lm_head == "int4" and cfg.calibration and cfg.rounding != "rtn":
             # the output head is not on a 4-bit grid (a tied Q8_0 table): GPTQ rounds it alone

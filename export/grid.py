@@ -47,8 +47,7 @@ class GridReport:
     lowrank_rank: int = 0
     blocks: int = 0
     exact_blocks: int = 0          # blocks whose weights the grid reproduces to 1e-6 of the block's range
-    side_params: int = 0           # parameters of the side linears (each shared one once)
-    shared_inputs: int = 0         # groups of linears sharing one side input (share_side_inputs)
+    side_params: int = 0           # fp32 parameters of the side linears
     names: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -109,11 +108,6 @@ class GridLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.side_out(self.side_in(x))
 
-    def forward_shared(self, x: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        """The output given `side` = side_in(x) computed once for every linear sharing side_in
-        (share_side_inputs; the generation graph calls this, pocketformer/models/generation.py)."""
-        return self.base(x) + self.side_out(side)
-
 
 def grid_linear(lin: nn.Linear, group: int, report: GridReport) -> GridLinear:
     """The GridLinear computing `lin` (module doc), recording exactness in `report`."""
@@ -150,6 +144,7 @@ def grid_linear(lin: nn.Linear, group: int, report: GridReport) -> GridLinear:
             side_out.weight[:, n_blocks:] = ab[1]
     for mod in (side_in, side_out):
         mod.weight.requires_grad_(False)
+        report.side_params += mod.weight.numel()
     report.linears += 1
     if ab is not None:
         report.with_lowrank += 1
@@ -157,48 +152,10 @@ def grid_linear(lin: nn.Linear, group: int, report: GridReport) -> GridLinear:
     return GridLinear(base, side_in, side_out)
 
 
-# Linears of a llama-family layer that read the same input: their side inputs are shared.
-SHARED_INPUTS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
-
-
-def share_side_inputs(lins: list[GridLinear], group: int) -> nn.Linear:
-    """One side_in for linears that read the same x: the block sums P^T x are the same for all of
-    them, so they are computed once, and each low-rank A gets its own rows:
-        side_in = [P^T; A_1; ...; A_k],   side_out_j = [C_j, 0 .. B_j .. 0]
-    (zero columns where the other linears' A x sit). One side linear per input instead of one
-    per linear, and the block sums once (q/k/v: 3 -> 1, gate/up: 2 -> 1). Exact: the int8
-    per-row rounding of every side_in and side_out row is unchanged (zeros do not move a row's
-    scale); the dynamic activation scale of side_out's input is now taken over the longer vector."""
-    in_f = lins[0].in_features
-    n_blocks = in_f // group
-    ranks = [lin.side_in.out_features - n_blocks for lin in lins]
-    total = n_blocks + sum(ranks)
-    shared = nn.Linear(in_f, total, bias=False)
-    with torch.no_grad():
-        shared.weight[:n_blocks] = lins[0].side_in.weight[:n_blocks]
-        start = n_blocks
-        for lin, r in zip(lins, ranks):
-            old_in, old_out = lin.side_in.weight, lin.side_out.weight
-            assert torch.equal(old_in[:n_blocks], shared.weight[:n_blocks])
-            shared.weight[start:start + r] = old_in[n_blocks:]
-            out = nn.Linear(total, lin.out_features, bias=False)
-            out.weight.zero_()
-            out.weight[:, :n_blocks] = old_out[:, :n_blocks]
-            out.weight[:, start:start + r] = old_out[:, n_blocks:]
-            out.weight.requires_grad_(False)
-            out.pf_side = True
-            lin.side_in, lin.side_out = shared, out
-            start += r
-    shared.weight.requires_grad_(False)
-    shared.pf_side = True
-    return shared
-
-
-def grid_model(loaded: LoadedModel, group: int = 32, share: bool = True) -> tuple[LoadedModel, GridReport]:
+def grid_model(loaded: LoadedModel, group: int = 32) -> tuple[LoadedModel, GridReport]:
     """A copy of `loaded` whose linears inside its layers are GridLinear (the token embedding and
     the output head are left to the quantizer's own schemes). Every such linear's input width
-    must be a multiple of `group`. With `share`, linears that read the same input (SHARED_INPUTS)
-    share one side input (share_side_inputs)."""
+    must be a multiple of `group`."""
     adapter = loaded.adapter
     work = LoadedModel(adapter, copy.deepcopy(loaded.model), loaded.tokenizer, loaded.source,
                        dict(loaded.extras), list(loaded.history), loaded.origin)
@@ -215,13 +172,4 @@ def grid_model(loaded: LoadedModel, group: int = 32, share: bool = True) -> tupl
                 if isinstance(child, nn.Linear):
                     setattr(parent, child_name, grid_linear(child, group, report))
                     report.names.append(f"layers.{lname}.{name + '.' if name else ''}{child_name}")
-        if not share:
-            continue
-        for part, names in SHARED_INPUTS:
-            lins = [getattr(getattr(layer, part, None), n, None) for n in names]
-            if all(isinstance(g, GridLinear) for g in lins):
-                share_side_inputs(lins, group)
-                report.shared_inputs += 1
-    report.side_params = sum(m.weight.numel() for m in {id(m): m for m in work.model.modules()
-                                                         if getattr(m, "pf_side", False)}.values())
     return work, report

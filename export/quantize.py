@@ -173,19 +173,10 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
             weight_dtype=weight_dtype, weight_granularity=granularity),
             filter_fn=lambda m, fqn: id(m) in chosen and m is not head8)
         if head8 is not None or sides8:
-            # 8da8w per output channel: an int8 head, and grid rounding's side linears
-            # (export/grid.py). A side input shared by several linears is reached once per
-            # parent; quantize_ replaces weights in place, so it must be chosen once only.
-            pending = set(sides8) | ({id(head8)} if head8 is not None else set())
-
-            def once(m, fqn):
-                if id(m) in pending:
-                    pending.discard(id(m))
-                    return True
-                return False
-
+            # 8da8w per output channel: an int8 head, and grid rounding's side inputs (export/grid.py)
             quantize_(module, Int8DynamicActivationIntxWeightConfig(
-                weight_dtype=torch.int8, weight_granularity=PerAxis(0)), filter_fn=once)
+                weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+                filter_fn=lambda m, fqn: m is head8 or id(m) in sides8)
         if scheme == "8da4w":
             from pocketformer.export.gptq import apply_rounding
             plan.calibrated = apply_rounding(module)

@@ -111,27 +111,6 @@ class XnnpackOps(nn.Module):
         return x * cos + nn.functional.linear(x, self.rotate) * sin
 
 
-def _on_one_input(x, *linears):
-    """The outputs of linears that read the same x. Linears that share one side input (4-bit grid
-    rounding, export/grid.py share_side_inputs) compute it once here instead of once each."""
-    side = getattr(linears[0], "side_in", None)
-    if side is not None and all(getattr(m, "side_in", None) is side for m in linears[1:]):
-        s = side(x)
-        return [m.forward_shared(x, s) for m in linears]
-    return [m(x) for m in linears]
-
-
-def _mlp(mlp, x):
-    """The layer's FFN; a gated one whose gate and up projections share a side input is written
-    out (transformers' LlamaMLP: down(act(gate(x)) * up(x))) so that input is computed once."""
-    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
-    side = getattr(gate, "side_in", None)
-    if side is None or getattr(up, "side_in", None) is not side or not hasattr(mlp, "act_fn"):
-        return mlp(x)
-    g, u = _on_one_input(x, gate, up)
-    return mlp.down_proj(mlp.act_fn(g) * u)
-
-
 def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool, ops=PlainOps):
     """Shared body. `caches` is a list of (k, v) tensors updated in place: through a narrowed
     view at a data-dependent start (ExecuTorch: a slice copy into the planned buffer), or by
@@ -155,10 +134,9 @@ def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool, ops=Pla
         sa = layer.self_attn
         nq, nkv, length = sa.q_proj.out_features // hd, kc.shape[1], kc.shape[2]
         x = ops.norm(layer.input_layernorm, h)
-        q, k, v = _on_one_input(x, sa.q_proj, sa.k_proj, sa.v_proj)
-        q = q.view(1, -1, nq, hd)
-        k = k.view(1, -1, nkv, hd)
-        v = v.view(1, -1, nkv, hd).transpose(1, 2)
+        q = sa.q_proj(x).view(1, -1, nq, hd)
+        k = sa.k_proj(x).view(1, -1, nkv, hd)
+        v = sa.v_proj(x).view(1, -1, nkv, hd).transpose(1, 2)
         if getattr(sa, "q_norm", None) is not None:
             q, k = ops.norm(sa.q_norm, q), ops.norm(sa.k_norm, k)
         q = ops.rope(q, cos, sin)                                     # [1, T, nq, hd]
@@ -184,7 +162,7 @@ def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool, ops=Pla
         a = torch.bmm(torch.softmax(scores, dim=-1), vc.view(nkv, length, hd))   # [kv, T*g, hd]
         a = a.view(nkv, -1, groups * hd).transpose(0, 1).reshape(1, -1, nq * hd)
         h = h + sa.o_proj(a)
-        h = h + _mlp(layer.mlp, ops.norm(layer.post_attention_layernorm, h))
+        h = h + layer.mlp(ops.norm(layer.post_attention_layernorm, h))
     return model.lm_head(ops.norm(model.model.norm, h))
 
 
