@@ -81,8 +81,8 @@ class GridLinear(nn.Module):
     base: a symmetric 4-bit linear (its integers and scales in `pf_rounding`, written into the
     quantized tensors by export/gptq.py apply_rounding).
     side_in = [P^T; A] ((in/g + r) x in): the 0/1 block-sum rows and the low-rank A; quantized
-    8da8w (`pf_side`, quantized 8da8w by export/quantize.py): the 0/1 rows are exact in int8, and the block sums are then
-    those of the same int8-quantized activations the 4-bit linear reads, as in llama.cpp's
+    8da8w (marked `pf_side` for export/quantize.py): the 0/1 rows are exact in int8, and the
+    block sums are then those of the same int8-quantized activations the 4-bit linear reads, as in llama.cpp's
     Q4_1 x Q8_1 dot product; A is rounded per row.
     side_out = [C, B] (out x (in/g + r)): 8da8w as well. Rounding C per output row to int8
     moves it by up to ~0.1 grid step, yet measured on the pruned SmolLM2 (eager, 12 held-out
