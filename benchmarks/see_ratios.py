@@ -39,8 +39,12 @@ def main() -> int:
     p.add_argument("--distill-minutes", type=float, default=2.0)
     p.add_argument("--eval-max-windows", type=int, default=32)
     p.add_argument("--b-share", type=float, default=0.5, help="see: share of the unit tables for B")
+    p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
     p.add_argument("--frequency-weight", type=float, default=0.0,
                    help="stage 1a row weights from calibration counts (see and svd alike)")
+    p.add_argument("--exact-share", type=float, default=0.0,
+                   help="share of the budget spent on exact rows of the calibration's most "
+                        "frequent tokens (see and svd alike)")
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args()
@@ -61,9 +65,11 @@ def main() -> int:
             loaded = load_model(a.model)
             params = {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
                       "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
-                      **extra}
+                      "exact_share": a.exact_share, **extra}
             if method == "see":
                 params["b_share"] = a.b_share
+                if a.max_rank:
+                    params["max_rank"] = a.max_rank
             cfg = parse_params(get_method(method), params)
             start = time.perf_counter()
             details = run_step(loaded, method, cfg, Calibration(cal, seq_len=a.seq_len, max_samples=a.samples,
@@ -73,7 +79,8 @@ def main() -> int:
             row = {"ratio": ratio, "method": name, "quality": q.value, "x_dense": q.value / dense.value,
                    "embedding_params": details["params_after"], "achieved_ratio": details["ratio"],
                    "coverage": details.get("plan", {}).get("knowledge_coverage"),
-                   "row_error": details["stage1_rows"]["relative_error"], "seconds": seconds}
+                   "row_error": details["stage1_rows"].get("relative_error_with_exact",
+                                                          details["stage1_rows"]["relative_error"]), "seconds": seconds}
             rows.append(row)
             print(f"ratio {ratio:g} {name}: {q.metric} {q.value:.4f} ({row['x_dense']:.3f}x dense), "
                   f"{row['embedding_params']:,} params ({row['achieved_ratio']:.1f}x), "

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pocketformer.models.factored import EntangledEmbedding, FactoredEmbedding, factor_dim, head_for
+from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding, factor_dim,
+                                          head_for)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
@@ -43,6 +44,8 @@ class SEEConfig:
     b_share: float = 0.5             # share of the unit-table parameters that goes to B
     frequency_weight: float = 0.0    # stage 1a: row v counts 1 + this x (its calibration count
                                      # / the mean count of the tokens that occur)
+    exact_share: float = 0.0         # share of the parameter budget spent on exact rows for the
+                                     # calibration text's most frequent tokens (ExactRows)
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
@@ -65,11 +68,12 @@ class SEEConfig:
             raise BadInputError("must be in (0, 1)", field="b_share")
         if self.frequency_weight < 0:
             raise BadInputError("must be >= 0", field="frequency_weight")
+        _check_exact_share(self.exact_share)
         if min(self.hidden_minutes, self.distill_minutes) < 0 or self.reconstruct_steps < 0:
             raise BadInputError("budgets must be >= 0", field="distill_minutes")
 
     def needs_calibration(self) -> bool:
-        return self.hidden_minutes > 0 or self.distill_minutes > 0
+        return self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
 
     def rank(self) -> int:
         return self.max_rank or (4 if self.ratio <= 20 else 2)
@@ -134,11 +138,11 @@ class Plan:
     stats: dict
 
 
-def budget(V: int, d: int, d1: int, d2: int, ratio: float, R: int, b_share: float = 0.5
-           ) -> tuple[int, int]:
-    """Unit counts (U_a, U_b) whose tables plus the V x R coefficients fit V d / ratio parameters,
-    a `b_share` of the table parameters going to B."""
-    total = V * d / ratio - V * R
+def budget(V: int, d: int, d1: int, d2: int, ratio: float, R: int, b_share: float = 0.5,
+           reserved: int = 0) -> tuple[int, int]:
+    """Unit counts (U_a, U_b) whose tables plus the V x R coefficients fit V d / ratio parameters
+    less `reserved` (exact rows), a `b_share` of the table parameters going to B."""
+    total = V * d / ratio - V * R - reserved
     if total <= d1 + d2:
         raise BadInputError(f"ratio {ratio:g} cannot be met: the {V} x {R} coefficients alone need "
                             f"{V * R:,} of the {int(V * d / ratio):,} parameters allowed; "
@@ -147,10 +151,17 @@ def budget(V: int, d: int, d1: int, d2: int, ratio: float, R: int, b_share: floa
 
 
 def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int, cfg: SEEConfig,
-               wordnet=None) -> Plan:
+               wordnet=None, exact: torch.Tensor | None = None) -> Plan:
+    """Units and terms for every token; tokens in `exact` (kept as exact rows) get no terms and
+    their rows' parameters are taken from the budget first."""
     V, d = E.shape
     R = cfg.rank()
-    Ua, Ub = budget(V, d, d1, d2, cfg.ratio, R, cfg.b_share)
+    n_exact = 0 if exact is None else int(exact.numel())
+    is_exact = torch.zeros(V, dtype=torch.bool)
+    if n_exact:
+        is_exact[exact] = True
+    Ua, Ub = budget(V, d, d1, d2, cfg.ratio, R, cfg.b_share,
+                    reserved=(n_exact + 1) * d if n_exact else 0)
     index_a = torch.zeros(V, R, dtype=torch.long)
     active = torch.zeros(V, R, dtype=torch.bool)
     senses: dict[int, list[tuple[str, ...]]] = {}
@@ -162,7 +173,7 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
             wordnet = WordNet()
         for v, tok in enumerate(tokens):
             w = word_of(tok, family)
-            if w is None:
+            if w is None or is_exact[v]:
                 continue
             chains = [wordnet.ancestors(s.key) for s in wordnet.senses(w)[:R]]
             if chains:
@@ -202,7 +213,7 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
         covered += bool(units)
     knowledge_units = len(unit_of)
     # Data-driven A units for everything else: k-means of the original rows.
-    rest = [v for v in range(V) if not active[v, 0]]
+    rest = [v for v in range(V) if not active[v, 0] and not is_exact[v]]
     n_data = max(1, Ua - knowledge_units)
     if rest:
         cent_a, _ = kmeans(E[rest], n_data, seed=cfg.seed)
@@ -215,17 +226,20 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
     if cfg.inventory == "random":
         g = torch.Generator().manual_seed(cfg.seed + 1)
         index_a = torch.randint(0, units_a, (V, R), generator=g)
-    cent_b, _ = kmeans(E, Ub, seed=cfg.seed + 2)
+    cent_b, _ = kmeans(E[~is_exact], Ub, seed=cfg.seed + 2)
     index_b = _nearest(E, cent_b, min(R, len(cent_b)))
     if index_b.shape[1] < R:
         index_b = torch.cat([index_b, index_b[:, :1].expand(-1, R - index_b.shape[1])], 1)
+    if n_exact:
+        active[exact] = False
     ranks = active.sum(1).float()
     stats = {"vocab": V, "knowledge_covered_tokens": covered,
              "knowledge_coverage": covered / V, "knowledge_units": knowledge_units,
              "hypernym_depth": depth_used, "data_units_a": units_a - knowledge_units,
              "units_a": units_a, "units_b": len(cent_b), "max_rank": R,
              "mean_rank": float(ranks.mean()),
-             "rank_histogram": torch.bincount(ranks.long(), minlength=R + 1).tolist()}
+             "rank_histogram": torch.bincount(ranks.long(), minlength=R + 1).tolist(),
+             "exact_rows": n_exact}
     return Plan(index_a, index_b, active, units_a, len(cent_b), knowledge_units, covered, stats)
 
 
@@ -313,21 +327,63 @@ def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, se
             **({"weighted_relative_error": weighted} if weights is not None else {})}
 
 
+def token_counts(batches, V: int) -> torch.Tensor:
+    """How often each token occurs in the calibration batches (padding excluded)."""
+    n = torch.zeros(V)
+    for batch in batches:
+        ids = batch[0]
+        mask = batch[1].bool() if len(batch) > 1 and batch[1].shape == ids.shape else torch.ones_like(ids, dtype=torch.bool)
+        n.index_add_(0, ids[mask].reshape(-1), torch.ones(int(mask.sum())))
+    return n
+
+
 def row_weights(batches, V: int, strength: float) -> torch.Tensor | None:
     """Stage 1a's row weights from the calibration data: 1 + strength x count / mean count over
     the tokens that occur (padding excluded), so rows the user's text uses are fitted first and
     every other row still counts once. None when strength is 0 or there is no data."""
     if strength <= 0 or not batches:
         return None
-    n = torch.zeros(V)
-    for batch in batches:
-        ids = batch[0]
-        mask = batch[1].bool() if len(batch) > 1 and batch[1].shape == ids.shape else torch.ones_like(ids, dtype=torch.bool)
-        n.index_add_(0, ids[mask].reshape(-1), torch.ones(int(mask.sum())))
+    n = token_counts(batches, V)
     seen = n > 0
     if not seen.any():
         return None
     return 1 + strength * n / n[seen].mean()
+
+
+def _check_exact_share(share: float) -> None:
+    if not 0 <= share < 1:
+        raise BadInputError("must be in [0, 1)", field="exact_share")
+
+
+def exact_tokens(batches, V: int, d: int, ratio: float, share: float) -> torch.Tensor | None:
+    """The tokens that keep exact rows: the calibration text's most frequent ones, as many as
+    `share` of the V d / ratio parameter budget pays for (d each; ties broken by token id).
+    None when share is 0."""
+    if share <= 0:
+        return None
+    if not batches:
+        raise BadInputError("exact rows are chosen from the calibration text: give --calibration",
+                            field="exact_share")
+    n = token_counts(batches, V)
+    K = min(int(share * V / ratio), int((n > 0).sum()))
+    if K < 1:
+        raise BadInputError(f"share {share:g} of a {V * d / ratio:,.0f}-parameter budget buys no "
+                            f"{d}-wide row", field="exact_share")
+    order = torch.sort(-n, stable=True).indices                 # ties: lower token id first
+    return order[:K].sort().values
+
+
+def with_exact_rows(base: nn.Module, E: torch.Tensor, exact: torch.Tensor | None) -> nn.Module:
+    return base if exact is None else ExactRows(base, exact, E[exact])
+
+
+def _zero_rows(weights: torch.Tensor | None, V: int, exact: torch.Tensor | None) -> torch.Tensor | None:
+    """Row weights with the exact tokens' rows left out of the fit of the factored part."""
+    if exact is None:
+        return weights
+    w = torch.ones(V) if weights is None else weights.clone()
+    w[exact] = 0
+    return w
 
 
 def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> EntangledEmbedding:
@@ -399,6 +455,18 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
             "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}
 
 
+@torch.no_grad()
+def _exact_summary(module: nn.Module, E: torch.Tensor, batches, exact: torch.Tensor | None) -> dict:
+    """With exact rows: how many, what share of the calibration tokens they cover, and the
+    whole table's relative row error."""
+    if exact is None:
+        return {}
+    n = token_counts(batches, E.shape[0])
+    return {"exact_rows": int(exact.numel()),
+            "exact_calibration_coverage": float(n[exact].sum() / n.sum()),
+            "relative_error_with_exact": float(((module.weight - E) ** 2).sum() / (E ** 2).sum())}
+
+
 def _install(loaded: LoadedModel, module: nn.Module, *, tied: bool) -> None:
     loaded.adapter.set_embeddings(loaded.model, module)
     if tied:
@@ -456,11 +524,14 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
         raise BadInputError(f"{e}: d1 must divide the embedding width {d}", field="d1") from None
     tokens = loaded.adapter.vocabulary(loaded)
     say(f"see: planning units for {V} tokens (d = {d1} x {d2}, ratio {config.ratio:g})")
-    plan = plan_units(tokens, loaded.family, E, d1, d2, config)
-    module = init_entangled(plan, d1, d2, E, config.seed)
     batches = calib.inputs(loaded) if calib is not None else []
-    weights = row_weights(batches, V, config.frequency_weight)
-    rows = fit_rows(module, E, config.reconstruct_steps, config.lr, config.seed, plan.active, weights)
+    exact = exact_tokens(batches, V, d, config.ratio, config.exact_share)
+    plan = plan_units(tokens, loaded.family, E, d1, d2, config, exact=exact)
+    base = init_entangled(plan, d1, d2, E, config.seed)
+    weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
+    rows = fit_rows(base, E, config.reconstruct_steps, config.lr, config.seed, plan.active, weights)
+    module = with_exact_rows(base, E, exact)
+    rows.update(_exact_summary(module, E, batches, exact))
     tied, stages = _replace_and_train(loaded, module, batches, config, "see")
     before = V * d
     return {"vocab": V, "d": d, "factors": [d1, d2], "tied_head": tied, "plan": plan.stats,
@@ -486,6 +557,7 @@ class EmbedSVDConfig:
     distill_minutes: float = 2.0
     distill_lr: float = 1e-3
     frequency_weight: float = 0.0    # as see's: a row-weighted truncated SVD
+    exact_share: float = 0.0         # as see's: exact rows for the most frequent tokens
     seed: int = 0
 
     def validate(self) -> None:
@@ -493,9 +565,10 @@ class EmbedSVDConfig:
             raise BadInputError("must be > 1", field="ratio")
         if self.frequency_weight < 0:
             raise BadInputError("must be >= 0", field="frequency_weight")
+        _check_exact_share(self.exact_share)
 
     def needs_calibration(self) -> bool:
-        return self.hidden_minutes > 0 or self.distill_minutes > 0
+        return self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
 
 
 @register("embed-svd", EmbedSVDConfig,
@@ -504,13 +577,25 @@ class EmbedSVDConfig:
 def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | None) -> dict:
     E = _embedding_table(loaded)
     V, d = E.shape
-    k = int(V * d / config.ratio / (V + d))
-    if k < 1:
-        raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table", field="ratio")
     batches = calib.inputs(loaded) if calib is not None else []
-    module = FactoredEmbedding(*weighted_svd(E, k, row_weights(batches, V, config.frequency_weight)))
+    exact = exact_tokens(batches, V, d, config.ratio, config.exact_share)
+    reserved = 0 if exact is None else (exact.numel() + 1) * d
+    k = int((V * d / config.ratio - reserved) / (V + d))
+    if k < 1:
+        raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table"
+                            + (" after the exact rows" if reserved else ""), field="ratio")
+    weights = row_weights(batches, V, config.frequency_weight)
+    if exact is None:
+        P, Q = weighted_svd(E, k, weights)
+    else:
+        rest = torch.ones(V, dtype=torch.bool)
+        rest[exact] = False
+        P = torch.zeros(V, k)
+        P[rest], Q = weighted_svd(E[rest], k, None if weights is None else weights[rest])
+    module = with_exact_rows(FactoredEmbedding(P, Q), E, exact)
     rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
+    rows = {"relative_error": rel, **_exact_summary(module, E, batches, exact)}
     tied, stages = _replace_and_train(loaded, module, batches, config, "embed-svd")
     return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,
             "params_after": module.param_count(), "ratio": V * d / module.param_count(),
-            "stage1_rows": {"relative_error": rel}, **stages}
+            "stage1_rows": rows, **stages}

@@ -120,3 +120,26 @@ def test_row_weighted_svd_is_the_weighted_optimum():
     torch.testing.assert_close(P0 @ Q0, plain)
     werr = lambda X: float((w.unsqueeze(-1) * (X - E) ** 2).sum())
     assert werr(P @ Q) < werr(plain)
+
+
+@pytest.mark.parametrize("kind", ["entangled", "factored"])
+def test_exact_rows_override_the_factored_rows_in_both_directions(kind):
+    from pocketformer.models.factored import ExactRows, FactoredEmbedding, build, describe
+
+    V, d = 11, 12
+    base = _random(V=V) if kind == "entangled" else FactoredEmbedding(torch.randn(V, 3), torch.randn(3, d))
+    ids = torch.tensor([1, 4, 9])
+    rows = torch.randn(3, d)
+    emb = ExactRows(base, ids, rows)
+    expected = base.weight.detach().clone()
+    expected[ids] = rows
+    torch.testing.assert_close(emb.weight, expected)
+    tokens = torch.tensor([[0, 1, 4], [9, 10, 4]])
+    torch.testing.assert_close(emb(tokens), expected[tokens])
+    h = torch.randn(2, 5, d)
+    torch.testing.assert_close(emb.logits(h), h @ expected.T, rtol=1e-5, atol=1e-5)
+    assert emb.param_count() == base.param_count() + (3 + 1) * d
+    # a loader rebuilds the same shapes from the config entry, and the state loads strictly
+    again = build(describe(emb))
+    again.load_state_dict(emb.state_dict(), strict=True)
+    torch.testing.assert_close(again.weight, expected)

@@ -11,7 +11,7 @@ from pocketformer.compress import Calibration, get_method, parse_params, run_ste
 from pocketformer.data import DataSpec, load_for
 from pocketformer.export import ExportConfig, export_model
 from pocketformer.models import load_model, save_model
-from pocketformer.models.factored import EntangledEmbedding, EntangledHead
+from pocketformer.models.factored import EntangledEmbedding, ExactRows, ExactRowsHead, FactoredEmbedding
 
 from conftest import STS_DEV
 
@@ -24,15 +24,31 @@ def _calib(loaded, path):
 
 
 def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, small_text, tmp_path):
+    """SEE with a share of the budget spent on exact rows for the calibration's frequent tokens:
+    the entangled head and the exact rows' gather/select both go through save, reload and
+    export."""
     loaded = load_model(tiny_llama_2l)
-    cfg = parse_params(get_method("see"), {"ratio": 4, "reconstruct_steps": 300, **FAST})
-    rec = run_step(loaded, "see", cfg, _calib(loaded, small_text))
+    E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
+    cfg = parse_params(get_method("see"), {"ratio": 4, "reconstruct_steps": 300,
+                                           "exact_share": 0.25, **FAST})
+    calib = _calib(loaded, small_text)
+    rec = run_step(loaded, "see", cfg, calib)
     d = rec["details"]
     assert d["params_after"] * 4 <= d["params_before"] * 1.01 and d["tied_head"]
     emb = loaded.adapter.embeddings(loaded.model)
-    assert isinstance(emb, EntangledEmbedding)
-    assert isinstance(loaded.adapter.lm_head(loaded.model), EntangledHead)
+    assert isinstance(emb, ExactRows) and isinstance(emb.base, EntangledEmbedding)
+    assert isinstance(loaded.adapter.lm_head(loaded.model), ExactRowsHead)
     assert d["stage1_rows"]["loss_last"] < d["stage1_rows"]["loss_first"]
+    V, dim = E.shape
+    K = d["stage1_rows"]["exact_rows"]
+    assert K == int(0.25 * V / 4) and d["plan"]["exact_rows"] == K
+    # the K most frequent calibration tokens, and they have no entangled terms
+    from pocketformer.compress.see import token_counts
+    n = token_counts(calib.inputs(loaded), V)
+    kept = (emb.slot < K).nonzero().squeeze(-1)
+    assert n[kept].min() >= n[emb.slot == K].max()
+    assert float(emb.base.coef[kept].abs().sum()) == 0.0
+    assert 0.5 < d["stage1_rows"]["exact_calibration_coverage"] <= 1
     ids = loaded.adapter.example_inputs(loaded, seq_len=16)
     with torch.inference_mode():
         expected = loaded.adapter.export_module(loaded)(*ids)
@@ -41,15 +57,16 @@ def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, small_te
         torch.testing.assert_close(loaded.adapter.lm_head(loaded.model)(h), h @ emb.weight.T,
                                    rtol=1e-4, atol=1e-4)
     save_model(loaded, tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["pocketformer_embedding"]["kind"] == "entangled"
+    entry = json.loads((tmp_path / "m" / "config.json").read_text())["pocketformer_embedding"]
+    assert entry["kind"] == "exact-rows" and entry["rows"] == K and entry["base"]["kind"] == "entangled"
     again = load_model(tmp_path / "m")
     with torch.inference_mode():
         torch.testing.assert_close(again.adapter.export_module(again)(*ids), expected)
-    # .pte forward and generation programs (ONNX of the same structure: test_combined_recipe.py)
-    records = export_model(again, tmp_path / "art", ExportConfig(formats=["pte"], seq_len=16,
+    # ONNX and .pte, forward and generation programs (plain SEE: test_combined_recipe.py)
+    records = export_model(again, tmp_path / "art", ExportConfig(formats=["onnx", "pte"], seq_len=16,
                                                                  max_len=48, greedy_tokens=8,
                                                                  etrecord=False))
-    assert {r.path for r in records} == {"model.pte", "model-gen.pte"}
+    assert {r.path for r in records} >= {"model.pte", "model-gen.pte", "model.onnx"}
     assert all(r.parity["passed"] for r in records), [r.parity for r in records]
 
 
@@ -80,11 +97,30 @@ def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
     assert 0.1 < tight["knowledge_coverage"] < s["knowledge_coverage"]
 
 
-def test_embed_svd_baseline(tiny_bert, tmp_path):
+@pytest.mark.parametrize("exact_share", [0.0, 0.3])
+def test_embed_svd_baseline(tiny_bert, tmp_path, exact_share):
     loaded = load_model(tiny_bert)
-    cfg = parse_params(get_method("embed-svd"), {"ratio": 4, **FAST})
+    E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
+    cfg = parse_params(get_method("embed-svd"), {"ratio": 4, "exact_share": exact_share,
+                                                 "hidden_minutes": 0, "distill_minutes": 0})
     rec = run_step(loaded, "embed-svd", cfg, _calib(loaded, f"{STS_DEV}@0:0.05"))
     assert rec["details"]["ratio"] >= 4 and 0 < rec["details"]["stage1_rows"]["relative_error"] < 1
+    emb = loaded.adapter.embeddings(loaded.model)
+    if exact_share:
+        # the kept rows are the original ones (no training here), the rest the rank-k SVD of
+        # the other rows, which the kept ones no longer pull towards themselves
+        assert isinstance(emb, ExactRows) and isinstance(emb.base, FactoredEmbedding)
+        K = emb.rows_kept
+        kept = emb.slot < K
+        assert K == rec["details"]["stage1_rows"]["exact_rows"] > 0
+        torch.testing.assert_close(emb.weight[kept], E[kept])
+        rest_err = float(((emb.weight[~kept] - E[~kept]) ** 2).sum() / (E[~kept] ** 2).sum())
+        U, S, Vh = torch.linalg.svd(E[~kept].double(), full_matrices=False)
+        k = emb.base.P.shape[1]
+        best = float((S[k:] ** 2).sum() / (S ** 2).sum())
+        assert rest_err == pytest.approx(best, rel=1e-3)
+    else:
+        assert isinstance(emb, FactoredEmbedding)
     save_model(loaded, tmp_path / "m")
     again = load_model(tmp_path / "m")
     ids = again.adapter.example_inputs(again, batch=2, seq_len=12)
@@ -98,6 +134,8 @@ def test_embed_svd_baseline(tiny_bert, tmp_path):
     (["--d1", "7"], "d1"),
     (["--order", "3"], "order 2"),
     (["--inventory", "hownet"], "wordnet"),
+    (["--exact-share", "1.5"], "exact_share"),
+    (["--ratio", "50000", "--exact-share", "0.5"], "buys no"),
 ])
 def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
     code = main(["compress", "--model", str(tiny_bert), "--method", "see", *args,

@@ -213,13 +213,72 @@ class FactoredHead(_TiedHead):
     """The tied head of a FactoredEmbedding."""
 
 
+class ExactRows(nn.Module):
+    """A factored embedding (entangled or low-rank) in which K chosen tokens, the ones the user's
+    calibration text uses most, keep their exact rows; every other token reads the factored form.
+
+    `slot[v]` is token v's row in `exact` (K + 1 rows, the last all zeros: the slot of every
+    token that has no exact row), so both directions are gathers and a select, no scatter:
+
+        rows(ids)  = where(slot[ids] < K, exact[slot[ids]], base(ids))
+        logits(h)  = where(slot < K, (h exact^T)[..., slot], base.logits(h))
+
+    The exact head costs (K + 1) d multiply-adds per position on top of the factored one."""
+
+    def __init__(self, base: nn.Module, ids: torch.Tensor, rows: torch.Tensor):
+        super().__init__()
+        V, K = base.num_embeddings, int(ids.numel())
+        slot = torch.full((V,), K, dtype=torch.int64)
+        slot[ids.to(torch.int64)] = torch.arange(K)
+        self.base = base
+        self.register_buffer("slot", slot)
+        self.exact = nn.Parameter(torch.cat([rows.float().reshape(K, -1),
+                                             torch.zeros(1, base.embedding_dim)]))
+
+    @property
+    def rows_kept(self) -> int:
+        return self.exact.shape[0] - 1
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        keep = (self.slot < self.rows_kept).unsqueeze(-1)
+        return torch.where(keep, self.exact[self.slot], self.base.weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        s = self.slot[input_ids]
+        return torch.where((s < self.rows_kept).unsqueeze(-1), self.exact[s], self.base(input_ids))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        exact = F.linear(hidden, self.exact)[..., self.slot]
+        return torch.where(self.slot < self.rows_kept, exact, self.base.logits(hidden))
+
+    def param_count(self) -> int:
+        return self.base.param_count() + self.exact.numel()
+
+
+class ExactRowsHead(_TiedHead):
+    """The tied head of an ExactRows embedding."""
+
+
 def head_for(embedding: nn.Module) -> nn.Module:
     """The tied output head that reads `embedding` without forming its dense table."""
+    if isinstance(embedding, ExactRows):
+        return ExactRowsHead(embedding)
     return EntangledHead(embedding) if isinstance(embedding, EntangledEmbedding) else FactoredHead(embedding)
 
 
 def describe(embedding: nn.Module) -> dict | None:
     """Config entry that lets a loader rebuild `embedding`'s shapes (None for nn.Embedding)."""
+    if isinstance(embedding, ExactRows):
+        return {"kind": "exact-rows", "rows": embedding.rows_kept, "base": describe(embedding.base)}
     if isinstance(embedding, EntangledEmbedding):
         return {"kind": "entangled", "units_a": embedding.table_a.shape[0],
                 "units_b": embedding.table_b.shape[0], "d1": embedding.table_a.shape[1],
@@ -233,6 +292,10 @@ def describe(embedding: nn.Module) -> dict | None:
 
 def build(entry: dict) -> nn.Module:
     """An empty module of the shapes `describe` recorded (weights are loaded afterwards)."""
+    if entry["kind"] == "exact-rows":
+        base = build(entry["base"])
+        K = entry["rows"]
+        return ExactRows(base, torch.arange(K), torch.zeros(K, base.embedding_dim))
     if entry["kind"] == "entangled":
         V, R = entry["vocab"], entry["rank"]
         return EntangledEmbedding(torch.zeros(entry["units_a"], entry["d1"]),
