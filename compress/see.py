@@ -145,7 +145,8 @@ def budget(V: int, d: int, d1: int, d2: int, ratio: float, R: int, b_share: floa
     total = V * d / ratio - V * R - reserved
     if total <= d1 + d2:
         raise BadInputError(f"ratio {ratio:g} cannot be met: the {V} x {R} coefficients alone need "
-                            f"{V * R:,} of the {int(V * d / ratio):,} parameters allowed; "
+                            f"{V * R:,} of the {int(V * d / ratio):,} parameters allowed"
+                            + (f" ({reserved:,} already go to exact rows)" if reserved else "") + "; "
                             "lower the ratio or max_rank", field="ratio")
     return max(1, int(total * (1 - b_share) / d1)), max(1, int(total * b_share / d2))
 
