@@ -7,12 +7,13 @@ exact rows for the calibration text's most frequent tokens (the `exact_share` op
         --calibration ../shared/data/wikitext-2/valid.txt@0:0.5 \
         --evaluation ../shared/data/wikitext-2/valid.txt@0.5:1 --shares 0,0.85
 
-Perplexity on `--windows` windows of `--seq-len` tokens of the evaluation text.
+Perplexity on `--windows` windows of `--seq-len` tokens of the evaluation text (the project's
+`pocketformer eval` scorer); the exact rows are chosen as the methods choose them, from the token
+counts of `--samples` calibration windows.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -30,58 +31,56 @@ def main() -> int:
     p.add_argument("--shares", default="0,0.85")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--samples", type=int, default=480, help="calibration windows counted")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     _quiet_libraries()
 
     import torch
-    import torch.nn.functional as F
 
-    from pocketformer.compress.see import weighted_svd
+    from pocketformer.compress import Calibration
+    from pocketformer.compress.see import calibration_counts, exact_tokens, weighted_svd
     from pocketformer.data import DataSpec, load_text
+    from pocketformer.evaluation import EvalOptions, evaluate
     from pocketformer.models import load_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
-    model, tok = loaded.model.eval(), loaded.tokenizer
+    model = loaded.model.eval()
     emb, head = loaded.adapter.embeddings(model), loaded.adapter.lm_head(model)
     if head is None or not loaded.adapter.tied_head(model):
         print(f"{args.model} has no tied LM head", file=sys.stderr)
         return 2
     E = emb.weight.detach().clone()
     V, d = E.shape
-    counts = torch.bincount(tok(load_text(DataSpec.parse(args.calibration)).text,
-                                return_tensors="pt").input_ids[0], minlength=V).float()
-    ids = tok(load_text(DataSpec.parse(args.evaluation)).text, return_tensors="pt").input_ids[0]
-    T = args.seq_len
-    windows = torch.stack([ids[i * T:(i + 1) * T] for i in range(min(args.windows, len(ids) // T))])
+    calib = Calibration(load_text(DataSpec.parse(args.calibration)), seq_len=args.seq_len,
+                        max_samples=args.samples)
+    batches = calib.inputs(loaded)
+    evaluation = load_text(DataSpec.parse(args.evaluation))
+    opts = EvalOptions(seq_len=args.seq_len, max_windows=args.windows)
 
     def perplexity(table_in, table_out) -> float:
         emb.weight = torch.nn.Parameter(table_in, requires_grad=False)
         head.weight = torch.nn.Parameter(table_out, requires_grad=False)
-        nll, n = 0.0, 0
-        with torch.inference_mode():
-            for batch in windows.split(4):
-                logits = model(input_ids=batch).logits[:, :-1]
-                nll += F.cross_entropy(logits.reshape(-1, V), batch[:, 1:].reshape(-1), reduction="sum").item()
-                n += batch[:, 1:].numel()
-        return math.exp(nll / n)
+        return evaluate(loaded, "ppl", evaluation, opts=opts).value
 
     print(f"dense: perplexity {perplexity(E, E):.2f}")
-    order = torch.sort(-counts, stable=True).indices
     budget = V * d / args.ratio
     print("| exact_share | exact rows | calibration tokens covered | rank | tied | input only | head only |")
     print("|---|---|---|---|---|---|---|")
     for share in [float(x) for x in args.shares.split(",")]:
-        K = min(int(share * V / args.ratio), int((counts > 0).sum()))
+        counts = calibration_counts(batches, V, share)
+        exact = exact_tokens(counts, d, args.ratio, share)
+        K = 0 if exact is None else exact.numel()
         reserved = (K + 1) * d if K else 0
         k = int((budget - reserved) / (V + d))
         rest = torch.ones(V, dtype=torch.bool)
-        rest[order[:K]] = False
+        if exact is not None:
+            rest[exact] = False
         P, Q = weighted_svd(E[rest], k)
         approx = E.clone()
         approx[rest] = P @ Q
-        covered = float(counts[~rest].sum() / counts.sum())
+        covered = 0.0 if counts is None else float(counts[~rest].sum() / counts.sum())
         print(f"| {share:g} | {K} | {covered:.1%} | {k} | {perplexity(approx, approx):.1f} | "
               f"{perplexity(approx, E):.1f} | {perplexity(E, approx):.1f} |", flush=True)
     return 0

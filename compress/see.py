@@ -356,16 +356,23 @@ def _check_exact_share(share: float) -> None:
         raise BadInputError("must be in [0, 1)", field="exact_share")
 
 
-def exact_tokens(batches, V: int, d: int, ratio: float, share: float) -> torch.Tensor | None:
-    """The tokens that keep exact rows: the calibration text's most frequent ones, as many as
-    `share` of the V d / ratio parameter budget pays for (d each; ties broken by token id).
-    None when share is 0."""
+def calibration_counts(batches, V: int, share: float) -> torch.Tensor | None:
+    """The token counts exact rows are chosen by (None when share is 0: no exact rows)."""
     if share <= 0:
         return None
     if not batches:
         raise BadInputError("exact rows are chosen from the calibration text: give --calibration",
                             field="exact_share")
-    n = token_counts(batches, V)
+    return token_counts(batches, V)
+
+
+def exact_tokens(n: torch.Tensor | None, d: int, ratio: float, share: float) -> torch.Tensor | None:
+    """The tokens that keep exact rows: the most frequent ones by the calibration counts `n`
+    (calibration_counts), as many as `share` of the V d / ratio parameter budget pays for (d
+    each; ties broken by token id). None without counts."""
+    if n is None:
+        return None
+    V = n.numel()
     K = min(int(share * V / ratio), int((n > 0).sum()))
     if K < 1:
         raise BadInputError(f"share {share:g} of a {V * d / ratio:,.0f}-parameter budget buys no "
@@ -457,12 +464,12 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
 
 
 @torch.no_grad()
-def _exact_summary(module: nn.Module, E: torch.Tensor, batches, exact: torch.Tensor | None) -> dict:
-    """With exact rows: how many, what share of the calibration tokens they cover, and the
-    whole table's relative row error."""
+def _exact_summary(module: nn.Module, E: torch.Tensor, n: torch.Tensor | None,
+                   exact: torch.Tensor | None) -> dict:
+    """With exact rows: how many, what share of the calibration tokens (counts `n`) they cover,
+    and the whole table's relative row error."""
     if exact is None:
         return {}
-    n = token_counts(batches, E.shape[0])
     return {"exact_rows": int(exact.numel()),
             "exact_calibration_coverage": float(n[exact].sum() / n.sum()),
             "relative_error_with_exact": float(((module.weight - E) ** 2).sum() / (E ** 2).sum())}
@@ -526,13 +533,14 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     tokens = loaded.adapter.vocabulary(loaded)
     say(f"see: planning units for {V} tokens (d = {d1} x {d2}, ratio {config.ratio:g})")
     batches = calib.inputs(loaded) if calib is not None else []
-    exact = exact_tokens(batches, V, d, config.ratio, config.exact_share)
+    counts = calibration_counts(batches, V, config.exact_share)
+    exact = exact_tokens(counts, d, config.ratio, config.exact_share)
     plan = plan_units(tokens, loaded.family, E, d1, d2, config, exact=exact)
     base = init_entangled(plan, d1, d2, E, config.seed)
     weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
     rows = fit_rows(base, E, config.reconstruct_steps, config.lr, config.seed, plan.active, weights)
     module = with_exact_rows(base, E, exact)
-    rows.update(_exact_summary(module, E, batches, exact))
+    rows.update(_exact_summary(module, E, counts, exact))
     tied, stages = _replace_and_train(loaded, module, batches, config, "see")
     before = V * d
     return {"vocab": V, "d": d, "factors": [d1, d2], "tied_head": tied, "plan": plan.stats,
@@ -579,7 +587,8 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     E = _embedding_table(loaded)
     V, d = E.shape
     batches = calib.inputs(loaded) if calib is not None else []
-    exact = exact_tokens(batches, V, d, config.ratio, config.exact_share)
+    counts = calibration_counts(batches, V, config.exact_share)
+    exact = exact_tokens(counts, d, config.ratio, config.exact_share)
     reserved = 0 if exact is None else (exact.numel() + 1) * d
     k = int((V * d / config.ratio - reserved) / (V + d))
     if k < 1:
@@ -595,7 +604,7 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
         P[rest], Q = weighted_svd(E[rest], k, None if weights is None else weights[rest])
     module = with_exact_rows(FactoredEmbedding(P, Q), E, exact)
     rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
-    rows = {"relative_error": rel, **_exact_summary(module, E, batches, exact)}
+    rows = {"relative_error": rel, **_exact_summary(module, E, counts, exact)}
     tied, stages = _replace_and_train(loaded, module, batches, config, "embed-svd")
     return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,
             "params_after": module.param_count(), "ratio": V * d / module.param_count(),
