@@ -45,6 +45,8 @@ def main() -> int:
     p.add_argument("--exact-share", type=float, default=0.0,
                    help="share of the budget spent on exact rows of the calibration's most "
                         "frequent tokens (see and svd alike)")
+    p.add_argument("--head-metric", type=float, default=0.0,
+                   help="tied heads: fit the rows in the head-input metric (see and svd alike)")
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args()
@@ -65,7 +67,7 @@ def main() -> int:
             loaded = load_model(a.model)
             params = {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
                       "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
-                      "exact_share": a.exact_share, **extra}
+                      "exact_share": a.exact_share, "head_metric": a.head_metric, **extra}
             if method == "see":
                 params["b_share"] = a.b_share
                 if a.max_rank:

@@ -1,11 +1,13 @@
 """Where a compressed tied embedding hurts a decoder: the truncated SVD of the table at a ratio,
 no training, installed as the input table only, as the LM head only, or as both, with and without
 exact rows for the calibration text's most frequent tokens (the `exact_share` option of `see` and
-`embed-svd`, docs/see.md). A probe, not a test.
+`embed-svd`, docs/see.md), and fitted in the head-input metric (their `head_metric` option): the
+full d x d metric as `embed-svd` uses it, and its Kronecker approximation M1 (x) M2 as `see` uses
+it ("kron" rows). A probe, not a test.
 
     .venv/bin/python benchmarks/tied_table_probe.py --model smollm2 --ratio 10 \
         --calibration ../shared/data/wikitext-2/valid.txt@0:0.5 \
-        --evaluation ../shared/data/wikitext-2/valid.txt@0.5:1 --shares 0,0.85
+        --evaluation ../shared/data/wikitext-2/valid.txt@0.5:1 --shares 0,0.85 --metrics 0,0.5,1
 
 Perplexity on `--windows` windows of `--seq-len` tokens of the evaluation text (the project's
 `pocketformer eval` scorer); the exact rows are chosen as the methods choose them, from the token
@@ -29,6 +31,8 @@ def main() -> int:
     p.add_argument("--calibration", required=True)
     p.add_argument("--evaluation", required=True)
     p.add_argument("--shares", default="0,0.85")
+    p.add_argument("--metrics", default="0", help="head_metric values (0: plain rows)")
+    p.add_argument("--kron", action="store_true", help="also fit in the Kronecker-factored metric")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--samples", type=int, default=480, help="calibration windows counted")
@@ -39,7 +43,9 @@ def main() -> int:
     import torch
 
     from pocketformer.compress import Calibration
-    from pocketformer.compress.see import calibration_counts, exact_tokens, weighted_svd
+    from pocketformer.compress.see import (calibration_counts, exact_tokens, head_moment, kron_metric,
+                                           metric_from_moment, metric_root, weighted_svd)
+    from pocketformer.models.factored import factor_dim
     from pocketformer.data import DataSpec, load_text
     from pocketformer.evaluation import EvalOptions, evaluate
     from pocketformer.models import load_model
@@ -65,9 +71,12 @@ def main() -> int:
         return evaluate(loaded, "ppl", evaluation, opts=opts).value
 
     print(f"dense: perplexity {perplexity(E, E):.2f}")
+    betas = [float(x) for x in args.metrics.split(",")]
+    C = head_moment(loaded, batches) if any(betas) else None
+    d1, d2 = factor_dim(d)
     budget = V * d / args.ratio
-    print("| exact_share | exact rows | calibration tokens covered | rank | tied | input only | head only |")
-    print("|---|---|---|---|---|---|---|")
+    print("| exact_share | exact rows | calibration tokens covered | rank | head_metric | tied | input only | head only |")
+    print("|---|---|---|---|---|---|---|---|")
     for share in [float(x) for x in args.shares.split(",")]:
         counts = calibration_counts(batches, V, share)
         exact = exact_tokens(counts, d, args.ratio, share)
@@ -77,12 +86,23 @@ def main() -> int:
         rest = torch.ones(V, dtype=torch.bool)
         if exact is not None:
             rest[exact] = False
-        P, Q = weighted_svd(E[rest], k)
-        approx = E.clone()
-        approx[rest] = P @ Q
         covered = 0.0 if counts is None else float(counts[~rest].sum() / counts.sum())
-        print(f"| {share:g} | {K} | {covered:.1%} | {k} | {perplexity(approx, approx):.1f} | "
-              f"{perplexity(approx, E):.1f} | {perplexity(E, approx):.1f} |", flush=True)
+        for beta in betas:
+            variants = [("", torch.eye(d), torch.eye(d))]
+            if beta:
+                M = metric_from_moment(C, beta)
+                variants = [("", *metric_root(M))]
+                if args.kron:
+                    M1, M2, err = kron_metric(M, d1, d2)
+                    (L1, L1i), (L2, L2i) = metric_root(M1), metric_root(M2)
+                    variants.append((f" kron ({err:.0%} off)", torch.kron(L1, L2), torch.kron(L1i, L2i)))
+            for label, L, L_inv in variants:
+                P, Q = weighted_svd(E[rest] @ L, k)
+                approx = E.clone()
+                approx[rest] = P @ Q @ L_inv
+                print(f"| {share:g} | {K} | {covered:.1%} | {k} | {beta:g}{label} | "
+                      f"{perplexity(approx, approx):.1f} | {perplexity(approx, E):.1f} | "
+                      f"{perplexity(E, approx):.1f} |", flush=True)
     return 0
 
 

@@ -46,6 +46,8 @@ class SEEConfig:
                                      # / the mean count of the tokens that occur)
     exact_share: float = 0.0         # share of the parameter budget spent on exact rows for the
                                      # calibration text's most frequent tokens (ExactRows)
+    head_metric: float = 0.0         # tied heads: fit the rows in (1 - this) I + this x the head
+                                     # input's second moment (Kronecker-factored for SEE)
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
@@ -69,11 +71,13 @@ class SEEConfig:
         if self.frequency_weight < 0:
             raise BadInputError("must be >= 0", field="frequency_weight")
         _check_exact_share(self.exact_share)
+        _check_head_metric(self.head_metric)
         if min(self.hidden_minutes, self.distill_minutes) < 0 or self.reconstruct_steps < 0:
             raise BadInputError("budgets must be >= 0", field="distill_minutes")
 
     def needs_calibration(self) -> bool:
-        return self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
+        return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
+                or self.head_metric > 0)
 
     def rank(self) -> int:
         return self.max_rank or (4 if self.ratio <= 20 else 2)
@@ -394,6 +398,82 @@ def _zero_rows(weights: torch.Tensor | None, V: int, exact: torch.Tensor | None)
     return w
 
 
+# ---- the head-input metric (head_metric) ------------------------------------------------------
+
+def _check_head_metric(beta: float) -> None:
+    if not 0 <= beta <= 1:
+        raise BadInputError("must be in [0, 1]", field="head_metric")
+
+
+@torch.no_grad()
+def head_moment(loaded: LoadedModel, batches) -> torch.Tensor:
+    """C = E[h h^T] (d x d) of the LM head's input h (the final-normed last hidden state) over
+    every calibration position, from the model as it is now."""
+    from pocketformer.compress.probe import LayerProbe
+
+    probe = LayerProbe(loaded)
+    active = list(range(len(probe.layers)))
+    C, n = None, 0
+    for batch in progress(batches, "head moment", total=len(batches)):
+        trace = probe.trace(batch, active)
+        h = probe.features(trace, trace.final).double()
+        C = h.T @ h if C is None else C + h.T @ h
+        n += h.shape[0]
+    return (C / n).float()
+
+
+def row_metric(loaded: LoadedModel, batches, beta: float) -> torch.Tensor | None:
+    """The metric M that the table's rows are fitted in when a tied LM head reads them:
+    ||e_hat - e||_M^2 = (e_hat - e) M (e_hat - e)^T with M = (1 - beta) I + beta C d / tr C.
+    The head's logit error for a hidden state h is h (e_hat - e)^T, whose mean square over the
+    calibration positions is exactly the C-metric; the identity part keeps the input side (the
+    same table feeds the first layer) in the fit. None when beta is 0."""
+    if beta <= 0:
+        return None
+    if not (loaded.adapter.lm_head(loaded.model) is not None and loaded.adapter.tied_head(loaded.model)):
+        raise BadInputError(f"needs a tied LM head; this {loaded.family} model has none",
+                            field="head_metric")
+    if not batches:
+        raise BadInputError("the head metric is measured on the calibration text: give --calibration",
+                            field="head_metric")
+    return metric_from_moment(head_moment(loaded, batches), beta)
+
+
+def metric_from_moment(C: torch.Tensor, beta: float) -> torch.Tensor:
+    d = C.shape[0]
+    return (1 - beta) * torch.eye(d) + beta * C * (d / torch.trace(C))
+
+
+def metric_root(M: torch.Tensor, floor: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, L^-1) with L L^T = M, eigenvalues floored at `floor` x their mean (a direction the
+    head never reads must not blow up the inverse)."""
+    lam, U = torch.linalg.eigh(M.double())
+    lam = lam.clamp_min(floor * float(lam.mean()))
+    return (U * lam.sqrt()).float(), (U / lam.sqrt()).T.float()
+
+
+def kron_metric(M: torch.Tensor, d1: int, d2: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The nearest Kronecker product M1 (x) M2 to M in Frobenius norm (Van Loan and Pitsianis:
+    the leading singular pair of M rearranged as a d1^2 x d2^2 matrix), both factors symmetric
+    positive definite, and the relative error of the approximation. With rows read as d1 x d2
+    matrices X (row-major), the metric M1 (x) M2 is ||L1^T X L2||_F^2, so a Kronecker term
+    a (x) b maps to (a L1) (x) (b L2): SEE's structure fits unchanged in the transformed space."""
+    R = M.double().reshape(d1, d2, d1, d2).permute(0, 2, 1, 3).reshape(d1 * d1, d2 * d2)
+    U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+    M1 = (U[:, 0] * S[0].sqrt()).reshape(d1, d1)
+    M2 = (Vh[0] * S[0].sqrt()).reshape(d2, d2)
+    if torch.trace(M1) < 0:
+        M1, M2 = -M1, -M2
+    M1, M2 = (M1 + M1.T) / 2, (M2 + M2.T) / 2
+    err = float(torch.linalg.norm(torch.kron(M1, M2) - M.double()) / torch.linalg.norm(M.double()))
+    return M1.float(), M2.float(), err
+
+
+def _transform_rows(E: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor) -> torch.Tensor:
+    V, (d1, d2) = E.shape[0], (L1.shape[0], L2.shape[0])
+    return torch.einsum("ai,vab,bj->vij", L1, E.view(V, d1, d2), L2).reshape(V, d1 * d2)
+
+
 def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> EntangledEmbedding:
     g = torch.Generator().manual_seed(seed)
     scale = float(E.std()) ** 0.5
@@ -535,10 +615,25 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     batches = calib.inputs(loaded) if calib is not None else []
     counts = calibration_counts(batches, V, config.exact_share)
     exact = exact_tokens(counts, d, config.ratio, config.exact_share)
+    M = row_metric(loaded, batches, config.head_metric)
     plan = plan_units(tokens, loaded.family, E, d1, d2, config, exact=exact)
-    base = init_entangled(plan, d1, d2, E, config.seed)
+    target, back, metric = E, None, {}
+    if M is not None:
+        M1, M2, kron_error = kron_metric(M, d1, d2)
+        (L1, L1_inv), (L2, L2_inv) = metric_root(M1), metric_root(M2)
+        target, back = _transform_rows(E, L1, L2), (L1_inv, L2_inv)
+        metric = {"head_metric": config.head_metric, "kron_relative_error": kron_error}
+    base = init_entangled(plan, d1, d2, target, config.seed)
     weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
-    rows = fit_rows(base, E, config.reconstruct_steps, config.lr, config.seed, plan.active, weights)
+    rows = fit_rows(base, target, config.reconstruct_steps, config.lr, config.seed, plan.active, weights)
+    if back is not None:
+        # fitted in the metric's coordinates: a (x) b there is (a L1^-1) (x) (b L2^-1) here
+        with torch.no_grad():
+            base.table_a.copy_(base.table_a @ back[0])
+            base.table_b.copy_(base.table_b @ back[1])
+            metric["relative_error_in_metric"] = rows["relative_error"]
+            rows["relative_error"] = float(((base.weight - E) ** 2).sum() / (E ** 2).sum())
+        rows.update(metric)
     module = with_exact_rows(base, E, exact)
     rows.update(_exact_summary(module, E, counts, exact))
     tied, stages = _replace_and_train(loaded, module, batches, config, "see")
@@ -567,6 +662,7 @@ class EmbedSVDConfig:
     distill_lr: float = 1e-3
     frequency_weight: float = 0.0    # as see's: a row-weighted truncated SVD
     exact_share: float = 0.0         # as see's: exact rows for the most frequent tokens
+    head_metric: float = 0.0         # as see's, with the full d x d metric
     seed: int = 0
 
     def validate(self) -> None:
@@ -575,9 +671,11 @@ class EmbedSVDConfig:
         if self.frequency_weight < 0:
             raise BadInputError("must be >= 0", field="frequency_weight")
         _check_exact_share(self.exact_share)
+        _check_head_metric(self.head_metric)
 
     def needs_calibration(self) -> bool:
-        return self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
+        return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
+                or self.head_metric > 0)
 
 
 @register("embed-svd", EmbedSVDConfig,
@@ -595,16 +693,21 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
         raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table"
                             + (" after the exact rows" if reserved else ""), field="ratio")
     weights = row_weights(batches, V, config.frequency_weight)
-    if exact is None:
-        P, Q = weighted_svd(E, k, weights)
-    else:
-        rest = torch.ones(V, dtype=torch.bool)
+    M = row_metric(loaded, batches, config.head_metric)
+    # in the head metric M = L L^T: the rank-k optimum of E L, mapped back by L^-1 (exact)
+    L, L_inv = metric_root(M) if M is not None else (None, None)
+    target = E if L is None else E @ L
+    rest = torch.ones(V, dtype=torch.bool)
+    if exact is not None:
         rest[exact] = False
-        P = torch.zeros(V, k)
-        P[rest], Q = weighted_svd(E[rest], k, None if weights is None else weights[rest])
+    P = torch.zeros(V, k)
+    P[rest], Q = weighted_svd(target[rest], k, None if weights is None else weights[rest])
+    if L_inv is not None:
+        Q = Q @ L_inv
     module = with_exact_rows(FactoredEmbedding(P, Q), E, exact)
     rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
-    rows = {"relative_error": rel, **_exact_summary(module, E, counts, exact)}
+    rows = {"relative_error": rel, **_exact_summary(module, E, counts, exact),
+            **({"head_metric": config.head_metric} if M is not None else {})}
     tied, stages = _replace_and_train(loaded, module, batches, config, "embed-svd")
     return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,
             "params_after": module.param_count(), "ratio": V * d / module.param_count(),
