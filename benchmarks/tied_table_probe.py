@@ -2,8 +2,9 @@
 no training, installed as the input table only, as the LM head only, or as both, with and without
 exact rows for the calibration text's most frequent tokens (the `exact_share` option of `see` and
 `embed-svd`, docs/see.md), and fitted in the head-input metric (their `head_metric` option): the
-full d x d metric as `embed-svd` uses it, and its Kronecker approximation M1 (x) M2 as `see` uses
-it ("kron" rows). A probe, not a test.
+full d x d metric as `embed-svd` uses it, its low-rank-plus-isotropic form as `see` uses it
+("rank 64"), and with --kron its nearest Kronecker product M1 (x) M2 (which would let SEE's units
+absorb the metric exactly; a tried and rejected design, docs/see.md). A probe, not a test.
 
     .venv/bin/python benchmarks/tied_table_probe.py --model smollm2 --ratio 10 \
         --calibration ../shared/data/wikitext-2/valid.txt@0:0.5 \
@@ -24,6 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pocketformer.cli import _quiet_libraries  # noqa: E402
 
 
+def kron_metric(M, d1: int, d2: int):
+    """The nearest Kronecker product M1 (x) M2 to M in Frobenius norm (Van Loan and Pitsianis,
+    1993: the leading singular pair of M rearranged as a d1^2 x d2^2 matrix), symmetrised, and
+    its relative error."""
+    import torch
+
+    R = M.double().reshape(d1, d2, d1, d2).permute(0, 2, 1, 3).reshape(d1 * d1, d2 * d2)
+    U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+    M1, M2 = (U[:, 0] * S[0].sqrt()).reshape(d1, d1), (Vh[0] * S[0].sqrt()).reshape(d2, d2)
+    if torch.trace(M1) < 0:
+        M1, M2 = -M1, -M2
+    M1, M2 = (M1 + M1.T) / 2, (M2 + M2.T) / 2
+    err = float(torch.linalg.norm(torch.kron(M1, M2) - M.double()) / torch.linalg.norm(M.double()))
+    return M1.float(), M2.float(), err
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -32,7 +49,7 @@ def main() -> int:
     p.add_argument("--evaluation", required=True)
     p.add_argument("--shares", default="0,0.85")
     p.add_argument("--metrics", default="0", help="head_metric values (0: plain rows)")
-    p.add_argument("--kron", action="store_true", help="also fit in the Kronecker-factored metric")
+    p.add_argument("--kron", action="store_true", help="also fit in the nearest Kronecker product")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--samples", type=int, default=480, help="calibration windows counted")
@@ -43,8 +60,8 @@ def main() -> int:
     import torch
 
     from pocketformer.compress import Calibration
-    from pocketformer.compress.see import (calibration_counts, exact_tokens, head_moment, kron_metric,
-                                           metric_from_moment, metric_root, weighted_svd)
+    from pocketformer.compress.see import (calibration_counts, exact_tokens, head_moment,
+                                           metric_from_moment, metric_lowrank, metric_root, weighted_svd)
     from pocketformer.models.factored import factor_dim
     from pocketformer.data import DataSpec, load_text
     from pocketformer.evaluation import EvalOptions, evaluate
@@ -91,7 +108,9 @@ def main() -> int:
             variants = [("", torch.eye(d), torch.eye(d))]
             if beta:
                 M = metric_from_moment(C, beta)
-                variants = [("", *metric_root(M))]
+                c, W, held = metric_lowrank(M)
+                variants = [("", *metric_root(M)),
+                            (f" rank {W.shape[1]} ({held:.0%} of trace)", *metric_root(c * torch.eye(d) + W @ W.T))]
                 if args.kron:
                     M1, M2, err = kron_metric(M, d1, d2)
                     (L1, L1i), (L2, L2i) = metric_root(M1), metric_root(M2)

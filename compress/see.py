@@ -301,22 +301,28 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
 
 
 def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, seed: int,
-             active: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> dict:
+             active: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+             metric: tuple[float, torch.Tensor] | None = None) -> dict:
     """Stage 1a: minimise ||E_see - E||_F^2 / ||E||_F^2 over the whole vocabulary (each row's
     error counted `weights[v]` times when given): alternating least squares first, then
-    full-batch Adam on all parameters jointly."""
+    full-batch Adam on all parameters jointly. With `metric` (c, W) the Adam phase measures a
+    row error D as c ||D||^2 + ||D W||^2 (metric_lowrank; the least-squares sweeps stay plain)."""
     torch.manual_seed(seed)
     als_errors = als(emb, E, active if active is not None else emb.coef.detach() != 0,
                      weights=weights)
     opt = torch.optim.Adam([emb.table_a, emb.table_b, emb.coef], lr=lr)
     w = (torch.ones(E.shape[0]) if weights is None else weights.float()).unsqueeze(-1)
-    norm = float((w * E ** 2).sum())
+
+    def sq(D: torch.Tensor) -> torch.Tensor:       # per-row squared error in the fit's metric
+        return D ** 2 if metric is None else metric[0] * D ** 2 + ((D @ metric[1]) ** 2).sum(-1, keepdim=True) / D.shape[-1]
+
+    norm = float((w * sq(E)).sum())
     ids = torch.arange(E.shape[0])
     first = last = math.nan
     for step in progress(range(steps), "SEE rows", total=steps):
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        loss = (w * (emb.rows(ids) - E) ** 2).sum() / norm
+        loss = (w * sq(emb.rows(ids) - E)).sum() / norm
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -324,12 +330,12 @@ def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, se
             first = loss.item()
         last = loss.item()
     with torch.no_grad():
-        err = (emb.rows(ids) - E) ** 2
-        rel = float(err.sum() / (E ** 2).sum())
-        weighted = float((w * err).sum() / norm)
+        D = emb.rows(ids) - E
+        rel = float((D ** 2).sum() / (E ** 2).sum())
+        weighted = float((w * sq(D)).sum() / norm)
     return {"als_errors": [round(e, 4) for e in als_errors], "steps": steps, "loss_first": first,
             "loss_last": last, "relative_error": rel,
-            **({"weighted_relative_error": weighted} if weights is not None else {})}
+            **({"weighted_relative_error": weighted} if weights is not None or metric is not None else {})}
 
 
 def token_counts(batches, V: int) -> torch.Tensor:
@@ -452,26 +458,16 @@ def metric_root(M: torch.Tensor, floor: float = 1e-4) -> tuple[torch.Tensor, tor
     return (U * lam.sqrt()).float(), (U / lam.sqrt()).T.float()
 
 
-def kron_metric(M: torch.Tensor, d1: int, d2: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The nearest Kronecker product M1 (x) M2 to M in Frobenius norm (Van Loan and Pitsianis:
-    the leading singular pair of M rearranged as a d1^2 x d2^2 matrix), both factors symmetric
-    positive definite, and the relative error of the approximation. With rows read as d1 x d2
-    matrices X (row-major), the metric M1 (x) M2 is ||L1^T X L2||_F^2, so a Kronecker term
-    a (x) b maps to (a L1) (x) (b L2): SEE's structure fits unchanged in the transformed space."""
-    R = M.double().reshape(d1, d2, d1, d2).permute(0, 2, 1, 3).reshape(d1 * d1, d2 * d2)
-    U, S, Vh = torch.linalg.svd(R, full_matrices=False)
-    M1 = (U[:, 0] * S[0].sqrt()).reshape(d1, d1)
-    M2 = (Vh[0] * S[0].sqrt()).reshape(d2, d2)
-    if torch.trace(M1) < 0:
-        M1, M2 = -M1, -M2
-    M1, M2 = (M1 + M1.T) / 2, (M2 + M2.T) / 2
-    err = float(torch.linalg.norm(torch.kron(M1, M2) - M.double()) / torch.linalg.norm(M.double()))
-    return M1.float(), M2.float(), err
-
-
-def _transform_rows(E: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor) -> torch.Tensor:
-    V, (d1, d2) = E.shape[0], (L1.shape[0], L2.shape[0])
-    return torch.einsum("ai,vab,bj->vij", L1, E.view(V, d1, d2), L2).reshape(V, d1 * d2)
+def metric_lowrank(M: torch.Tensor, k: int = 64) -> tuple[float, torch.Tensor, float]:
+    """M ~ c I + W W^T: its top-k eigen-directions kept exactly (W = U_k sqrt(lam_k - c)) and
+    the rest replaced by their mean eigenvalue c, so ||D||_M^2 ~ c ||D||^2 + ||D W||^2 costs
+    V d k per evaluation instead of V d^2. Returns (c, W, share of M's trace the k directions
+    hold)."""
+    lam, U = torch.linalg.eigh(M.double())                  # ascending
+    k = min(k, M.shape[0] - 1)
+    c = float(lam[:-k].mean())
+    top = (lam[-k:] - c).clamp_min(0)
+    return c, (U[:, -k:] * top.sqrt()).float(), float(lam[-k:].sum() / lam.sum())
 
 
 def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> EntangledEmbedding:
@@ -617,23 +613,17 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     exact = exact_tokens(counts, d, config.ratio, config.exact_share)
     M = row_metric(loaded, batches, config.head_metric)
     plan = plan_units(tokens, loaded.family, E, d1, d2, config, exact=exact)
-    target, back, metric = E, None, {}
+    lowrank = None
     if M is not None:
-        M1, M2, kron_error = kron_metric(M, d1, d2)
-        (L1, L1_inv), (L2, L2_inv) = metric_root(M1), metric_root(M2)
-        target, back = _transform_rows(E, L1, L2), (L1_inv, L2_inv)
-        metric = {"head_metric": config.head_metric, "kron_relative_error": kron_error}
-    base = init_entangled(plan, d1, d2, target, config.seed)
+        c, W, share = metric_lowrank(M)
+        lowrank = (c, W)
+    base = init_entangled(plan, d1, d2, E, config.seed)
     weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
-    rows = fit_rows(base, target, config.reconstruct_steps, config.lr, config.seed, plan.active, weights)
-    if back is not None:
-        # fitted in the metric's coordinates: a (x) b there is (a L1^-1) (x) (b L2^-1) here
-        with torch.no_grad():
-            base.table_a.copy_(base.table_a @ back[0])
-            base.table_b.copy_(base.table_b @ back[1])
-            metric["relative_error_in_metric"] = rows["relative_error"]
-            rows["relative_error"] = float(((base.weight - E) ** 2).sum() / (E ** 2).sum())
-        rows.update(metric)
+    rows = fit_rows(base, E, config.reconstruct_steps, config.lr, config.seed, plan.active, weights,
+                    metric=lowrank)
+    if M is not None:
+        rows.update({"head_metric": config.head_metric, "metric_rank": W.shape[1],
+                     "metric_trace_share": share})
     module = with_exact_rows(base, E, exact)
     rows.update(_exact_summary(module, E, counts, exact))
     tied, stages = _replace_and_train(loaded, module, batches, config, "see")

@@ -145,34 +145,22 @@ def test_exact_rows_override_the_factored_rows_in_both_directions(kind):
     torch.testing.assert_close(again.weight, expected)
 
 
-def _spd(n: int, g: torch.Generator) -> torch.Tensor:
-    X = torch.randn(n, n + 3, generator=g, dtype=torch.float64)
-    return X @ X.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
 
-
-def test_kronecker_metric_factors_and_transforms_rows():
-    """head_metric for SEE: the nearest Kronecker product recovers an exact one, and fitting a
-    Kronecker term in the transformed rows is fitting it in the metric (a (x) b -> a L1 (x) b L2)."""
-    from pocketformer.compress.see import _transform_rows, kron_metric, metric_root
+def test_low_rank_metric_is_exact_for_spike_plus_isotropic():
+    """head_metric for SEE: M ~ c I + W W^T keeps the top-k eigen-directions exactly and the
+    rest at their mean, which is M itself when M is k spikes on an isotropic floor."""
+    from pocketformer.compress.see import metric_lowrank, metric_root
 
     g = torch.Generator().manual_seed(0)
-    d1, d2 = 3, 4
-    A, B = _spd(d1, g), _spd(d2, g)
-    M1, M2, err = kron_metric(torch.kron(A, B).float(), d1, d2)
-    assert err < 1e-5
-    torch.testing.assert_close(torch.kron(M1, M2), torch.kron(A, B).float(), rtol=1e-4, atol=1e-5)
-    (L1, L1i), (L2, L2i) = metric_root(M1), metric_root(M2)
-    torch.testing.assert_close(L1 @ L1.T, M1, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(L2 @ L2i, torch.eye(d2), rtol=1e-4, atol=1e-5)
-    E = torch.randn(7, d1 * d2, generator=g)
-    T = _transform_rows(E, L1, L2)
-    torch.testing.assert_close(T, E @ torch.kron(L1, L2), rtol=1e-4, atol=1e-5)
-    # squared norms in the transformed space are the metric's
-    M = torch.kron(M1, M2)
-    torch.testing.assert_close((T ** 2).sum(1), torch.einsum("vi,ij,vj->v", E, M, E), rtol=1e-4, atol=1e-4)
-    a, b = torch.randn(d1, generator=g), torch.randn(d2, generator=g)
-    torch.testing.assert_close(_transform_rows(torch.kron(a, b)[None], L1, L2)[0],
-                               torch.kron(a @ L1, b @ L2), rtol=1e-4, atol=1e-5)
-    # a metric that is not a Kronecker product is approximated, and says by how much
-    _, _, err = kron_metric(_spd(d1 * d2, g).float(), d1, d2)
-    assert 0.05 < err < 1
+    d, k = 12, 3
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    lam = torch.full((d,), 0.5, dtype=torch.float64)
+    lam[:k] = torch.tensor([40.0, 9.0, 3.0], dtype=torch.float64)
+    M = ((Q * lam) @ Q.T).float()
+    c, W, share = metric_lowrank(M, k)
+    assert c == pytest.approx(0.5, rel=1e-4) and W.shape == (d, k)
+    torch.testing.assert_close(c * torch.eye(d) + W @ W.T, M, rtol=1e-4, atol=1e-4)
+    assert share == pytest.approx(52 / (52 + 0.5 * (d - k)), rel=1e-4)
+    L, L_inv = metric_root(M)
+    torch.testing.assert_close(L @ L.T, M, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(L @ L_inv, torch.eye(d), rtol=1e-4, atol=1e-4)
