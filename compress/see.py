@@ -9,8 +9,9 @@ Formulation (docs/see.md): e_v = sum_r c[v, r] * A[ia[v, r]] (x) B[ib[v, r]], wi
   clusters of the original embeddings.
 - B: sub-word/form units: k-means clusters of the original embeddings; a token's r-th term uses its
   r-th nearest cluster, so the terms of one token differ.
-Training: stage 1 reconstructs the original rows (whole vocabulary) and then the original hidden
-states on the calibration data; stage 2 distils the original model's outputs.
+Training: stage 1 reconstructs the original rows (whole vocabulary; with `head_metric`, in the
+metric of a tied LM head's input) and then the original hidden states on the calibration data;
+stage 2 distils the original model's outputs.
 """
 from __future__ import annotations
 
