@@ -48,7 +48,7 @@ class SEEConfig:
     exact_share: float = 0.0         # share of the parameter budget spent on exact rows for the
                                      # calibration text's most frequent tokens (ExactRows)
     head_metric: float = 0.0         # tied heads: fit the rows in (1 - this) I + this x the head
-                                     # input's second moment (Kronecker-factored for SEE)
+                                     # input's second moment (see: its low-rank form)
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
@@ -314,8 +314,11 @@ def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, se
     opt = torch.optim.Adam([emb.table_a, emb.table_b, emb.coef], lr=lr)
     w = (torch.ones(E.shape[0]) if weights is None else weights.float()).unsqueeze(-1)
 
-    def sq(D: torch.Tensor) -> torch.Tensor:       # per-row squared error in the fit's metric
-        return D ** 2 if metric is None else metric[0] * D ** 2 + ((D @ metric[1]) ** 2).sum(-1, keepdim=True) / D.shape[-1]
+    def sq(D: torch.Tensor) -> torch.Tensor:
+        """Squared error per entry; in the metric, ||D W||^2 spread evenly over each row's d entries."""
+        if metric is None:
+            return D ** 2
+        return metric[0] * D ** 2 + ((D @ metric[1]) ** 2).sum(-1, keepdim=True) / D.shape[-1]
 
     norm = float((w * sq(E)).sum())
     ids = torch.arange(E.shape[0])
