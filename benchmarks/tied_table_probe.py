@@ -61,7 +61,8 @@ def main() -> int:
 
     from pocketformer.compress import Calibration
     from pocketformer.compress.see import (calibration_counts, exact_tokens, head_moment,
-                                           metric_from_moment, metric_lowrank, metric_root, weighted_svd)
+                                           metric_from_moment, metric_lowrank, metric_root, svd_rank,
+                                           weighted_svd)
     from pocketformer.models.factored import factor_dim
     from pocketformer.data import DataSpec, load_text
     from pocketformer.evaluation import EvalOptions, evaluate
@@ -71,7 +72,7 @@ def main() -> int:
     loaded = load_model(args.model)
     model = loaded.model.eval()
     emb, head = loaded.adapter.embeddings(model), loaded.adapter.lm_head(model)
-    if head is None or not loaded.adapter.tied_head(model):
+    if not loaded.adapter.tied_head(model):
         print(f"{args.model} has no tied LM head", file=sys.stderr)
         return 2
     E = emb.weight.detach().clone()
@@ -91,15 +92,13 @@ def main() -> int:
     betas = [float(x) for x in args.metrics.split(",")]
     C = head_moment(loaded, batches) if any(betas) else None
     d1, d2 = factor_dim(d)
-    budget = V * d / args.ratio
     print("| exact_share | exact rows | calibration tokens covered | rank | head_metric | tied | input only | head only |")
     print("|---|---|---|---|---|---|---|---|")
     for share in [float(x) for x in args.shares.split(",")]:
         counts = calibration_counts(batches, V, share)
         exact = exact_tokens(counts, d, args.ratio, share)
         K = 0 if exact is None else exact.numel()
-        reserved = (K + 1) * d if K else 0
-        k = int((budget - reserved) / (V + d))
+        k = svd_rank(V, d, args.ratio, exact)
         rest = torch.ones(V, dtype=torch.bool)
         if exact is not None:
             rest[exact] = False

@@ -440,7 +440,7 @@ def row_metric(loaded: LoadedModel, batches, beta: float) -> torch.Tensor | None
     same table feeds the first layer) in the fit. None when beta is 0."""
     if beta <= 0:
         return None
-    if not (loaded.adapter.lm_head(loaded.model) is not None and loaded.adapter.tied_head(loaded.model)):
+    if not loaded.adapter.tied_head(loaded.model):
         raise BadInputError(f"needs a tied LM head; this {loaded.family} model has none",
                             field="head_metric")
     if not batches:
@@ -648,6 +648,13 @@ def weighted_svd(E: torch.Tensor, k: int, weights: torch.Tensor | None = None
     return (U[:, :k] * S[:k] / sw).float(), Vh[:k].float()
 
 
+def svd_rank(V: int, d: int, ratio: float, exact: torch.Tensor | None) -> int:
+    """The rank k whose V x k + k x d factors, plus the exact rows' (K + 1) x d table, fit the
+    V d / ratio budget (below 1 when they do not)."""
+    reserved = 0 if exact is None else (exact.numel() + 1) * d
+    return int((V * d / ratio - reserved) / (V + d))
+
+
 @dataclass
 class EmbedSVDConfig:
     ratio: float = 10.0
@@ -681,11 +688,10 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     batches = calib.inputs(loaded) if calib is not None else []
     counts = calibration_counts(batches, V, config.exact_share)
     exact = exact_tokens(counts, d, config.ratio, config.exact_share)
-    reserved = 0 if exact is None else (exact.numel() + 1) * d
-    k = int((V * d / config.ratio - reserved) / (V + d))
+    k = svd_rank(V, d, config.ratio, exact)
     if k < 1:
         raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table"
-                            + (" after the exact rows" if reserved else ""), field="ratio")
+                            + (" after the exact rows" if exact is not None else ""), field="ratio")
     weights = row_weights(batches, V, config.frequency_weight)
     M = row_metric(loaded, batches, config.head_metric)
     # in the head metric M = L L^T: the rank-k optimum of E L, mapped back by L^-1 (exact)
