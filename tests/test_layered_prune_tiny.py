@@ -308,3 +308,24 @@ def test_top_k_teacher_targets_bound_and_match_the_full_kl(tiny_llama, small_tex
     assert rec["steps"] >= 1 and math.isfinite(rec["loss_last"])
     with pytest.raises(BadInputError, match="teacher_top_k"):
         parse_params(get_method("layered-prune"), {"remove_layers": 2, "teacher_top_k": -1})
+
+
+def test_layer_set_search_exchange_reuses_the_prefix_exactly(tiny_llama, small_text):
+    """benchmarks/layer_set_search.py scores an exchange from the current set's recorded prefix;
+    that must be the loss of the new set computed from scratch, or its local-optimum claim
+    (docs/layered_pruning.md) would rest on wrong numbers."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from layer_set_search import SetLoss
+
+    loaded = load_model(tiny_llama)
+    batches = _calib(loaded, small_text, n=8).inputs(loaded)
+    search = SetLoss(loaded, batches)
+    base = search.reset({1, 4})
+    for back, out in [(1, 0), (4, 5), (1, 3), (4, 2)]:
+        swapped = search.swap(back, out)
+        fresh = SetLoss(loaded, batches).reset(({1, 4} - {back}) | {out})
+        assert swapped == pytest.approx(fresh, rel=1e-5), (back, out)
+        assert search.swap(back, out, bound=min(swapped, base) * 0.5) == math.inf
+    assert search.reset({1, 4}) == pytest.approx(base, rel=1e-6)
