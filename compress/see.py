@@ -415,20 +415,37 @@ def _check_head_metric(beta: float) -> None:
         raise BadInputError("must be in [0, 1]", field="head_metric")
 
 
+class _StopAfterLastLayer(Exception):
+    """Raised by head_moment's hook: the forward pass past the last layer is not needed."""
+
+
 @torch.no_grad()
 def head_moment(loaded: LoadedModel, batches) -> torch.Tensor:
     """C = E[h h^T] (d x d) of the LM head's input h (the final-normed last hidden state) over
-    every calibration position, from the model as it is now."""
-    from pocketformer.compress.probe import LayerProbe
+    every calibration position, from the model as it is now. Each batch runs up to the last
+    layer only: a hook takes its output and stops the pass, so neither the logits (V per
+    position) nor the layer inputs are computed or kept."""
+    adapter = loaded.adapter
+    module = adapter.export_module(loaded)
+    last: dict = {}
 
-    probe = LayerProbe(loaded)
-    active = list(range(len(probe.layers)))
+    def take(mod, args, output):
+        last["hidden"] = output[0] if isinstance(output, (tuple, list)) else output
+        raise _StopAfterLastLayer
+
+    handle = adapter.layers(loaded.model)[-1].register_forward_hook(take)
     C, n = None, 0
-    for batch in progress(batches, "head moment", total=len(batches)):
-        trace = probe.trace(batch, active)
-        h = probe.features(trace, trace.final).double()
-        C = h.T @ h if C is None else C + h.T @ h
-        n += h.shape[0]
+    try:
+        for batch in progress(batches, "head moment", total=len(batches)):
+            try:
+                module(*batch)
+            except _StopAfterLastLayer:
+                pass
+            h = adapter.output_features(loaded, last.pop("hidden"), batch).double()
+            C = h.T @ h if C is None else C + h.T @ h
+            n += h.shape[0]
+    finally:
+        handle.remove()
     return (C / n).float()
 
 

@@ -210,3 +210,21 @@ def test_factored_head_many_positions_same_values_and_gradients():
     got.square().mean().backward()
     for t, w in zip(params, want):
         torch.testing.assert_close(t.grad, w)
+
+
+def test_head_moment_is_the_second_moment_of_the_final_normed_hidden_states(tiny_llama_2l, small_text):
+    """head_moment stops each pass after the last layer; its C must still be E[h h^T] of what
+    the LM head reads, here taken from the full model's own final-normed output."""
+    from pocketformer.compress.see import head_moment
+
+    loaded = load_model(tiny_llama_2l)
+    batches = _calib(loaded, small_text).inputs(loaded)
+    C = head_moment(loaded, batches)
+    with torch.no_grad():
+        hs = [loaded.model.model(input_ids=b[0]).last_hidden_state.reshape(-1, C.shape[0]).double()
+              for b in batches]
+    h = torch.cat(hs)
+    want = (h.T @ h / h.shape[0]).float()
+    assert torch.allclose(C, want, rtol=1e-4, atol=1e-6), float((C - want).abs().max())
+    # the hook is gone and the model still returns logits
+    assert loaded.model(input_ids=batches[0][0]).logits.shape[-1] == loaded.model.config.vocab_size
