@@ -54,6 +54,7 @@ def lsq_correct(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batc
     if not adapter.pre_norm:
         raise BadInputError(f"lsq recovery needs a pre-norm family; {loaded.family} normalises after "
                             "the residual add (use --recovery distill)", field="recovery")
+    start = time.perf_counter()
     s_layers = adapter.layers(loaded.model)
     t_layers = adapter.layers(teacher.model)
     s_module = adapter.export_module(loaded)
@@ -103,7 +104,7 @@ def lsq_correct(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batc
         corrected.append({"student_layer": pos, "teacher_layer": t_idx, "gap_to": nxt})
     skipped = [k for k in range(kept[0])] if kept and kept[0] > 0 else []
     return {"recovery": "lsq", "corrected": corrected, "uncorrected_leading_gap": skipped,
-            "ridge": ridge}
+            "ridge": ridge, "seconds": round(time.perf_counter() - start, 3)}
 
 
 # ---- low-rank recovery --------------------------------------------------------------------------

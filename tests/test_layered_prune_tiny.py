@@ -88,6 +88,10 @@ def test_step_buffered_recovery_reduces_distortion(tiny_llama, small_text, tmp_p
             for st in rec["details"]["steps"]:
                 assert st["recovery"]["steps"] >= 3
                 assert st["recovery"]["loss_last"] < st["recovery"]["loss_first"]
+        if recovery != "none":   # both recoveries are timed, the closed form too
+            assert all(st["recovery"]["seconds"] > 0 for st in rec["details"]["steps"])
+            assert rec["details"]["recovery_seconds"] == pytest.approx(
+                sum(st["recovery"]["seconds"] for st in rec["details"]["steps"]), abs=0.11)
     assert results["lsq"] < results["none"]
     assert results["distill"] < results["none"]
 
