@@ -20,6 +20,7 @@ on the text they are measured on), which is how the docs label that run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -46,13 +47,6 @@ class SetLoss:
         self.active: list[int] = []
         self.evals = 0
 
-    def _finish(self, trace, hidden, layers) -> float:
-        for i in layers:
-            out = self.probe.layers[i](hidden, *trace.layer_args, **trace.layer_kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-        loss, _ = _task_loss(self.probe, trace, hidden, None, None)
-        return loss
-
     @torch.inference_mode()
     def reset(self, removed: set[int]) -> float:
         self.active = [i for i in range(self.n) if i not in removed]
@@ -70,11 +64,13 @@ class SetLoss:
         """Loss with layer `back` restored and layer `out` removed; stops early (returning inf)
         once the partial sum already exceeds `bound` (losses are non-negative)."""
         new = sorted([i for i in self.active if i != out] + [back])
-        p = next(j for j in range(len(new)) if j >= len(self.active) or new[j] != self.active[j])
+        p = next(j for j in range(len(new)) if new[j] != self.active[j])   # first changed position
         total = 0.0
         self.evals += 1
         for t in self.traces:
-            total += self._finish(t, t.inputs[p], new[p:])
+            # the prefix new[:p] equals the trace's: run the probe's suffix over the new stack
+            hidden = self.probe.run_from(dataclasses.replace(t, active=new), t.inputs[p], p)
+            total += _task_loss(self.probe, t, hidden, None, None)[0]
             if bound is not None and total / self.tokens >= bound:
                 return float("inf")
         return total / self.tokens

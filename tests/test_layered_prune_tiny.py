@@ -314,13 +314,12 @@ def test_top_k_teacher_targets_bound_and_match_the_full_kl(tiny_llama, small_tex
         parse_params(get_method("layered-prune"), {"remove_layers": 2, "teacher_top_k": -1})
 
 
-def test_layer_set_search_exchange_reuses_the_prefix_exactly(tiny_llama, small_text):
+def test_layer_set_search_exchange_reuses_the_prefix_exactly(tiny_llama, small_text, monkeypatch):
     """benchmarks/layer_set_search.py scores an exchange from the current set's recorded prefix;
     that must be the loss of the new set computed from scratch, or its local-optimum claim
     (docs/layered_pruning.md) would rest on wrong numbers."""
-    import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from layer_set_search import SetLoss
 
     loaded = load_model(tiny_llama)
