@@ -22,6 +22,8 @@ from pocketformer.models import load_model
 
 METHODS = {"see-wordnet": ("see", {"inventory": "wordnet"}),
            "see-random": ("see", {"inventory": "random"}),
+           "see-wordnet-principal": ("see", {"inventory": "wordnet", "basis": "principal"}),
+           "see-random-principal": ("see", {"inventory": "random", "basis": "principal"}),
            "svd": ("embed-svd", {})}
 
 
@@ -40,6 +42,7 @@ def main() -> int:
     p.add_argument("--eval-max-windows", type=int, default=32)
     p.add_argument("--b-share", type=float, default=0.5, help="see: share of the unit tables for B")
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
+    p.add_argument("--basis-dim", type=int, help="see with a principal basis: its width d' (default: see's)")
     p.add_argument("--frequency-weight", type=float, default=0.0,
                    help="stage 1a row weights from calibration counts (see and svd alike)")
     p.add_argument("--exact-share", type=float, default=0.0,
@@ -72,6 +75,8 @@ def main() -> int:
                 params["b_share"] = a.b_share
                 if a.max_rank:
                     params["max_rank"] = a.max_rank
+                if a.basis_dim and extra.get("basis") == "principal":
+                    params["basis_dim"] = a.basis_dim
             cfg = parse_params(get_method(method), params)
             start = time.perf_counter()
             details = run_step(loaded, method, cfg, Calibration(cal, seq_len=a.seq_len, max_samples=a.samples,

@@ -1,7 +1,7 @@
 """`see`: Sememe Entanglement Encoding of the token embedding (and a tied LM head), and the
 `embed-svd` baseline (ALBERT-style factorisation) trained with the same budget.
 
-Formulation (docs/see.md): e_v = sum_r c[v, r] * A[ia[v, r]] (x) B[ib[v, r]], with
+Formulation (docs/see.md): e_v = (sum_r c[v, r] * A[ia[v, r]] (x) B[ib[v, r]]) P, with
 - A: semantic units. Whole-word tokens get one rank term per WordNet sense (up to max_rank); the
   term's unit is the sense's hypernym ancestor at the depth that fits the knowledge budget, so
   words whose senses share an ancestor share that unit. Tokens WordNet does not cover (sub-words,
@@ -9,6 +9,9 @@ Formulation (docs/see.md): e_v = sum_r c[v, r] * A[ia[v, r]] (x) B[ib[v, r]], wi
   clusters of the original embeddings.
 - B: sub-word/form units: k-means clusters of the original embeddings; a token's r-th term uses its
   r-th nearest cluster, so the terms of one token differ.
+- P (d' x d, basis = "principal"): the basis the tensor-product split is taken in, started at the
+  table's top-d' principal directions and trained with the rest (its parameters count in the
+  ratio); basis = "raw" splits the table's own coordinates (no P).
 Training: stage 1 reconstructs the original rows (whole vocabulary; with `head_metric`, in the
 metric of a tied LM head's input) and then the original hidden states on the calibration data;
 stage 2 distils the original model's outputs.
@@ -32,13 +35,19 @@ from pocketformer.models import LoadedModel
 from pocketformer.progress import progress, say
 
 INVENTORIES = ("wordnet", "random")
+BASES = ("principal", "raw")
+BASIS_BUDGET_SHARE = 1 / 8           # a default principal basis takes at most this share of the budget
 
 
 @dataclass
 class SEEConfig:
     ratio: float = 10.0              # embedding (+ tied head) parameters / SEE parameters
     order: int = 2                   # Kronecker factors per term (2 is implemented)
-    d1: int | None = None            # first factor's size (d = d1 * d2); default: near sqrt(d)
+    d1: int | None = None            # first factor's size (d' = d1 * d2); default: near sqrt(d')
+    basis: str = "raw"               # principal | raw: the basis the Kronecker split is taken in
+    basis_dim: int | None = None     # d' of a principal basis; default: d when its d x d matrix
+                                     # takes at most BASIS_BUDGET_SHARE of the budget, else the
+                                     # largest near-square d1 x d2 that does
     max_rank: int | None = None      # rank terms per token; default 4, or 2 above ratio 20
     inventory: str = "wordnet"       # wordnet | random (same structure, units assigned at random)
     knowledge_share: float = 0.6     # share of the A table reserved for WordNet units
@@ -63,6 +72,10 @@ class SEEConfig:
             raise BadInputError("only order 2 (d = d1 x d2) is implemented", field="order")
         if self.inventory not in INVENTORIES:
             raise BadInputError(f"expected one of {', '.join(INVENTORIES)}", field="inventory")
+        if self.basis not in BASES:
+            raise BadInputError(f"expected one of {', '.join(BASES)}", field="basis")
+        if self.basis_dim is not None and (self.basis != "principal" or self.basis_dim < 1):
+            raise BadInputError("a positive width, with basis = principal", field="basis_dim")
         if self.max_rank is not None and not 1 <= self.max_rank <= 16:
             raise BadInputError("must be in 1..16", field="max_rank")
         if not 0 <= self.knowledge_share < 1:
@@ -157,17 +170,21 @@ def budget(V: int, d: int, d1: int, d2: int, ratio: float, R: int, b_share: floa
 
 
 def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int, cfg: SEEConfig,
-               wordnet=None, exact: torch.Tensor | None = None) -> Plan:
+               wordnet=None, exact: torch.Tensor | None = None, width: int | None = None,
+               reserved: int = 0) -> Plan:
     """Units and terms for every token; tokens in `exact` (kept as exact rows) get no terms and
-    their rows' parameters are taken from the budget first."""
-    V, d = E.shape
+    their rows' parameters are taken from the budget first. `E` holds the rows to encode (a
+    principal basis' coordinates, d1 d2 wide); `width` is the table's own width d that the ratio
+    and the exact rows refer to (default: E's), `reserved` parameters already spent (the basis)."""
+    V = E.shape[0]
+    d = width or E.shape[1]
     R = cfg.rank()
     n_exact = 0 if exact is None else int(exact.numel())
     is_exact = torch.zeros(V, dtype=torch.bool)
     if n_exact:
         is_exact[exact] = True
     Ua, Ub = budget(V, d, d1, d2, cfg.ratio, R, cfg.b_share,
-                    reserved=(n_exact + 1) * d if n_exact else 0)
+                    reserved=((n_exact + 1) * d if n_exact else 0) + reserved)
     index_a = torch.zeros(V, R, dtype=torch.long)
     active = torch.zeros(V, R, dtype=torch.bool)
     senses: dict[int, list[tuple[str, ...]]] = {}
@@ -395,6 +412,12 @@ def exact_tokens(n: torch.Tensor | None, d: int, ratio: float, share: float) -> 
     return order[:K].sort().values
 
 
+def with_basis(core: EntangledEmbedding, P: torch.Tensor) -> EntangledEmbedding:
+    """`core` (fitted to the coordinates E P^T) as a module whose rows are its rows times P."""
+    return EntangledEmbedding(core.table_a.detach(), core.table_b.detach(), core.index_a,
+                              core.index_b, core.coef.detach(), core.padding_idx, basis=P)
+
+
 def with_exact_rows(base: nn.Module, E: torch.Tensor, exact: torch.Tensor | None) -> nn.Module:
     return base if exact is None else ExactRows(base, exact, E[exact])
 
@@ -489,6 +512,35 @@ def metric_lowrank(M: torch.Tensor, k: int = 64) -> tuple[float, torch.Tensor, f
     c = float(lam[:-k].mean())
     top = (lam[-k:] - c).clamp_min(0)
     return c, (U[:, -k:] * top.sqrt()).float(), float(lam[-k:].sum() / lam.sum())
+
+
+def basis_width(V: int, d: int, cfg: SEEConfig, exact_rows: int = 0) -> int:
+    """d': the width of the coordinates the Kronecker sum builds (d for the raw basis). A default
+    principal basis is d x d when that takes at most BASIS_BUDGET_SHARE of the budget left after
+    the exact rows, else the widest d1 x d2 (d2 <= 2 d1) under that share."""
+    if cfg.basis == "raw":
+        return d
+    if cfg.basis_dim is not None:
+        if cfg.basis_dim > d:
+            raise BadInputError(f"at most the embedding width {d}", field="basis_dim")
+        return cfg.basis_dim
+    left = V * d / cfg.ratio - ((exact_rows + 1) * d if exact_rows else 0)
+    cap = int(BASIS_BUDGET_SHARE * left / d)
+    if cap >= d:
+        return d
+    for w in range(cap, 0, -1):
+        a, b = factor_dim(w)
+        if b <= 2 * a:
+            return w
+    raise BadInputError(f"ratio {cfg.ratio:g} leaves no room for a principal basis; use basis = raw",
+                        field="ratio")
+
+
+def principal_basis(E: torch.Tensor, width: int) -> torch.Tensor:
+    """The table's top-`width` principal directions (right singular vectors of the uncentred
+    table, width x d, orthonormal rows): the basis that keeps the most of ||E||^2 at that width."""
+    _, _, Vh = torch.linalg.svd(E.double(), full_matrices=False)
+    return Vh[:width].float()
 
 
 def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> EntangledEmbedding:
@@ -623,33 +675,48 @@ def _replace_and_train(loaded: LoadedModel, module: nn.Module, batches, config,
 def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> dict:
     E = _embedding_table(loaded)
     V, d = E.shape
-    try:
-        d1, d2 = factor_dim(d, config.d1)
-    except ValueError as e:
-        raise BadInputError(f"{e}: d1 must divide the embedding width {d}", field="d1") from None
     tokens = loaded.adapter.vocabulary(loaded)
-    say(f"see: planning units for {V} tokens (d = {d1} x {d2}, ratio {config.ratio:g})")
     batches = calib.inputs(loaded) if calib is not None else []
     counts = calibration_counts(batches, V, config.exact_share)
     exact = exact_tokens(counts, d, config.ratio, config.exact_share)
+    width = basis_width(V, d, config, 0 if exact is None else exact.numel())
+    try:
+        d1, d2 = factor_dim(width, config.d1)
+    except ValueError as e:
+        raise BadInputError(f"{e}: d1 must divide the width {width} the Kronecker sum builds",
+                            field="d1") from None
+    say(f"see: planning units for {V} tokens ({config.basis} basis, d' = {d1} x {d2}, "
+        f"ratio {config.ratio:g})")
+    P = principal_basis(E, width) if config.basis == "principal" else None
+    X = E if P is None else E @ P.T                      # the coordinates the Kronecker sum builds
     M = row_metric(loaded, batches, config.head_metric)
-    plan = plan_units(tokens, loaded.family, E, d1, d2, config, exact=exact)
+    plan = plan_units(tokens, loaded.family, X, d1, d2, config, exact=exact, width=d,
+                      reserved=0 if P is None else P.numel())
     lowrank = None
     if M is not None:
-        c, W, share = metric_lowrank(M)
+        # an error D in the coordinates is D P in the table (P's rows orthonormal): metric P M P^T
+        c, W, share = metric_lowrank(M if P is None else P @ M @ P.T)
         lowrank = (c, W)
-    base = init_entangled(plan, d1, d2, E, config.seed)
+    core = init_entangled(plan, d1, d2, X, config.seed)
     weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
-    rows = fit_rows(base, E, config.reconstruct_steps, config.lr, config.seed, plan.active, weights,
+    rows = fit_rows(core, X, config.reconstruct_steps, config.lr, config.seed, plan.active, weights,
                     metric=lowrank)
     if M is not None:
         rows.update({"head_metric": config.head_metric, "metric_rank": W.shape[1],
                      "metric_trace_share": share})
+    base = core if P is None else with_basis(core, P)
+    if P is not None:
+        with torch.no_grad():
+            rows.update({"basis": "principal", "basis_dim": width,
+                         "basis_energy": float((X ** 2).sum() / (E ** 2).sum()),
+                         "coordinates_relative_error": rows["relative_error"],
+                         "relative_error": float(((base.weight - E) ** 2).sum() / (E ** 2).sum())})
     module = with_exact_rows(base, E, exact)
     rows.update(_exact_summary(module, E, counts, exact))
     tied, stages = _replace_and_train(loaded, module, batches, config, "see")
     before = V * d
-    return {"vocab": V, "d": d, "factors": [d1, d2], "tied_head": tied, "plan": plan.stats,
+    return {"vocab": V, "d": d, "factors": [d1, d2], "basis": config.basis, "basis_dim": width,
+            "tied_head": tied, "plan": plan.stats,
             "params_before": before, "params_after": module.param_count(),
             "ratio": before / module.param_count(), "stage1_rows": rows, **stages}
 

@@ -43,6 +43,39 @@ def test_exact_reconstruction_of_a_rank_r_table():
     assert again.param_count() == 5 * 3 + 4 * 4 + 7 * 2
 
 
+@pytest.mark.parametrize("units,strategy", [((3, 5), "pairs"), ((400, 300), "gather-b"),
+                                            ((300, 400), "gather-a")])
+def test_a_basis_maps_the_kronecker_sum_into_the_table_both_ways(units, strategy):
+    """With a d' x d basis P the row is (sum_r c A[ia] (x) B[ib]) P, and every head strategy
+    still equals h @ E^T (h is taken into the basis' coordinates first); the shapes survive
+    describe/build and P counts as parameters."""
+    from pocketformer.models.factored import build, describe
+
+    g = torch.Generator().manual_seed(1)
+    ua, ub = units
+    V, R, d1, d2, d = 50, 3, 4, 6, 40
+    core = EntangledEmbedding(torch.randn(ua, d1, generator=g), torch.randn(ub, d2, generator=g),
+                              torch.randint(0, ua, (V, R), generator=g),
+                              torch.randint(0, ub, (V, R), generator=g), torch.randn(V, R, generator=g))
+    P = torch.randn(d1 * d2, d, generator=g)
+    emb = EntangledEmbedding(core.table_a.detach(), core.table_b.detach(), core.index_a, core.index_b,
+                             core.coef.detach(), basis=P)
+    assert emb.embedding_dim == d and emb.core_dim == d1 * d2
+    torch.testing.assert_close(emb(torch.arange(V)), core.weight @ P)
+    assert emb.head_strategy() == strategy
+    h = torch.randn(2, 7, d, generator=g)
+    torch.testing.assert_close(emb.logits(h), h @ emb.weight.T, rtol=1e-4, atol=1e-4)
+    assert emb.param_count() == core.param_count() + P.numel()
+    entry = describe(emb)
+    assert entry["d"] == d
+    again = build(entry)
+    again.load_state_dict(emb.state_dict(), strict=True)
+    torch.testing.assert_close(again.weight, emb.weight)
+    with pytest.raises(ValueError):
+        EntangledEmbedding(core.table_a, core.table_b, core.index_a, core.index_b, core.coef,
+                           basis=torch.randn(d1 * d2 + 1, d))
+
+
 def test_factor_dim():
     assert factor_dim(384) == (16, 24)
     assert factor_dim(576) == (24, 24)

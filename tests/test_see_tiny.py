@@ -97,6 +97,44 @@ def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
     assert 0.1 < tight["knowledge_coverage"] < s["knowledge_coverage"]
 
 
+@pytest.mark.parametrize("basis_dim", [None, 16])
+def test_see_in_a_principal_basis(tiny_bert, tmp_path, basis_dim):
+    """basis = principal: the Kronecker sum builds the table's coordinates in its top-d'
+    principal directions; the basis counts in the budget, its rows start orthonormal, the
+    table-space error is the coordinates' error plus the energy outside the basis, and the
+    module saves, reloads and exports like the raw one."""
+    loaded = load_model(tiny_bert)
+    E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
+    V, d = E.shape
+    cfg = parse_params(get_method("see"), {"ratio": 4, "basis": "principal", "basis_dim": basis_dim,
+                                           "reconstruct_steps": 50, "hidden_minutes": 0,
+                                           "distill_minutes": 0})
+    rec = run_step(loaded, "see", cfg, _calib(loaded, f"{STS_DEV}@0:0.05"))
+    dt = rec["details"]
+    width = basis_dim or d                                 # d x d fits 1/8 of this budget
+    assert dt["basis_dim"] == width and dt["ratio"] >= 4 * 0.99
+    emb = loaded.adapter.embeddings(loaded.model)
+    assert isinstance(emb, EntangledEmbedding) and emb.basis.shape == (width, d)
+    assert dt["params_after"] == emb.param_count() and emb.param_count() * 4 <= V * d * 1.01
+    _, _, Vh = torch.linalg.svd(E.double(), full_matrices=False)
+    torch.testing.assert_close(emb.basis.detach(), Vh[:width].float())       # no training ran
+    rows = dt["stage1_rows"]
+    energy = rows["basis_energy"]
+    assert energy == pytest.approx(1.0, abs=1e-5) if width == d else 0 < energy < 1
+    assert rows["relative_error"] == pytest.approx(
+        rows["coordinates_relative_error"] * energy + (1 - energy), rel=1e-3)
+    save_model(loaded, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["pocketformer_embedding"]["d"] == d
+    again = load_model(tmp_path / "m")
+    ids = again.adapter.example_inputs(again, batch=2, seq_len=12)
+    with torch.inference_mode():
+        torch.testing.assert_close(again.adapter.export_module(again)(*ids),
+                                   loaded.adapter.export_module(loaded)(*ids))
+    if basis_dim is None:
+        (onnx,) = export_model(again, tmp_path / "art", ExportConfig(formats=["onnx"], seq_len=12))
+        assert onnx.parity["passed"], onnx.parity
+
+
 @pytest.mark.parametrize("exact_share", [0.0, 0.3])
 def test_embed_svd_baseline(tiny_bert, tmp_path, exact_share):
     loaded = load_model(tiny_bert)
@@ -180,6 +218,9 @@ def test_head_metric_fits_rows_in_the_head_input_metric(tiny_llama_2l, small_tex
     (["--ratio", "50000", "--exact-share", "0.5"], "buys no"),
     (["--head-metric", "1.5"], "head_metric"),
     (["--head-metric", "0.5"], "tied LM head"),
+    (["--basis", "pca"], "principal"),
+    (["--basis-dim", "16"], "basis = principal"),
+    (["--basis", "principal", "--basis-dim", "33"], "at most the embedding width"),
 ])
 def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
     code = main(["compress", "--model", str(tiny_bert), "--method", "see", *args,

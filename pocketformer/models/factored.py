@@ -10,6 +10,11 @@ Kronecker product:
 (order 2; a term with c = 0 is unused, so tokens may have different ranks). Read as a d1 x d2
 matrix, e_v = sum_r c A[ia]^T B[ib] is a rank <= R matrix assembled from shared pieces.
 
+The tensor-product split of the embedding space needs a basis. With `basis` (a d' x d matrix,
+d' = d1 d2 <= d) the Kronecker sum gives a token's coordinates in that basis and the row is
+e_v = (sum_r c A[ia] (x) B[ib]) basis; pocketformer starts it at the table's principal directions
+(docs/see.md). Without it the split is taken in the table's own coordinates (d' = d).
+
 The tied output head never forms the V x d matrix. For a hidden state h (a d1 x d2 matrix H),
 
     <h, e_v> = sum_r c[v, r] * A[ia[v, r]] H B[ib[v, r]]^T
@@ -46,13 +51,17 @@ def factor_dim(d: int, d1: int | None = None) -> tuple[int, int]:
 
 class EntangledEmbedding(nn.Module):
     def __init__(self, table_a: torch.Tensor, table_b: torch.Tensor, index_a: torch.Tensor,
-                 index_b: torch.Tensor, coef: torch.Tensor, padding_idx: int | None = None):
+                 index_b: torch.Tensor, coef: torch.Tensor, padding_idx: int | None = None,
+                 basis: torch.Tensor | None = None):
         super().__init__()
         if index_a.shape != index_b.shape or index_a.shape != coef.shape:
             raise ValueError("index_a, index_b and coef must all be V x R")
+        if basis is not None and basis.shape[0] != table_a.shape[1] * table_b.shape[1]:
+            raise ValueError("basis must have d1 x d2 rows")
         self.table_a = nn.Parameter(table_a.float())
         self.table_b = nn.Parameter(table_b.float())
         self.coef = nn.Parameter(coef.float())
+        self.basis = None if basis is None else nn.Parameter(basis.float())
         self.register_buffer("index_a", index_a.to(torch.int64))
         self.register_buffer("index_b", index_b.to(torch.int64))
         self.padding_idx = padding_idx
@@ -62,8 +71,13 @@ class EntangledEmbedding(nn.Module):
         return self.index_a.shape[0]
 
     @property
-    def embedding_dim(self) -> int:
+    def core_dim(self) -> int:
+        """d1 d2: the width of the Kronecker sum (the coordinates in `basis`, when there is one)."""
         return self.table_a.shape[1] * self.table_b.shape[1]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.core_dim if self.basis is None else self.basis.shape[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -74,8 +88,8 @@ class EntangledEmbedding(nn.Module):
         a = self.table_a[self.index_a[ids]]              # ... x R x d1
         b = self.table_b[self.index_b[ids]]              # ... x R x d2
         c = self.coef[ids]                               # ... x R
-        out = torch.einsum("...r,...ri,...rj->...ij", c, a, b)
-        return out.reshape(*ids.shape, self.embedding_dim)
+        out = torch.einsum("...r,...ri,...rj->...ij", c, a, b).reshape(*ids.shape, self.core_dim)
+        return out if self.basis is None else out @ self.basis
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.rows(input_ids)
@@ -84,8 +98,10 @@ class EntangledEmbedding(nn.Module):
         """Multiply-adds per position of each way to compute the tied head (see the module doc)."""
         (ua, d1), (ub, d2) = self.table_a.shape, self.table_b.shape
         vr = self.index_a.numel()
-        return {"pairs": ua * d1 * d2 + ua * ub * d2 + vr, "gather-a": ua * d1 * d2 + vr * d2,
-                "gather-b": ub * d1 * d2 + vr * d1}
+        into = 0 if self.basis is None else self.basis.numel()    # h basis^T, once per position
+        return {"pairs": into + ua * d1 * d2 + ua * ub * d2 + vr,
+                "gather-a": into + ua * d1 * d2 + vr * d2,
+                "gather-b": into + ub * d1 * d2 + vr * d1}
 
     def head_strategy(self) -> str:
         costs = self.head_costs()
@@ -115,6 +131,8 @@ class EntangledEmbedding(nn.Module):
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         d1, d2 = self.table_a.shape[1], self.table_b.shape[1]
+        if self.basis is not None:
+            hidden = F.linear(hidden, self.basis)                              # ... x d1 d2
         H = hidden.reshape(*hidden.shape[:-1], d1, d2)
         strategy = self.head_strategy()
         # Products with a table are written as F.linear (x @ table.T) and the final weighted
@@ -139,7 +157,8 @@ class EntangledEmbedding(nn.Module):
         return _rowwise_dot(picked, weights)
 
     def param_count(self) -> int:
-        return self.table_a.numel() + self.table_b.numel() + self.coef.numel()
+        return (self.table_a.numel() + self.table_b.numel() + self.coef.numel()
+                + (0 if self.basis is None else self.basis.numel()))
 
 
 def _rowwise_dot(picked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -283,7 +302,8 @@ def describe(embedding: nn.Module) -> dict | None:
         return {"kind": "entangled", "units_a": embedding.table_a.shape[0],
                 "units_b": embedding.table_b.shape[0], "d1": embedding.table_a.shape[1],
                 "d2": embedding.table_b.shape[1], "vocab": embedding.num_embeddings,
-                "rank": embedding.coef.shape[1]}
+                "rank": embedding.coef.shape[1],
+                **({} if embedding.basis is None else {"d": embedding.embedding_dim})}
     if isinstance(embedding, FactoredEmbedding):
         return {"kind": "factored", "vocab": embedding.num_embeddings, "rank": embedding.P.shape[1],
                 "d": embedding.embedding_dim}
@@ -301,7 +321,9 @@ def build(entry: dict) -> nn.Module:
         return EntangledEmbedding(torch.zeros(entry["units_a"], entry["d1"]),
                                   torch.zeros(entry["units_b"], entry["d2"]),
                                   torch.zeros(V, R, dtype=torch.long), torch.zeros(V, R, dtype=torch.long),
-                                  torch.zeros(V, R))
+                                  torch.zeros(V, R),
+                                  basis=(torch.zeros(entry["d1"] * entry["d2"], entry["d"])
+                                         if "d" in entry else None))
     if entry["kind"] == "factored":
         return FactoredEmbedding(torch.zeros(entry["vocab"], entry["rank"]),
                                  torch.zeros(entry["rank"], entry["d"]))
