@@ -2,15 +2,17 @@
 one, side by side in one run (a benchmark, not a test).
 
     .venv/bin/python benchmarks/pruned_latency.py --dense smollm2 PRUNED_DIR [PRUNED_DIR...] \
-        [--format pte] [--seq-len 128] [--runs 20] [--threads 2]
+        [--format pte] [--seq-len 128] [--runs 20] [--threads 2] [--rounds 3] [--json OUT]
 
 For each model: export (fp32, XNNPACK for .pte), benchmark on the host, and print
 latency ratio (pruned p50 / dense p50) next to the FLOP ratio; the target is latency ratio <=
-1.1 x FLOP ratio.
+1.1 x FLOP ratio. Every round measures all the artifacts one after the other; the table gives
+each round's ratio and the median over rounds, so the spread of a shared machine is visible.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +32,9 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--markdown")
+    p.add_argument("--json")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pf-pruned-latency-"))
     rows = []
@@ -44,21 +48,29 @@ def main() -> int:
         rows.append({"model": source, "flops": flops, "params": loaded.adapter.describe(loaded.model)["params"]})
         del loaded
     # every artifact measured in the same run, one after the other, with the same settings
-    results = bench(artifacts, BenchConfig(warmup=a.warmup, runs=a.runs, threads=a.threads))
-    for row, r in zip(rows, results):
-        row["p50"] = r.latency_ms["p50"]
+    for _ in range(a.rounds):
+        results = bench(artifacts, BenchConfig(warmup=a.warmup, runs=a.runs, threads=a.threads))
+        for row, r in zip(rows, results):
+            row.setdefault("p50_rounds", []).append(r.latency_ms["p50"])
     dense = rows[0]
-    lines = ["| model | params | GFLOP/forward | FLOP ratio | p50 ms | latency ratio | latency / FLOP ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | GFLOP/forward | FLOP ratio | p50 ms (median of rounds) | "
+             "latency ratio per round | latency ratio (median) | latency / FLOP ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        fr = row["flops"] / dense["flops"]
-        lr = row["p50"] / dense["p50"]
-        lines.append(f"| {row['model']} | {row['params']:,} | {row['flops'] / 1e9:.2f} | {fr:.3f} | "
-                     f"{row['p50']:.2f} | {lr:.3f} | {lr / fr:.3f} |")
+        row["p50"] = statistics.median(row["p50_rounds"])
+        row["flop_ratio"] = row["flops"] / dense["flops"]
+        row["latency_ratio_rounds"] = [p / q for p, q in zip(row["p50_rounds"], dense["p50_rounds"])]
+        row["latency_ratio"] = statistics.median(row["latency_ratio_rounds"])
+        per_round = ", ".join(f"{x:.3f}" for x in row["latency_ratio_rounds"])
+        lines.append(f"| {row['model']} | {row['params']:,} | {row['flops'] / 1e9:.2f} | "
+                     f"{row['flop_ratio']:.3f} | {row['p50']:.2f} | {per_round} | "
+                     f"{row['latency_ratio']:.3f} | {row['latency_ratio'] / row['flop_ratio']:.3f} |")
     table = "\n".join(lines)
-    print(f"\n{a.format}, 1 x {a.seq_len} tokens, {a.threads} threads, {a.runs} runs\n{table}")
+    print(f"\n{a.format}, 1 x {a.seq_len} tokens, {a.threads} threads, {a.runs} runs x {a.rounds} rounds\n{table}")
     if a.markdown:
         fsutil.write_text(a.markdown, table + "\n")
+    if a.json:
+        fsutil.write_json(a.json, {"args": vars(a), "rows": rows})
     return 0
 
 

@@ -44,7 +44,7 @@ class SEEConfig:
     ratio: float = 10.0              # embedding (+ tied head) parameters / SEE parameters
     order: int = 2                   # Kronecker factors per term (2 is implemented)
     d1: int | None = None            # first factor's size (d' = d1 * d2); default: near sqrt(d')
-    basis: str = "raw"               # principal | raw: the basis the Kronecker split is taken in
+    basis: str = "principal"         # principal | raw: the basis the Kronecker split is taken in
     basis_dim: int | None = None     # d' of a principal basis; default: d when its d x d matrix
                                      # takes at most BASIS_BUDGET_SHARE of the budget, else the
                                      # largest near-square d1 x d2 that does
@@ -517,7 +517,8 @@ def metric_lowrank(M: torch.Tensor, k: int = 64) -> tuple[float, torch.Tensor, f
 def basis_width(V: int, d: int, cfg: SEEConfig, exact_rows: int = 0) -> int:
     """d': the width of the coordinates the Kronecker sum builds (d for the raw basis). A default
     principal basis is d x d when that takes at most BASIS_BUDGET_SHARE of the budget left after
-    the exact rows, else the widest d1 x d2 (d2 <= 2 d1) under that share."""
+    the exact rows, else the widest d1 x d2 under that share (near-square, d2 <= 2 d1, or a
+    multiple of the d1 the user gave)."""
     if cfg.basis == "raw":
         return d
     if cfg.basis_dim is not None:
@@ -529,11 +530,16 @@ def basis_width(V: int, d: int, cfg: SEEConfig, exact_rows: int = 0) -> int:
     if cap >= d:
         return d
     for w in range(cap, 0, -1):
+        if cfg.d1 is not None:                           # the user's split: a multiple of d1
+            if w % cfg.d1 == 0:
+                return w
+            continue
         a, b = factor_dim(w)
         if b <= 2 * a:
             return w
-    raise BadInputError(f"ratio {cfg.ratio:g} leaves no room for a principal basis; use basis = raw",
-                        field="ratio")
+    raise BadInputError(f"ratio {cfg.ratio:g} cannot be met with a principal basis: the budget "
+                        f"left ({left:,.0f} parameters) has no room for one; lower the ratio or use "
+                        "basis = raw", field="ratio")
 
 
 def principal_basis(E: torch.Tensor, width: int) -> torch.Tensor:
@@ -711,6 +717,8 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
                          "basis_energy": float((X ** 2).sum() / (E ** 2).sum()),
                          "coordinates_relative_error": rows["relative_error"],
                          "relative_error": float(((base.weight - E) ** 2).sum() / (E ** 2).sum())})
+            if "weighted_relative_error" in rows:        # measured on the coordinates too
+                rows["coordinates_weighted_relative_error"] = rows.pop("weighted_relative_error")
     module = with_exact_rows(base, E, exact)
     rows.update(_exact_summary(module, E, counts, exact))
     tied, stages = _replace_and_train(loaded, module, batches, config, "see")

@@ -184,8 +184,8 @@ def test_head_metric_fits_rows_in_the_head_input_metric(tiny_llama_2l, small_tex
     def fitted(b):
         model = load_model(tiny_llama_2l)
         params = {"ratio": 4, "head_metric": b, "hidden_minutes": 0, "distill_minutes": 0}
-        if method == "see":
-            params["reconstruct_steps"] = 100
+        if method == "see":   # the metric's algebra in the table's own coordinates
+            params.update(reconstruct_steps=100, basis="raw")
         rec = run_step(model, method, parse_params(get_method(method), params), calib)
         return model.adapter.embeddings(model.model).weight.detach(), rec["details"]
 
@@ -219,7 +219,7 @@ def test_head_metric_fits_rows_in_the_head_input_metric(tiny_llama_2l, small_tex
     (["--head-metric", "1.5"], "head_metric"),
     (["--head-metric", "0.5"], "tied LM head"),
     (["--basis", "pca"], "principal"),
-    (["--basis-dim", "16"], "basis = principal"),
+    (["--basis", "raw", "--basis-dim", "16"], "basis = principal"),
     (["--basis", "principal", "--basis-dim", "33"], "at most the embedding width"),
 ])
 def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
