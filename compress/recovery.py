@@ -215,12 +215,19 @@ class TeacherTargets:
     def size_bytes(teacher: LoadedModel, batches, top_k: int = 0) -> int:
         """What the cache would hold, to decide whether it fits."""
         cfg = teacher.model.config
+        hidden = 2 * cfg.hidden_size * len(teacher.adapter.layers(teacher.model))
+        if teacher.family == "vit":
+            # a batch is images: one row of class log-probabilities each, and every layer's
+            # states at the patches plus the CLS token
+            images = sum(int(b[0].shape[0]) for b in batches)
+            positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
+            return images * (2 * cfg.num_labels + positions * hidden)
         tokens = sum(int(b[0].numel()) for b in batches)
         if teacher.family == "bert":
             out = 2 * cfg.hidden_size   # per token, an upper bound on one embedding per sentence
         else:
             out = 6 * top_k if top_k else 2 * cfg.vocab_size
-        return tokens * (out + 2 * cfg.hidden_size * len(teacher.adapter.layers(teacher.model)))
+        return tokens * (out + hidden)
 
 
 @dataclass

@@ -243,6 +243,23 @@ def test_vit_per_layer_widths_reload(tiny_vit_config, tmp_path):
         torch.testing.assert_close(again.adapter.export_module(again)(*x), expected)
 
 
+def test_vit_distill_recovery_from_the_cli(tiny_vit_config, digits_npz, tmp_path):
+    """A classifier's teacher targets are sized per image (it has no vocabulary): layered-prune
+    with distillation runs on a ViT from the CLI, caches the targets and writes a smaller model."""
+    out = tmp_path / "vit"
+    rc = main(["compress", "--model", str(tiny_vit_config), "--method", "layered-prune",
+               "--remove-layers", "1", "--recovery", "distill", "--recovery-minutes", "0.05",
+               "--calibration", str(digits_npz), "--out", str(out)])
+    assert rc == 0
+    again = load_model(out)
+    assert len(again.adapter.layers(again.model)) == 3
+    from pocketformer.compress.recovery import TeacherTargets
+    teacher = load_model(tiny_vit_config)
+    batches = _calib(teacher, digits_npz).inputs(teacher)
+    targets = TeacherTargets(teacher, batches)
+    assert TeacherTargets.size_bytes(teacher, batches) == targets.bytes
+
+
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_bert"])
 def test_cached_teacher_targets_give_the_live_teachers_loss(family, request, small_text):
     """Recovery with the teacher's outputs computed once (TeacherTargets) optimises the same
