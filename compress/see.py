@@ -61,6 +61,7 @@ class SEEConfig:
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
+    distill_hidden_weight: float = 0.0  # stage 2: + this x stage 1b's last-hidden-state loss
     lr: float = 3e-3                 # stage 1a
     distill_lr: float = 1e-3         # stages 1b and 2
     seed: int = 0
@@ -88,6 +89,7 @@ class SEEConfig:
         _check_head_metric(self.head_metric)
         if min(self.hidden_minutes, self.distill_minutes) < 0 or self.reconstruct_steps < 0:
             raise BadInputError("budgets must be >= 0", field="distill_minutes")
+        _check_hidden_weight(self.distill_hidden_weight)
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
@@ -433,6 +435,11 @@ def _zero_rows(weights: torch.Tensor | None, V: int, exact: torch.Tensor | None)
 
 # ---- the head-input metric (head_metric) ------------------------------------------------------
 
+def _check_hidden_weight(w: float) -> None:
+    if not 0 <= w <= 100:
+        raise BadInputError("must be in [0, 100]", field="distill_hidden_weight")
+
+
 def _check_head_metric(beta: float) -> None:
     if not 0 <= beta <= 1:
         raise BadInputError("must be in [0, 1]", field="head_metric")
@@ -559,9 +566,11 @@ def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> 
 
 
 def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, batches, minutes: float,
-                           lr: float, seed: int, loss_kind: str, label: str) -> dict:
+                           lr: float, seed: int, loss_kind: str, label: str,
+                           hidden_weight: float = 0.0) -> dict:
     """Train `params` for `minutes` of wall time: 'hidden' matches the last hidden state,
-    'output' matches the output (KL of next-token distributions, or 1 - cos of embeddings)."""
+    'output' matches the output (KL of next-token distributions, or 1 - cos of embeddings), plus
+    `hidden_weight` x the 'hidden' loss when that is > 0."""
     if minutes <= 0 or not batches:
         return {"steps": 0, "seconds": 0.0}
     adapter = loaded.adapter
@@ -569,7 +578,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
     s_layers, t_layers = adapter.layers(loaded.model), adapter.layers(teacher.model)
     store: dict = {}
     hooks = []
-    if loss_kind == "hidden":
+    if loss_kind == "hidden" or hidden_weight > 0:
         hooks.append(s_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("s", o[0] if isinstance(o, tuple) else o)))
         hooks.append(t_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("t", o[0] if isinstance(o, tuple) else o)))
     for p in params:
@@ -592,14 +601,20 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
                 with torch.no_grad():
                     t_out = t_module(*batch)
                 s_out = s_module(*batch)
-                if loss_kind == "hidden":
+                hidden_loss = None
+                if loss_kind == "hidden" or hidden_weight > 0:
                     t = store["t"].detach()
-                    loss = ((store["s"] - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
-                elif loaded.family == "bert":
-                    loss = (1 - nn.functional.cosine_similarity(s_out, t_out, dim=-1)).mean()
+                    hidden_loss = ((store["s"] - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
+                if loss_kind == "hidden":
+                    loss = hidden_loss
                 else:
-                    t_logp = torch.log_softmax(t_out.float(), -1)
-                    loss = (t_logp.exp() * (t_logp - torch.log_softmax(s_out.float(), -1))).sum(-1).mean()
+                    if loaded.family == "bert":
+                        loss = (1 - nn.functional.cosine_similarity(s_out, t_out, dim=-1)).mean()
+                    else:
+                        t_logp = torch.log_softmax(t_out.float(), -1)
+                        loss = (t_logp.exp() * (t_logp - torch.log_softmax(s_out.float(), -1))).sum(-1).mean()
+                    if hidden_loss is not None:
+                        loss = loss + hidden_weight * hidden_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -642,7 +657,8 @@ def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, batche
     hidden = _train_against_teacher(loaded, teacher, params, batches, cfg.hidden_minutes,
                                     cfg.distill_lr, cfg.seed, "hidden", f"{label} stage 1b")
     output = _train_against_teacher(loaded, teacher, params, batches, cfg.distill_minutes,
-                                    cfg.distill_lr, cfg.seed + 1, "output", f"{label} stage 2")
+                                    cfg.distill_lr, cfg.seed + 1, "output", f"{label} stage 2",
+                                    hidden_weight=cfg.distill_hidden_weight)
     return {"stage1_hidden": hidden, "stage2_distill": output}
 
 
@@ -752,6 +768,7 @@ class EmbedSVDConfig:
     ratio: float = 10.0
     hidden_minutes: float = 0.5
     distill_minutes: float = 2.0
+    distill_hidden_weight: float = 0.0  # as see's
     distill_lr: float = 1e-3
     frequency_weight: float = 0.0    # as see's: a row-weighted truncated SVD
     exact_share: float = 0.0         # as see's: exact rows for the most frequent tokens
@@ -765,6 +782,7 @@ class EmbedSVDConfig:
             raise BadInputError("must be >= 0", field="frequency_weight")
         _check_exact_share(self.exact_share)
         _check_head_metric(self.head_metric)
+        _check_hidden_weight(self.distill_hidden_weight)
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0

@@ -209,6 +209,33 @@ def test_head_metric_fits_rows_in_the_head_input_metric(tiny_llama_2l, small_tex
         assert in_m(W) < in_m(W0)
 
 
+@pytest.mark.parametrize("family", ["tiny_bert", "tiny_llama_2l"])
+def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_text):
+    """distill_hidden_weight w: stage 2's objective is the output loss plus w x stage 1b's
+    last-hidden-state loss (measured with lr 0 on one batch, so every step sees the same model)."""
+    from pocketformer.compress.see import _teacher, _train_against_teacher
+
+    path = request.getfixturevalue(family)
+    loaded = load_model(path)
+    data = small_text if family == "tiny_llama_2l" else f"{STS_DEV}@0:0.05"
+    batches = _calib(loaded, data).inputs(loaded)[:1]
+    teacher = _teacher(loaded)
+    emb = loaded.adapter.embeddings(loaded.model)
+    with torch.no_grad():      # a student that differs from its teacher
+        emb.weight.add_(0.5 * torch.randn_like(emb.weight))
+    params = list(emb.parameters())
+
+    def first_loss(kind, w=0.0):
+        rec = _train_against_teacher(loaded, teacher, params, batches, 0.02, 0.0, 0, kind, "t",
+                                     hidden_weight=w)
+        assert rec["steps"] >= 1
+        return rec["loss_first"]
+
+    hidden, output = first_loss("hidden"), first_loss("output")
+    assert hidden > 0 and output > 0
+    assert first_loss("output", 2.0) == pytest.approx(output + 2.0 * hidden, rel=1e-4)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--ratio", "100000"], "cannot be met"),
     (["--d1", "7"], "d1"),
@@ -221,6 +248,7 @@ def test_head_metric_fits_rows_in_the_head_input_metric(tiny_llama_2l, small_tex
     (["--basis", "pca"], "principal"),
     (["--basis", "raw", "--basis-dim", "16"], "basis = principal"),
     (["--basis", "principal", "--basis-dim", "33"], "at most the embedding width"),
+    (["--distill-hidden-weight", "-1"], "distill_hidden_weight"),
 ])
 def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
     code = main(["compress", "--model", str(tiny_bert), "--method", "see", *args,
