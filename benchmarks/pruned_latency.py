@@ -52,10 +52,7 @@ def _run(a: argparse.Namespace, work: Path) -> int:
     artifacts = []
     for i, source in enumerate([a.dense, *a.pruned]):
         loaded = load_model(source)
-        positions = a.seq_len
-        if loaded.family == "vit":            # an image is its patches plus the CLS token
-            cfg = loaded.model.config
-            positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        positions = loaded.adapter.positions(loaded.model.config, a.seq_len)
         flops = a.batch * loaded.adapter.flops(loaded.model, positions)
         out = work / f"m{i}"
         (record,) = export_model(loaded, out, ExportConfig(formats=[a.format], seq_len=a.seq_len, batch=a.batch,

@@ -220,8 +220,7 @@ class TeacherTargets:
             # a batch is images: one row of class log-probabilities each, and every layer's
             # states at the patches plus the CLS token
             images = sum(int(b[0].shape[0]) for b in batches)
-            positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
-            return images * (2 * cfg.num_labels + positions * hidden)
+            return images * (2 * cfg.num_labels + teacher.adapter.positions(cfg, 0) * hidden)
         tokens = sum(int(b[0].numel()) for b in batches)
         if teacher.family == "bert":
             out = 2 * cfg.hidden_size   # per token, an upper bound on one embedding per sentence

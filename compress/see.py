@@ -29,6 +29,7 @@ from torch import nn
 
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding, factor_dim,
                                           head_for)
+from pocketformer.compress.recovery import _kd_loss
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
@@ -578,7 +579,8 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
     s_layers, t_layers = adapter.layers(loaded.model), adapter.layers(teacher.model)
     store: dict = {}
     hooks = []
-    if loss_kind == "hidden" or hidden_weight > 0:
+    wants_hidden = loss_kind == "hidden" or hidden_weight > 0
+    if wants_hidden:
         hooks.append(s_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("s", o[0] if isinstance(o, tuple) else o)))
         hooks.append(t_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("t", o[0] if isinstance(o, tuple) else o)))
     for p in params:
@@ -601,19 +603,14 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
                 with torch.no_grad():
                     t_out = t_module(*batch)
                 s_out = s_module(*batch)
-                hidden_loss = None
-                if loss_kind == "hidden" or hidden_weight > 0:
+                if wants_hidden:
                     t = store["t"].detach()
                     hidden_loss = ((store["s"] - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
                 if loss_kind == "hidden":
                     loss = hidden_loss
                 else:
-                    if loaded.family == "bert":
-                        loss = (1 - nn.functional.cosine_similarity(s_out, t_out, dim=-1)).mean()
-                    else:
-                        t_logp = torch.log_softmax(t_out.float(), -1)
-                        loss = (t_logp.exp() * (t_logp - torch.log_softmax(s_out.float(), -1))).sum(-1).mean()
-                    if hidden_loss is not None:
+                    loss = _kd_loss(loaded.family, s_out, t_out)
+                    if hidden_weight > 0:
                         loss = loss + hidden_weight * hidden_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

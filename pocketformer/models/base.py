@@ -361,6 +361,11 @@ class ModelAdapter:
             if shape["intermediate_size"] != self.ffn(layer).width:
                 self.keep_ffn_channels(layer, range(shape["intermediate_size"]))
 
+    def positions(self, config, seq_len: int) -> int:
+        """Positions one input occupies in the layers: its `seq_len` tokens (an image adapter
+        overrides this with its patch count)."""
+        return seq_len
+
     def flops(self, model: nn.Module, seq_len: int) -> int:
         """Multiply-adds x 2 of one forward pass over one sequence of `seq_len` positions, from the
         actual (possibly per-layer) weight shapes: linear layers, attention scores and the

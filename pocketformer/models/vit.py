@@ -29,6 +29,10 @@ class ViTAdapter(ModelAdapter):
     input_names = ("pixel_values",)
     output_names = ("logits",)
 
+    def positions(self, config, seq_len: int) -> int:
+        """An image is its patches plus the CLS token, whatever `seq_len` says."""
+        return (config.image_size // config.patch_size) ** 2 + 1
+
     def from_config(self, config, source: str) -> LoadedModel:
         from transformers import ViTForImageClassification
 
