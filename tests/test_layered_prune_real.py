@@ -48,6 +48,7 @@ def test_smollm2_personalized_two_layers(tmp_path):
     assert pruned <= 1.03 * shortgpt, (pruned, shortgpt)
 
 
+@pytest.mark.serial          # 1 minute of distillation: run alone, the steps it buys set the quality
 def test_minilm_two_layers_with_recovery(tmp_path):
     """2 of 6 layers removed, 1 minute of distillation on the calibration half of STS dev."""
     loaded = load_model("minilm")

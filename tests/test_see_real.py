@@ -13,7 +13,7 @@ from pocketformer.models import load_model, save_model
 
 from conftest import STS_DEV
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # a wall-clock training budget
 
 
 def test_minilm_see_ratio_10(tmp_path):

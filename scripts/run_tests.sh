@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test suite, as `make test` and CI run it (2 cores): every test not marked `serial` on two
+# pytest-xdist workers (whole files per worker, so module fixtures are built once), then the
+# `serial` tests alone: they train for a wall-clock budget and assert the quality it reaches, which
+# a neighbour on the same cores would change. pytest's "no tests collected" (exit 5) fails here.
+# PF_TEST_WORKERS overrides the worker count (1 runs everything in one process, in file order).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py=.venv/bin/python
+workers="${PF_TEST_WORKERS:-2}"
+start=$(date +%s)
+
+check() {   # $1 = pytest's exit code, $2 = which part
+    if [ "$1" -eq 5 ]; then echo "pytest collected no $2 tests: failing on purpose"; return 1; fi
+    return "$1"
+}
+
+if [ "$workers" -gt 1 ]; then
+    "$py" -m pytest -q -n "$workers" --dist loadfile -m "not serial" --durations=15 "$@" tests
+    check $? "parallel" || rc=$?
+else
+    "$py" -m pytest -q -m "not serial" --durations=15 "$@" tests
+    check $? "parallel" || rc=$?
+fi
+"$py" -m pytest -q -m serial --durations=5 "$@" tests
+check $? "serial" || rc=$?
+echo "suite wall time: $(( $(date +%s) - start )) s"
+exit "${rc:-0}"
