@@ -45,6 +45,10 @@ def main() -> int:
     p.add_argument("--eval-max-windows", type=int, default=32)
     p.add_argument("--distill-hidden-weight", type=float, default=0.0,
                    help="stage 2 adds this x the last-hidden-state loss (both methods)")
+    p.add_argument("--train-scope", default="embedding",
+                   help="stages 1b and 2 train the embedding, + the norms, or all (both methods)")
+    p.add_argument("--scope-lr", type=float, default=1e-4,
+                   help="learning rate of what --train-scope adds (both methods)")
     p.add_argument("--b-share", type=float, default=0.5, help="see: share of the unit tables for B")
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
     p.add_argument("--basis-dim", type=int, help="see with a principal basis: its width d' (default: see's)")
@@ -76,6 +80,7 @@ def main() -> int:
             params = {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
                       "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
                       "distill_hidden_weight": a.distill_hidden_weight,
+                      "train_scope": a.train_scope, "scope_lr": a.scope_lr,
                       "exact_share": a.exact_share, "head_metric": a.head_metric, **extra}
             if method == "see":
                 params["b_share"] = a.b_share

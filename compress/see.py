@@ -63,8 +63,11 @@ class SEEConfig:
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
     distill_hidden_weight: float = 0.0  # stage 2: + this x stage 1b's last-hidden-state loss
+    train_scope: str = "embedding"   # stages 1b and 2 train: embedding | norms (+ every norm's
+                                     # gain and bias) | all (+ every other weight of the model)
     lr: float = 3e-3                 # stage 1a
-    distill_lr: float = 1e-3         # stages 1b and 2
+    distill_lr: float = 1e-3         # stages 1b and 2 (the embedding's parameters)
+    scope_lr: float = 1e-4           # stages 1b and 2: the parameters train_scope adds
     seed: int = 0
 
     def validate(self) -> None:
@@ -91,6 +94,7 @@ class SEEConfig:
         if min(self.hidden_minutes, self.distill_minutes) < 0 or self.reconstruct_steps < 0:
             raise BadInputError("budgets must be >= 0", field="distill_minutes")
         _check_hidden_weight(self.distill_hidden_weight)
+        _check_scope(self.train_scope, self.scope_lr)
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
@@ -441,6 +445,40 @@ def _check_hidden_weight(w: float) -> None:
         raise BadInputError("must be in [0, 100]", field="distill_hidden_weight")
 
 
+TRAIN_SCOPES = ("embedding", "norms", "all")
+
+
+def _check_scope(scope: str, lr: float) -> None:
+    if scope not in TRAIN_SCOPES:
+        raise BadInputError(f"expected one of {', '.join(TRAIN_SCOPES)}", field="train_scope")
+    if not lr > 0:
+        raise BadInputError("must be > 0", field="scope_lr")
+
+
+def trainable_groups(loaded: LoadedModel, module: nn.Module, cfg) -> list[dict]:
+    """Adam's parameter groups for stages 1b and 2: the new embedding module at distill_lr, and
+    what train_scope adds (every normalisation layer's gain and bias, or every other weight of
+    the model) at scope_lr. The teacher is a copy taken before, so it never moves."""
+    own = list(module.parameters())
+    groups = [{"params": own, "lr": cfg.distill_lr}]
+    if cfg.train_scope == "embedding":
+        return groups
+    seen = {id(p) for p in own}
+    if cfg.train_scope == "norms":
+        pool = [p for m in loaded.model.modules() if "Norm" in type(m).__name__
+                for p in m.parameters(recurse=False)]
+    else:
+        pool = list(loaded.model.parameters())
+    extra = []
+    for p in pool:
+        if id(p) not in seen:
+            seen.add(id(p))
+            extra.append(p)
+    if extra:
+        groups.append({"params": extra, "lr": cfg.scope_lr})
+    return groups
+
+
 def _check_head_metric(beta: float) -> None:
     if not 0 <= beta <= 1:
         raise BadInputError("must be in [0, 1]", field="head_metric")
@@ -569,7 +607,8 @@ def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> 
 def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, batches, minutes: float,
                            lr: float, seed: int, loss_kind: str, label: str,
                            hidden_weight: float = 0.0) -> dict:
-    """Train `params` for `minutes` of wall time: 'hidden' matches the last hidden state,
+    """Train `params` (tensors at `lr`, or Adam groups with their own "lr") for `minutes` of wall
+    time, each group's rate decaying linearly to 0: 'hidden' matches the last hidden state,
     'output' matches the output (KL of next-token distributions, or 1 - cos of embeddings), plus
     `hidden_weight` x the 'hidden' loss when that is > 0."""
     if minutes <= 0 or not batches:
@@ -583,9 +622,14 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
     if wants_hidden:
         hooks.append(s_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("s", o[0] if isinstance(o, tuple) else o)))
         hooks.append(t_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("t", o[0] if isinstance(o, tuple) else o)))
-    for p in params:
+    groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": list(params), "lr": lr}]
+    tensors = [p for g in groups for p in g["params"]]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    flags = [p.requires_grad for p in tensors]
+    for p in tensors:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(groups, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     budget_s = minutes * 60
     start = time.perf_counter()
@@ -598,7 +642,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
                 if frac >= 1:
                     break
                 for group in opt.param_groups:
-                    group["lr"] = lr * (1 - frac)
+                    group["lr"] = group["base_lr"] * (1 - frac)
                 batch = batches[bi]
                 with torch.no_grad():
                     t_out = t_module(*batch)
@@ -622,8 +666,8 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
     finally:
         for h in hooks:
             h.remove()
-        for p in params:
-            p.requires_grad_(False)
+        for p, flag in zip(tensors, flags):     # the new table ends frozen; the rest as it was
+            p.requires_grad_(flag and not any(p is q for q in groups[0]["params"]))
     k = max(1, min(5, len(losses)))
     return {"steps": steps, "seconds": round(time.perf_counter() - start, 1),
             "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
@@ -650,13 +694,15 @@ def _install(loaded: LoadedModel, module: nn.Module, *, tied: bool) -> None:
 
 def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, batches, cfg,
             label: str) -> dict:
-    params = [p for p in module.parameters()]
+    params = trainable_groups(loaded, module, cfg)
     hidden = _train_against_teacher(loaded, teacher, params, batches, cfg.hidden_minutes,
                                     cfg.distill_lr, cfg.seed, "hidden", f"{label} stage 1b")
     output = _train_against_teacher(loaded, teacher, params, batches, cfg.distill_minutes,
                                     cfg.distill_lr, cfg.seed + 1, "output", f"{label} stage 2",
                                     hidden_weight=cfg.distill_hidden_weight)
-    return {"stage1_hidden": hidden, "stage2_distill": output}
+    extra = sum(p.numel() for g in params[1:] for p in g["params"])
+    return {"stage1_hidden": hidden, "stage2_distill": output,
+            "train_scope": {"scope": cfg.train_scope, "extra_params_trained": extra}}
 
 
 def _teacher(loaded: LoadedModel) -> LoadedModel:
@@ -766,7 +812,9 @@ class EmbedSVDConfig:
     hidden_minutes: float = 0.5
     distill_minutes: float = 2.0
     distill_hidden_weight: float = 0.0  # as see's
+    train_scope: str = "embedding"   # as see's
     distill_lr: float = 1e-3
+    scope_lr: float = 1e-4           # as see's
     frequency_weight: float = 0.0    # as see's: a row-weighted truncated SVD
     exact_share: float = 0.0         # as see's: exact rows for the most frequent tokens
     head_metric: float = 0.0         # as see's, with the full d x d metric
@@ -780,6 +828,7 @@ class EmbedSVDConfig:
         _check_exact_share(self.exact_share)
         _check_head_metric(self.head_metric)
         _check_hidden_weight(self.distill_hidden_weight)
+        _check_scope(self.train_scope, self.scope_lr)
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0

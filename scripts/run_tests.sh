@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, as `make test` and CI run it (2 cores): every test not marked `serial` on two
-# pytest-xdist workers (whole files per worker, so module fixtures are built once), then the
+# pytest-xdist workers (whole files per worker, so module fixtures are built once; longest files
+# first, tests/conftest.py: LONGEST_FIRST), then the
 # `serial` tests alone: they train for a wall-clock budget and assert the quality it reaches, which
 # a neighbour on the same cores would change. pytest's "no tests collected" (exit 5) fails here.
 # PF_TEST_WORKERS overrides the worker count (1 runs everything in one process, in file order).
@@ -16,7 +17,7 @@ check() {   # $1 = pytest's exit code, $2 = which part
 }
 
 if [ "$workers" -gt 1 ]; then
-    "$py" -m pytest -q -n "$workers" --dist loadfile -m "not serial" --durations=15 "$@" tests
+    "$py" -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder -m "not serial" --durations=15 "$@" tests
     check $? "parallel" || rc=$?
 else
     "$py" -m pytest -q -m "not serial" --durations=15 "$@" tests

@@ -22,6 +22,22 @@ WIKITEXT = SHARED / "wikitext-2" / "valid.txt"
 STS_DEV = SHARED / "stsbenchmark" / "sts-dev.csv"
 
 
+# The files in the order `make test` hands them to its two workers, longest first (each file's
+# total from `pytest --durations=0` on 2 cores): a long file that starts last would leave the
+# other worker idle at the end (pytest-xdist's own order is by test count). Files not listed
+# follow in collection order.
+LONGEST_FIRST = ["test_smollm2.py", "test_see_tiny.py", "test_export_tiny.py",
+                 "test_layered_prune_real.py", "test_grid.py", "test_minilm_build.py",
+                 "test_native_generate.py", "test_rotate.py", "test_gptq.py", "test_android_demo.py",
+                 "test_combined_recipe.py", "test_native_runners.py", "test_llm_race.py",
+                 "test_bench_targets.py", "test_layered_prune_tiny.py", "test_export_real.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))   # stable
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> dict[str, Path]:
     missing = [p for p in (WIKITEXT, STS_DEV) if not p.is_file()]

@@ -63,6 +63,7 @@ def test_host_processes_pool_latencies_and_keep_each_p50(arts, tmp_path, capsys)
     assert "processes" in capsys.readouterr().err
 
 
+@pytest.mark.serial     # ONNX Runtime's instruction count drifts with a neighbour on the cores
 def test_qemu_instruction_counts_repeat_and_match_host_outputs(arts, tmp_path):
     argv = [str(arts / "model.pte"), str(arts / "model.onnx"), "--target", "qemu:cortex-a76",
             "--qemu-runs", "10"]   # start-up varies by ~1e5 instructions: amortise it
@@ -74,9 +75,10 @@ def test_qemu_instruction_counts_repeat_and_match_host_outputs(arts, tmp_path):
         assert a["emulated"] and a["target"] == "qemu:cortex-a76"
         assert "asimddp" in a["device"]["features"]
         ia, ib = a["instructions_per_inference"], b["instructions_per_inference"]
-        # ExecuTorch repeats to ~1e-6; ONNX Runtime's main thread varies by ~1e4 instructions per
-        # call, which is 0.1-1% of this tiny model (MiniLM: 5e-7, docs/runtime_bench.md)
-        tol = 1e-3 if a["format"] == "pte" else 1e-2
+        # ExecuTorch repeats to ~1e-6; ONNX Runtime's main thread varies by ~1e4-2e4
+        # instructions per call, which is 0.1-1.6% of this tiny model (1.4% and 1.6% seen in 2
+        # of 5 runs on 2026-12-03; MiniLM: 5e-7, docs/runtime_bench.md)
+        tol = 1e-3 if a["format"] == "pte" else 3e-2
         assert ia > 1e5 and abs(ia - ib) / ia < tol, (a["artifact"], ia, ib)
         vals = np.array(a["outputs"][0]["values"])
         assert np.abs(vals - expected[:vals.size]).max() < 1e-4

@@ -22,7 +22,7 @@ def test_minilm_see_ratio_10(tmp_path):
     dense = evaluate(loaded, "sts", ev).value
     emb_before = loaded.adapter.embeddings(loaded.model).weight.numel()
     cal = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0:0.5"))
-    cfg = parse_params(get_method("see"), {"ratio": 10, "reconstruct_steps": 200,
+    cfg = parse_params(get_method("see"), {"ratio": 10, "reconstruct_steps": 60,
                                            "hidden_minutes": 0.25, "distill_minutes": 0.5})
     rec = run_step(loaded, "see", cfg, Calibration(cal, seq_len=128, max_samples=750, batch_size=32))
     d = rec["details"]

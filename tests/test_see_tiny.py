@@ -236,6 +236,31 @@ def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_
     assert first_loss("output", 2.0) == pytest.approx(output + 2.0 * hidden, rel=1e-4)
 
 
+@pytest.mark.parametrize("method, scope", [("see", "embedding"), ("see", "norms"), ("see", "all"),
+                                           ("embed-svd", "all")])
+def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_bert):
+    """train_scope: stages 1b and 2 train the new table alone, plus every norm's gain and bias,
+    or plus every other weight; what is outside the scope is bit-identical afterwards."""
+    loaded = load_model(tiny_bert)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()
+              if "word_embeddings" not in n}
+    flags = {n: p.requires_grad for n, p in loaded.model.named_parameters() if n in before}
+    opts = {"ratio": 4, **FAST, "train_scope": scope, "scope_lr": 1e-2}
+    cfg = parse_params(get_method(method), {**opts, "reconstruct_steps": 5} if method == "see" else opts)
+    rec = run_step(loaded, method, cfg, _calib(loaded, f"{STS_DEV}@0:0.05"))
+    assert rec["details"]["stage2_distill"]["steps"] >= 1
+    after = dict(loaded.model.named_parameters())
+    moved = {n for n, p in before.items() if not torch.equal(p, after[n])}
+    norms = {n for n in before if "LayerNorm" in n}
+    in_scope = {"embedding": set(), "norms": norms, "all": set(before)}[scope]
+    # BERT's pooler is not on the mean-pooled sentence embedding's path: no gradient, no move
+    assert moved == {n for n in in_scope if not n.startswith("pooler.")}, sorted(moved ^ in_scope)[:5]
+    extra = rec["details"]["train_scope"]["extra_params_trained"]
+    assert extra == sum(before[n].numel() for n in in_scope)
+    assert {n: p.requires_grad for n, p in after.items() if n in before} == flags
+    assert not any(p.requires_grad for n, p in after.items() if n not in before)   # the new table
+
+
 @pytest.mark.parametrize("args, words", [
     (["--ratio", "100000"], "cannot be met"),
     (["--d1", "7"], "d1"),
@@ -249,6 +274,8 @@ def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_
     (["--basis", "raw", "--basis-dim", "16"], "basis = principal"),
     (["--basis", "principal", "--basis-dim", "33"], "at most the embedding width"),
     (["--distill-hidden-weight", "-1"], "distill_hidden_weight"),
+    (["--train-scope", "layers"], "train_scope"),
+    (["--train-scope", "all", "--scope-lr", "0"], "scope_lr"),
 ])
 def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
     code = main(["compress", "--model", str(tiny_bert), "--method", "see", *args,
