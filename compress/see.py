@@ -604,13 +604,13 @@ def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> 
     return EntangledEmbedding(A, B, plan.index_a, plan.index_b, coef)
 
 
-def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, batches, minutes: float,
-                           lr: float, seed: int, loss_kind: str, label: str,
+def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: list[dict], batches,
+                           minutes: float, seed: int, loss_kind: str, label: str,
                            hidden_weight: float = 0.0) -> dict:
-    """Train `params` (tensors at `lr`, or Adam groups with their own "lr") for `minutes` of wall
-    time, each group's rate decaying linearly to 0: 'hidden' matches the last hidden state,
-    'output' matches the output (KL of next-token distributions, or 1 - cos of embeddings), plus
-    `hidden_weight` x the 'hidden' loss when that is > 0."""
+    """Train the Adam parameter `groups` (each with its own "lr", decaying linearly to 0) for
+    `minutes` of wall time; every tensor's requires_grad is as it was afterwards. 'hidden'
+    matches the last hidden state, 'output' matches the output (KL of next-token distributions,
+    or 1 - cos of embeddings), plus `hidden_weight` x the 'hidden' loss when that is > 0."""
     if minutes <= 0 or not batches:
         return {"steps": 0, "seconds": 0.0}
     adapter = loaded.adapter
@@ -622,14 +622,12 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
     if wants_hidden:
         hooks.append(s_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("s", o[0] if isinstance(o, tuple) else o)))
         hooks.append(t_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("t", o[0] if isinstance(o, tuple) else o)))
-    groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": list(params), "lr": lr}]
+    groups = [{**g, "base_lr": g["lr"]} for g in groups]
     tensors = [p for g in groups for p in g["params"]]
-    for g in groups:
-        g["base_lr"] = g["lr"]
     flags = [p.requires_grad for p in tensors]
     for p in tensors:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(groups, lr=lr)
+    opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
     budget_s = minutes * 60
     start = time.perf_counter()
@@ -666,8 +664,8 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, params, ba
     finally:
         for h in hooks:
             h.remove()
-        for p, flag in zip(tensors, flags):     # the new table ends frozen; the rest as it was
-            p.requires_grad_(flag and not any(p is q for q in groups[0]["params"]))
+        for p, flag in zip(tensors, flags):
+            p.requires_grad_(flag)
     k = max(1, min(5, len(losses)))
     return {"steps": steps, "seconds": round(time.perf_counter() - start, 1),
             "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
@@ -694,13 +692,14 @@ def _install(loaded: LoadedModel, module: nn.Module, *, tied: bool) -> None:
 
 def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, batches, cfg,
             label: str) -> dict:
-    params = trainable_groups(loaded, module, cfg)
-    hidden = _train_against_teacher(loaded, teacher, params, batches, cfg.hidden_minutes,
-                                    cfg.distill_lr, cfg.seed, "hidden", f"{label} stage 1b")
-    output = _train_against_teacher(loaded, teacher, params, batches, cfg.distill_minutes,
-                                    cfg.distill_lr, cfg.seed + 1, "output", f"{label} stage 2",
+    groups = trainable_groups(loaded, module, cfg)
+    hidden = _train_against_teacher(loaded, teacher, groups, batches, cfg.hidden_minutes,
+                                    cfg.seed, "hidden", f"{label} stage 1b")
+    output = _train_against_teacher(loaded, teacher, groups, batches, cfg.distill_minutes,
+                                    cfg.seed + 1, "output", f"{label} stage 2",
                                     hidden_weight=cfg.distill_hidden_weight)
-    extra = sum(p.numel() for g in params[1:] for p in g["params"])
+    module.requires_grad_(False)          # the new table ships frozen
+    extra = sum(p.numel() for g in groups[1:] for p in g["params"])
     return {"stage1_hidden": hidden, "stage2_distill": output,
             "train_scope": {"scope": cfg.train_scope, "extra_params_trained": extra}}
 

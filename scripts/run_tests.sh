@@ -16,13 +16,10 @@ check() {   # $1 = pytest's exit code, $2 = which part
     return "$1"
 }
 
-if [ "$workers" -gt 1 ]; then
-    "$py" -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder -m "not serial" --durations=15 "$@" tests
-    check $? "parallel" || rc=$?
-else
-    "$py" -m pytest -q -m "not serial" --durations=15 "$@" tests
-    check $? "parallel" || rc=$?
-fi
+xdist=()
+[ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
+"$py" -m pytest -q "${xdist[@]}" -m "not serial" --durations=15 "$@" tests
+check $? "parallel" || rc=$?
 "$py" -m pytest -q -m serial --durations=5 "$@" tests
 check $? "serial" || rc=$?
 echo "suite wall time: $(( $(date +%s) - start )) s"

@@ -223,10 +223,10 @@ def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_
     emb = loaded.adapter.embeddings(loaded.model)
     with torch.no_grad():      # a student that differs from its teacher
         emb.weight.add_(0.5 * torch.randn_like(emb.weight))
-    params = list(emb.parameters())
+    groups = [{"params": list(emb.parameters()), "lr": 0.0}]
 
     def first_loss(kind, w=0.0):
-        rec = _train_against_teacher(loaded, teacher, params, batches, 0.02, 0.0, 0, kind, "t",
+        rec = _train_against_teacher(loaded, teacher, groups, batches, 0.02, 0, kind, "t",
                                      hidden_weight=w)
         assert rec["steps"] >= 1
         return rec["loss_first"]
