@@ -45,6 +45,9 @@ def main() -> int:
     p.add_argument("--eval-max-windows", type=int, default=32)
     p.add_argument("--distill-hidden-weight", type=float, default=0.0,
                    help="stage 2 adds this x the last-hidden-state loss (both methods)")
+    p.add_argument("--row-anchor", type=float, default=0.0,
+                   help="stages 1b and 2 add this x the relative error of rows drawn from the "
+                        "whole vocabulary (both methods)")
     p.add_argument("--train-scope", default="embedding",
                    help="stages 1b and 2 train the embedding, + the norms, or all (both methods)")
     p.add_argument("--scope-lr", type=float, default=1e-4,
@@ -79,7 +82,7 @@ def main() -> int:
             loaded = load_model(a.model)
             params = {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
                       "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
-                      "distill_hidden_weight": a.distill_hidden_weight,
+                      "distill_hidden_weight": a.distill_hidden_weight, "row_anchor": a.row_anchor,
                       "train_scope": a.train_scope, "scope_lr": a.scope_lr,
                       "exact_share": a.exact_share, "head_metric": a.head_metric, **extra}
             if method == "see":

@@ -63,6 +63,9 @@ class SEEConfig:
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
     distill_hidden_weight: float = 0.0  # stage 2: + this x stage 1b's last-hidden-state loss
+    row_anchor: float = 0.0          # stages 1b and 2: + this x the relative row error of
+                                     # anchor_rows rows drawn at random from the whole vocabulary
+    anchor_rows: int = 4096
     train_scope: str = "embedding"   # stages 1b and 2 train: embedding | norms (+ every norm's
                                      # gain and bias) | all (+ every other weight of the model)
     lr: float = 3e-3                 # stage 1a
@@ -94,6 +97,7 @@ class SEEConfig:
         if min(self.hidden_minutes, self.distill_minutes) < 0 or self.reconstruct_steps < 0:
             raise BadInputError("budgets must be >= 0", field="distill_minutes")
         _check_hidden_weight(self.distill_hidden_weight)
+        _check_anchor(self.row_anchor, self.anchor_rows)
         _check_scope(self.train_scope, self.scope_lr)
 
     def needs_calibration(self) -> bool:
@@ -445,6 +449,30 @@ def _check_hidden_weight(w: float) -> None:
         raise BadInputError("must be in [0, 100]", field="distill_hidden_weight")
 
 
+def _check_anchor(w: float, rows: int) -> None:
+    if not 0 <= w <= 100:
+        raise BadInputError("must be in [0, 100]", field="row_anchor")
+    if rows < 1:
+        raise BadInputError("must be >= 1", field="anchor_rows")
+
+
+class RowAnchor:
+    """Stages 1b and 2 train the table on the calibration text's tokens only, and SEE's units
+    are shared: a step that moves a unit for a calibration token also moves every other token
+    that uses it. This term keeps the whole vocabulary near the original rows: `weight` x the
+    relative error of `rows` rows drawn uniformly at random (a fresh draw each step, seeded)."""
+
+    def __init__(self, module: nn.Module, E: torch.Tensor, weight: float, rows: int, seed: int):
+        self.module, self.E, self.weight = module, E, weight
+        self.rows = min(rows, E.shape[0])
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def loss(self) -> torch.Tensor:
+        ids = torch.randperm(self.E.shape[0], generator=self.gen)[:self.rows]
+        target = self.E[ids]
+        return ((self.module(ids) - target) ** 2).sum() / (target ** 2).sum()
+
+
 TRAIN_SCOPES = ("embedding", "norms", "all")
 
 
@@ -606,11 +634,12 @@ def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> 
 
 def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: list[dict], batches,
                            minutes: float, seed: int, loss_kind: str, label: str,
-                           hidden_weight: float = 0.0) -> dict:
+                           hidden_weight: float = 0.0, anchor: RowAnchor | None = None) -> dict:
     """Train the Adam parameter `groups` (each with its own "lr", decaying linearly to 0) for
     `minutes` of wall time; every tensor's requires_grad is as it was afterwards. 'hidden'
     matches the last hidden state, 'output' matches the output (KL of next-token distributions,
-    or 1 - cos of embeddings), plus `hidden_weight` x the 'hidden' loss when that is > 0."""
+    or 1 - cos of embeddings), plus `hidden_weight` x the 'hidden' loss when that is > 0, plus
+    the `anchor`'s row term when there is one."""
     if minutes <= 0 or not batches:
         return {"steps": 0, "seconds": 0.0}
     adapter = loaded.adapter
@@ -632,7 +661,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
     budget_s = minutes * 60
     start = time.perf_counter()
     steps = 0
-    losses = []
+    losses, anchor_losses = [], []
     try:
         while time.perf_counter() - start < budget_s:
             for bi in torch.randperm(len(batches), generator=gen).tolist():
@@ -654,6 +683,10 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                     loss = _kd_loss(loaded.family, s_out, t_out)
                     if hidden_weight > 0:
                         loss = loss + hidden_weight * hidden_loss
+                if anchor is not None:
+                    row_loss = anchor.loss()
+                    loss = loss + anchor.weight * row_loss
+                    anchor_losses.append(row_loss.item())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -667,9 +700,13 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
         for p, flag in zip(tensors, flags):
             p.requires_grad_(flag)
     k = max(1, min(5, len(losses)))
-    return {"steps": steps, "seconds": round(time.perf_counter() - start, 1),
-            "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
-            "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}
+    rec = {"steps": steps, "seconds": round(time.perf_counter() - start, 1),
+           "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
+           "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}
+    if anchor_losses:           # the sampled rows' relative error, first and last steps
+        rec.update({"anchor_rows_error_first": float(np.mean(anchor_losses[:k])),
+                    "anchor_rows_error_last": float(np.mean(anchor_losses[-k:]))})
+    return rec
 
 
 @torch.no_grad()
@@ -690,14 +727,15 @@ def _install(loaded: LoadedModel, module: nn.Module, *, tied: bool) -> None:
         loaded.adapter.set_lm_head(loaded.model, head_for(module))
 
 
-def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, batches, cfg,
-            label: str) -> dict:
+def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: torch.Tensor,
+            batches, cfg, label: str) -> dict:
     groups = trainable_groups(loaded, module, cfg)
+    anchor = RowAnchor(module, E, cfg.row_anchor, cfg.anchor_rows, cfg.seed) if cfg.row_anchor > 0 else None
     hidden = _train_against_teacher(loaded, teacher, groups, batches, cfg.hidden_minutes,
-                                    cfg.seed, "hidden", f"{label} stage 1b")
+                                    cfg.seed, "hidden", f"{label} stage 1b", anchor=anchor)
     output = _train_against_teacher(loaded, teacher, groups, batches, cfg.distill_minutes,
                                     cfg.seed + 1, "output", f"{label} stage 2",
-                                    hidden_weight=cfg.distill_hidden_weight)
+                                    hidden_weight=cfg.distill_hidden_weight, anchor=anchor)
     module.requires_grad_(False)          # the new table ships frozen
     extra = sum(p.numel() for g in groups[1:] for p in g["params"])
     return {"stage1_hidden": hidden, "stage2_distill": output,
@@ -723,14 +761,14 @@ def _embedding_table(loaded: LoadedModel) -> torch.Tensor:
     return emb.weight.detach().clone()
 
 
-def _replace_and_train(loaded: LoadedModel, module: nn.Module, batches, config,
+def _replace_and_train(loaded: LoadedModel, module: nn.Module, E: torch.Tensor, batches, config,
                        label: str) -> tuple[bool, dict]:
     """Install `module` as the embedding (and the tied head), then run stages 1b and 2 against a
     copy of the model as it was; returns (tied, stage records)."""
     tied = loaded.adapter.tied_head(loaded.model)
     teacher = _teacher(loaded)
     _install(loaded, module, tied=tied)
-    return tied, _stages(loaded, teacher, module, batches, config, label)
+    return tied, _stages(loaded, teacher, module, E, batches, config, label)
 
 
 @register("see", SEEConfig,
@@ -779,7 +817,7 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
                 rows["coordinates_weighted_relative_error"] = rows.pop("weighted_relative_error")
     module = with_exact_rows(base, E, exact)
     rows.update(_exact_summary(module, E, counts, exact))
-    tied, stages = _replace_and_train(loaded, module, batches, config, "see")
+    tied, stages = _replace_and_train(loaded, module, E, batches, config, "see")
     before = V * d
     return {"vocab": V, "d": d, "factors": [d1, d2], "basis": config.basis, "basis_dim": width,
             "tied_head": tied, "plan": plan.stats,
@@ -811,6 +849,8 @@ class EmbedSVDConfig:
     hidden_minutes: float = 0.5
     distill_minutes: float = 2.0
     distill_hidden_weight: float = 0.0  # as see's
+    row_anchor: float = 0.0          # as see's
+    anchor_rows: int = 4096
     train_scope: str = "embedding"   # as see's
     distill_lr: float = 1e-3
     scope_lr: float = 1e-4           # as see's
@@ -827,6 +867,7 @@ class EmbedSVDConfig:
         _check_exact_share(self.exact_share)
         _check_head_metric(self.head_metric)
         _check_hidden_weight(self.distill_hidden_weight)
+        _check_anchor(self.row_anchor, self.anchor_rows)
         _check_scope(self.train_scope, self.scope_lr)
 
     def needs_calibration(self) -> bool:
@@ -863,7 +904,7 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
     rows = {"relative_error": rel, **_exact_summary(module, E, counts, exact),
             **({"head_metric": config.head_metric} if M is not None else {})}
-    tied, stages = _replace_and_train(loaded, module, batches, config, "embed-svd")
+    tied, stages = _replace_and_train(loaded, module, E, batches, config, "embed-svd")
     return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,
             "params_after": module.param_count(), "ratio": V * d / module.param_count(),
             "stage1_rows": rows, **stages}

@@ -18,7 +18,7 @@ check() {   # $1 = pytest's exit code, $2 = which part
 
 xdist=()
 [ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
-"$py" -m pytest -q "${xdist[@]}" -m "not serial" --durations=15 "$@" tests
+"$py" -m pytest -q "${xdist[@]}" -m "not serial" --durations=40 "$@" tests
 check $? "parallel" || rc=$?
 "$py" -m pytest -q -m serial --durations=5 "$@" tests
 check $? "serial" || rc=$?

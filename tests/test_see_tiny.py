@@ -236,6 +236,39 @@ def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_
     assert first_loss("output", 2.0) == pytest.approx(output + 2.0 * hidden, rel=1e-4)
 
 
+def test_row_anchor_adds_the_whole_vocabulary_row_error(tiny_bert):
+    """row_anchor w: stages 1b and 2 add w x the relative error of rows drawn from the whole
+    vocabulary (all of them here: anchor_rows >= V), against the original table; the record
+    reports that error; a run with the anchor ends closer to the original rows."""
+    from pocketformer.compress.see import RowAnchor, _teacher, _train_against_teacher
+
+    loaded = load_model(tiny_bert)
+    batches = _calib(loaded, f"{STS_DEV}@0:0.05").inputs(loaded)[:1]
+    teacher = _teacher(loaded)
+    emb = loaded.adapter.embeddings(loaded.model)
+    E = emb.weight.detach().clone()
+    with torch.no_grad():
+        emb.weight.add_(0.5 * torch.randn_like(emb.weight))
+    rel = float(((emb.weight - E) ** 2).sum() / (E ** 2).sum())
+    groups = [{"params": list(emb.parameters()), "lr": 0.0}]
+    plain = _train_against_teacher(loaded, teacher, groups, batches, 0.02, 0, "output", "t")
+    anchored = _train_against_teacher(loaded, teacher, groups, batches, 0.02, 0, "output", "t",
+                                      anchor=RowAnchor(emb, E, 2.0, 10 ** 6, 0))
+    assert anchored["loss_first"] == pytest.approx(plain["loss_first"] + 2.0 * rel, rel=1e-4)
+    assert anchored["anchor_rows_error_first"] == pytest.approx(rel, rel=1e-4)
+    assert "anchor_rows_error_first" not in plain
+
+    def trained(w):
+        m = load_model(tiny_bert)
+        cfg = parse_params(get_method("embed-svd"), {"ratio": 4, **FAST, "row_anchor": w,
+                                                     "distill_lr": 3e-2})
+        run_step(m, "embed-svd", cfg, _calib(m, f"{STS_DEV}@0:0.05"))
+        W = m.adapter.embeddings(m.model).weight
+        return float(((W - E) ** 2).sum() / (E ** 2).sum())
+
+    assert trained(10.0) < trained(0.0)
+
+
 @pytest.mark.parametrize("method, scope", [("see", "embedding"), ("see", "norms"), ("see", "all"),
                                            ("embed-svd", "all")])
 def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_bert):
@@ -275,6 +308,8 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--basis", "principal", "--basis-dim", "33"], "at most the embedding width"),
     (["--distill-hidden-weight", "-1"], "distill_hidden_weight"),
     (["--train-scope", "layers"], "train_scope"),
+    (["--row-anchor", "-0.5"], "row_anchor"),
+    (["--row-anchor", "1", "--anchor-rows", "0"], "anchor_rows"),
     (["--train-scope", "all", "--scope-lr", "0"], "scope_lr"),
 ])
 def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
