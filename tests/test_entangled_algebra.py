@@ -197,3 +197,29 @@ def test_low_rank_metric_is_exact_for_spike_plus_isotropic():
     L, L_inv = metric_root(M)
     torch.testing.assert_close(L @ L.T, M, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(L @ L_inv, torch.eye(d), rtol=1e-4, atol=1e-4)
+
+
+def test_kmeans_stops_at_a_fixed_point_with_the_full_run_s_result():
+    """kmeans returns once an assignment repeats; the centroids and assignment are exactly those
+    of running every sweep (the loop as it was, without the early return)."""
+    from torch import nn
+
+    from pocketformer.compress.see import _project, kmeans
+
+    x = torch.randn(3000, 24, generator=torch.Generator().manual_seed(0))
+    for k in (40, 900):
+        cent, assign = kmeans(x, k, iters=60, seed=3)
+        g = torch.Generator().manual_seed(3)
+        y = _project(x, 64)
+        ref = y[torch.randperm(len(y), generator=g)[:k]].clone()
+        repeated = None                 # the sweep whose assignment equals the one before
+        for i in range(60):
+            last, ref_assign = (ref_assign if i else None), (y @ ref.T).argmax(-1)
+            if repeated is None and last is not None and torch.equal(last, ref_assign):
+                repeated = i
+            sums = torch.zeros_like(ref).index_add_(0, ref_assign, y)
+            counts = torch.bincount(ref_assign, minlength=k).unsqueeze(-1)
+            ref = torch.where((counts == 0), ref, sums / counts.clamp(min=1))
+            ref = nn.functional.normalize(ref, dim=-1)
+        assert repeated is not None and repeated < 59     # the early return was taken
+        assert torch.equal(assign, ref_assign) and torch.equal(cent, ref)
