@@ -41,8 +41,48 @@ BASIS_BUDGET_SHARE = 1 / 8           # a default principal basis takes at most t
 
 
 @dataclass
-class SEEConfig:
-    ratio: float = 10.0              # embedding (+ tied head) parameters / SEE parameters
+class EmbeddingStages:
+    """The options `see` and its `embed-svd` baseline share: the ratio, how stage 1a weighs and
+    keeps rows, and stages 1b and 2 (budgets, losses, what trains), so both get the same."""
+    ratio: float = 10.0              # embedding (+ tied head) parameters / new parameters
+    frequency_weight: float = 0.0    # stage 1a: row v counts 1 + this x (its calibration count
+                                     # / the mean count of the tokens that occur); embed-svd: a
+                                     # row-weighted truncated SVD
+    exact_share: float = 0.0         # share of the parameter budget spent on exact rows for the
+                                     # calibration text's most frequent tokens (ExactRows)
+    head_metric: float = 0.0         # tied heads: fit the rows in (1 - this) I + this x the head
+                                     # input's second moment (see: its low-rank form; embed-svd:
+                                     # the full d x d metric)
+    hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
+    distill_minutes: float = 2.0     # stage 2: output distillation
+    distill_hidden_weight: float = 0.0  # stage 2: + this x stage 1b's last-hidden-state loss
+    row_anchor: float = 0.0          # stages 1b and 2: + this x the relative row error of
+                                     # anchor_rows rows drawn at random from the whole vocabulary
+    anchor_rows: int = 4096
+    train_scope: str = "embedding"   # stages 1b and 2 train: embedding | norms (+ every norm's
+                                     # gain and bias) | all (+ every other weight of the model)
+    distill_lr: float = 1e-3         # stages 1b and 2 (the embedding's parameters)
+    scope_lr: float = 1e-4           # stages 1b and 2: the parameters train_scope adds
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.ratio <= 1:
+            raise BadInputError("must be > 1", field="ratio")
+        if self.frequency_weight < 0:
+            raise BadInputError("must be >= 0", field="frequency_weight")
+        _check_exact_share(self.exact_share)
+        _check_head_metric(self.head_metric)
+        _check_hidden_weight(self.distill_hidden_weight)
+        _check_anchor(self.row_anchor, self.anchor_rows)
+        _check_scope(self.train_scope, self.scope_lr)
+
+    def needs_calibration(self) -> bool:
+        return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
+                or self.head_metric > 0)
+
+
+@dataclass
+class SEEConfig(EmbeddingStages):
     order: int = 2                   # Kronecker factors per term (2 is implemented)
     d1: int | None = None            # first factor's size (d' = d1 * d2); default: near sqrt(d')
     basis: str = "principal"         # principal | raw: the basis the Kronecker split is taken in
@@ -53,29 +93,11 @@ class SEEConfig:
     inventory: str = "wordnet"       # wordnet | random (same structure, units assigned at random)
     knowledge_share: float = 0.6     # share of the A table reserved for WordNet units
     b_share: float = 0.5             # share of the unit-table parameters that goes to B
-    frequency_weight: float = 0.0    # stage 1a: row v counts 1 + this x (its calibration count
-                                     # / the mean count of the tokens that occur)
-    exact_share: float = 0.0         # share of the parameter budget spent on exact rows for the
-                                     # calibration text's most frequent tokens (ExactRows)
-    head_metric: float = 0.0         # tied heads: fit the rows in (1 - this) I + this x the head
-                                     # input's second moment (see: its low-rank form)
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
-    hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
-    distill_minutes: float = 2.0     # stage 2: output distillation
-    distill_hidden_weight: float = 0.0  # stage 2: + this x stage 1b's last-hidden-state loss
-    row_anchor: float = 0.0          # stages 1b and 2: + this x the relative row error of
-                                     # anchor_rows rows drawn at random from the whole vocabulary
-    anchor_rows: int = 4096
-    train_scope: str = "embedding"   # stages 1b and 2 train: embedding | norms (+ every norm's
-                                     # gain and bias) | all (+ every other weight of the model)
     lr: float = 3e-3                 # stage 1a
-    distill_lr: float = 1e-3         # stages 1b and 2 (the embedding's parameters)
-    scope_lr: float = 1e-4           # stages 1b and 2: the parameters train_scope adds
-    seed: int = 0
 
     def validate(self) -> None:
-        if self.ratio <= 1:
-            raise BadInputError("must be > 1", field="ratio")
+        super().validate()
         if self.order != 2:
             raise BadInputError("only order 2 (d = d1 x d2) is implemented", field="order")
         if self.inventory not in INVENTORIES:
@@ -90,19 +112,8 @@ class SEEConfig:
             raise BadInputError("must be in [0, 1)", field="knowledge_share")
         if not 0 < self.b_share < 1:
             raise BadInputError("must be in (0, 1)", field="b_share")
-        if self.frequency_weight < 0:
-            raise BadInputError("must be >= 0", field="frequency_weight")
-        _check_exact_share(self.exact_share)
-        _check_head_metric(self.head_metric)
         if min(self.hidden_minutes, self.distill_minutes) < 0 or self.reconstruct_steps < 0:
             raise BadInputError("budgets must be >= 0", field="distill_minutes")
-        _check_hidden_weight(self.distill_hidden_weight)
-        _check_anchor(self.row_anchor, self.anchor_rows)
-        _check_scope(self.train_scope, self.scope_lr)
-
-    def needs_calibration(self) -> bool:
-        return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
-                or self.head_metric > 0)
 
     def rank(self) -> int:
         return self.max_rank or (4 if self.ratio <= 20 else 2)
@@ -850,35 +861,8 @@ def svd_rank(V: int, d: int, ratio: float, exact: torch.Tensor | None) -> int:
 
 
 @dataclass
-class EmbedSVDConfig:
-    ratio: float = 10.0
-    hidden_minutes: float = 0.5
-    distill_minutes: float = 2.0
-    distill_hidden_weight: float = 0.0  # as see's
-    row_anchor: float = 0.0          # as see's
-    anchor_rows: int = 4096
-    train_scope: str = "embedding"   # as see's
-    distill_lr: float = 1e-3
-    scope_lr: float = 1e-4           # as see's
-    frequency_weight: float = 0.0    # as see's: a row-weighted truncated SVD
-    exact_share: float = 0.0         # as see's: exact rows for the most frequent tokens
-    head_metric: float = 0.0         # as see's, with the full d x d metric
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.ratio <= 1:
-            raise BadInputError("must be > 1", field="ratio")
-        if self.frequency_weight < 0:
-            raise BadInputError("must be >= 0", field="frequency_weight")
-        _check_exact_share(self.exact_share)
-        _check_head_metric(self.head_metric)
-        _check_hidden_weight(self.distill_hidden_weight)
-        _check_anchor(self.row_anchor, self.anchor_rows)
-        _check_scope(self.train_scope, self.scope_lr)
-
-    def needs_calibration(self) -> bool:
-        return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
-                or self.head_metric > 0)
+class EmbedSVDConfig(EmbeddingStages):
+    """embed-svd takes exactly the options see shares with it (EmbeddingStages)."""
 
 
 @register("embed-svd", EmbedSVDConfig,
