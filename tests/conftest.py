@@ -23,14 +23,32 @@ STS_DEV = SHARED / "stsbenchmark" / "sts-dev.csv"
 
 
 # The files in the order `make test` hands them to its two workers, longest first (each file's
-# total from `pytest --durations=0` on 2 cores): a long file that starts last would leave the
+# wall time on its worker, scripts/suite_timeline.py): a long file that starts last would leave the
 # other worker idle at the end (pytest-xdist's own order is by test count). Files not listed
 # follow in collection order.
-LONGEST_FIRST = ["test_smollm2.py", "test_see_tiny.py", "test_export_tiny.py",
-                 "test_layered_prune_real.py", "test_grid.py", "test_minilm_build.py",
-                 "test_native_generate.py", "test_rotate.py", "test_gptq.py", "test_android_demo.py",
-                 "test_combined_recipe.py", "test_native_runners.py", "test_llm_race.py",
-                 "test_bench_targets.py", "test_layered_prune_tiny.py", "test_export_real.py"]
+LONGEST_FIRST = ["test_see_tiny.py", "test_export_tiny.py", "test_layered_prune_real.py",
+                 "test_grid.py", "test_minilm_build.py", "test_rotate.py", "test_gptq.py",
+                 "test_native_generate.py", "test_android_demo.py", "test_combined_recipe.py",
+                 "test_smollm2.py", "test_native_runners.py", "test_bench_targets.py",
+                 "test_llm_race.py", "test_layered_prune_tiny.py", "test_export_real.py"]
+
+
+def _timeline(event: str, nodeid: str) -> None:
+    """PF_TEST_TIMELINE=FILE: one line per test start/finish (worker, event, time, test), to see
+    how the two workers' files line up (scripts/suite_timeline.py)."""
+    path = os.environ.get("PF_TEST_TIMELINE")
+    if path:
+        import time
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}\t{event}\t{time.time():.3f}\t{nodeid}\n")
+
+
+def pytest_runtest_setup(item):          # runs where the test runs (not in xdist's controller)
+    _timeline("start", item.nodeid)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    _timeline("finish", item.nodeid)
 
 
 def pytest_collection_modifyitems(config, items):

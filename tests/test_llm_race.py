@@ -15,15 +15,15 @@ from conftest import WIKITEXT
 
 
 @pytest.fixture(scope="module")
-def tiny_race(tiny_llama, tmp_path_factory):
+def tiny_race(tiny_llama_2l, tmp_path_factory):
     from pocketformer.export import ExportConfig
     from pocketformer.export.exporters import export_generation
     from pocketformer.models import load_model
 
     out = tmp_path_factory.mktemp("race")
-    gguf = llamacpp.write_gguf(tiny_llama, out / "tiny-f32.gguf", outtype="f32")
+    gguf = llamacpp.write_gguf(tiny_llama_2l, out / "tiny-f32.gguf", outtype="f32")
     cfg = ExportConfig(formats=["pte"], seq_len=16, max_len=80, greedy_tokens=8, etrecord=False)
-    export_generation(load_model(tiny_llama), out, "pte", cfg, stem="model", extra={})
+    export_generation(load_model(tiny_llama_2l), out, "pte", cfg, stem="model", extra={})
     llamacpp.build_llamacpp("x86_64")     # cached by `pocketformer setup llamacpp`
     return out, gguf
 
