@@ -7,7 +7,9 @@ training budget (a benchmark, not a test).
         --evaluation ../shared/data/stsbenchmark/sts-dev.csv@0.5:1 [--distill-minutes 2]
 
 Prints one table: ratio x method x quality (and x dense), with the embedding parameters and the
-knowledge coverage; writes --json/--markdown.
+knowledge coverage; writes --json/--markdown. `--validation SPEC` scores a second held-out set in
+the same run (its own dense figure and x dense columns), so a setting can be chosen on it and the
+evaluation set read only for the chosen one.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--calibration", required=True)
     p.add_argument("--evaluation", required=True)
+    p.add_argument("--validation", help="a second held-out set scored in the same run, to choose "
+                                        "settings on (never the calibration text)")
     p.add_argument("--samples", type=int, default=1500)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
@@ -71,11 +75,16 @@ def main() -> int:
     cal = load_for(base.adapter.data_kind, DataSpec.parse(a.calibration))
     ev = load_for(base.adapter.data_kind, DataSpec.parse(a.evaluation))
     opts = EvalOptions(seq_len=256, max_windows=a.eval_max_windows)
+    val = load_for(base.adapter.data_kind, DataSpec.parse(a.validation)) if a.validation else None
     dense = evaluate(base, task, ev, opts=opts)
-    print(f"dense {dense.metric} {dense.value:.4f}", flush=True)
+    dense_val = evaluate(base, task, val, opts=opts) if val is not None else None
+    print(f"dense {dense.metric} {dense.value:.4f}"
+          + (f", validation {dense_val.value:.4f}" if dense_val else ""), flush=True)
     rows = [{"ratio": 1.0, "method": "dense", "quality": dense.value, "x_dense": 1.0,
              "embedding_params": base.adapter.describe(base.model)["embedding_params"],
              "coverage": None, "seconds": 0.0}]
+    if dense_val is not None:
+        rows[0].update(validation=dense_val.value, validation_x_dense=1.0)
     for ratio in [float(r) for r in a.ratios.split(",")]:
         for name in a.methods.split(","):
             method, extra = METHODS[name]
@@ -102,15 +111,23 @@ def main() -> int:
                    "coverage": details.get("plan", {}).get("knowledge_coverage"),
                    "row_error": details["stage1_rows"].get("relative_error_with_exact",
                                                           details["stage1_rows"]["relative_error"]), "seconds": seconds}
+            if val is not None:
+                qv = evaluate(loaded, task, val, opts=opts)
+                row.update(validation=qv.value, validation_x_dense=qv.value / dense_val.value)
+                print(f"ratio {ratio:g} {name}: validation {qv.value:.4f} "
+                      f"({row['validation_x_dense']:.3f}x dense)", flush=True)
             rows.append(row)
             print(f"ratio {ratio:g} {name}: {q.metric} {q.value:.4f} ({row['x_dense']:.3f}x dense), "
                   f"{row['embedding_params']:,} params ({row['achieved_ratio']:.1f}x), "
                   f"row error {row['row_error']:.3f}, {seconds:.0f}s", flush=True)
-    lines = [f"| ratio | method | {dense.metric} | x dense | embedding params | achieved ratio | "
-             "row rel. error after stage 1a | WordNet coverage | seconds |", "|" + "---|" * 9]
+    vhead = "validation | x dense | " if val is not None else ""
+    lines = [f"| ratio | method | {vhead}{dense.metric} | x dense | embedding params | achieved ratio | "
+             "row rel. error after stage 1a | WordNet coverage | seconds |",
+             "|" + "---|" * (11 if val is not None else 9)]
     for r in rows:
         cov = f"{r['coverage']:.1%}" if r.get("coverage") is not None else ""
-        lines.append(f"| {r['ratio']:g} | {r['method']} | {r['quality']:.4f} | {r['x_dense']:.3f} | "
+        vcol = f"{r['validation']:.4f} | {r['validation_x_dense']:.3f} | " if val is not None else ""
+        lines.append(f"| {r['ratio']:g} | {r['method']} | {vcol}{r['quality']:.4f} | {r['x_dense']:.3f} | "
                      f"{r['embedding_params']:,} | {r.get('achieved_ratio', 1.0):.1f} | "
                      f"{r.get('row_error', 0.0):.3f} | {cov} | {r['seconds']:.0f} |")
     table = "\n".join(lines)
