@@ -891,7 +891,8 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     if L_inv is not None:
         Q = Q @ L_inv
     module = with_exact_rows(FactoredEmbedding(P, Q), E, exact)
-    rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
+    with torch.no_grad():
+        rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
     rows = {"relative_error": rel, **_exact_summary(module, E, counts, exact),
             **({"head_metric": config.head_metric} if M is not None else {})}
     tied, stages = _replace_and_train(loaded, module, E, batches, config, "embed-svd")
