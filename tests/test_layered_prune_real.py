@@ -23,9 +23,9 @@ CLI = str(Path(sys.executable).parent / "pocketformer")
 def test_smollm2_personalized_two_layers(tmp_path):
     """Criterion only, no recovery: 2 of 30 layers chosen on 8 random 128-token windows of the
     first half of WikiText-2 validation; perplexity on 8 held-out 256-token windows of the second
-    half (personalized removes layers 5 and 14 here). Any 2 removed layers cost SmolLM2 about a quarter in perplexity here (measured: ShortGPT 43.726, personalized
-    43.734, dense 34.499), so the
-    assertion is against ShortGPT run on the same data, plus a ceiling against dense."""
+    half (personalized removes layers 5 and 14 here). Any 2 removed layers cost SmolLM2 about a
+    quarter in perplexity here (measured: ShortGPT 43.726, personalized 43.734, dense 34.499), so
+    the assertion is against ShortGPT run on the same data, plus a ceiling against dense."""
     out = tmp_path / "pruned"
     code = main(["compress", "--model", "smollm2", "--method", "layered-prune", "--remove-layers", "2",
                  "--criterion", "personalized", "--calibration", f"{WIKITEXT}@0:0.5", "--seq-len", "128",
