@@ -273,7 +273,10 @@ def _to_ort_format(path: Path) -> dict:
 
 
 def export_pte(module, inputs, path: Path, cfg: ExportConfig, *, dynamic_shapes=None,
-               plan: QuantPlan | None = None) -> dict:
+               plan: QuantPlan | None = None, reinplace: bool = False) -> dict:
+    """`reinplace`: run ExecuTorch's re-inplacing pass, which turns a functional `index_put`
+    on a mutable buffer into `index_put_` on the planned buffer (the KV-cache writes of a
+    generation program; without it each write copies the whole cache twice)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
@@ -297,7 +300,8 @@ def export_pte(module, inputs, path: Path, cfg: ExportConfig, *, dynamic_shapes=
             # ExecuTorch's default shape pass plans memory for the upper bound of every dynamic
             # dimension, provided nothing specialised it (see export/delegation.py `_dim`)
             program = edge.to_executorch(ExecutorchBackendConfig(
-                do_quant_fusion_and_const_prop=plan is not None and plan.scheme == "8da4w"))
+                do_quant_fusion_and_const_prop=plan is not None and plan.scheme == "8da4w",
+                run_reinplace_pass=reinplace))
     except BudgetError:
         raise
     except Exception as e:
@@ -573,7 +577,8 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
             check_plan(plan, cfg.max_unquantized_share)
         inputs = example_step_inputs(model, max_len)
         names, outputs = module.input_names, module.output_names
-        details = export_pte(module, inputs, path, cfg, dynamic_shapes=({1: seq}, None), plan=plan)
+        details = export_pte(module, inputs, path, cfg, dynamic_shapes=({1: seq}, None), plan=plan,
+                             reinplace=True)
     else:
         module = CacheIOLM(model, max_len).eval()
         inputs = example_step_inputs(model, max_len, with_caches=True)

@@ -62,6 +62,29 @@ def test_pruned_heterogeneous_decoder_exports_and_decodes_like_eager(het_exports
     assert dele["delegated_flops_share"] >= 0.98 and dele["partitions"] >= 1
 
 
+def test_generation_program_writes_the_cache_in_place_and_refuses_positions_past_it(het_exports):
+    """The .pte's KV-cache writes are in-place `index_put_` on the planned buffers (two per layer,
+    K and V), not a copy of the whole cache plus a write-back; a step whose positions fall
+    outside the cache fails with an error before anything is written, and the cache still
+    holds what the earlier steps wrote."""
+    from pocketformer.errors import RuntimeFailure
+
+    tmp_path, loaded, records = het_exports
+    rec = next(r for r in records if r.path == "model-gen.pte")
+    portable = rec.details["delegation"]["portable_ops"]
+    assert portable["index_put"]["count"] == 2 * 3, portable
+    assert not {"slice_scatter", "copy_", "copy"} & set(portable), portable
+    gen = open_generator(tmp_path / "art" / "model-gen.pte")
+    prompt = np.array([[5, 17, 33, 2, 9]], dtype=np.int64)
+    gen(prompt, 0)
+    before = gen(np.array([[7]], dtype=np.int64), 5)
+    for ids, pos in (([[7]], 48), ([[7, 7]], 47), ([[7]], -1)):
+        with pytest.raises(RuntimeFailure):
+            gen(np.array(ids, dtype=np.int64), pos)
+    after = gen(np.array([[7]], dtype=np.int64), 5)
+    np.testing.assert_array_equal(before, after)
+
+
 def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama_2l, small_text, tmp_path):
     import onnx
 

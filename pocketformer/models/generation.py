@@ -10,7 +10,11 @@ static except T (1 .. max_len), which the exporters keep dynamic.
 
     CachedLM      the cache lives in registered buffers, updated in place: the ExecuTorch form
                   (ExecuTorch plans mutable buffers in its memory arena; a Method keeps them
-                  between calls).
+                  between calls). Each buffer is [kv_heads, max_len, head_dim] and the new
+                  positions are written with `index_put`, which the exporter's re-inplacing
+                  pass turns into an in-place `index_put_` on the planned buffer: no copy of the
+                  cache per step (a narrowed `copy_` lowered to a `slice_scatter` of the whole
+                  cache plus a whole-cache write-back, per layer, K and V).
     CacheIOLM     the caches are inputs and the updated caches outputs (`present_*`): the ONNX
                   form, where the caller carries the cache from step to step.
 
@@ -48,12 +52,17 @@ def causal_table(max_len: int) -> torch.Tensor:
     return torch.zeros(max_len, max_len).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def _write_narrow(cache, start, t, new):
-    cache.narrow(2, start, t).copy_(new)
-
-
 def _write_index(cache, pos, new):
-    cache[:, :, pos] = new
+    """Write `new` [1, kv_heads, T, head_dim] at positions `pos` [T] of a 4-D cache (the ONNX
+    form: ScatterND) or a 3-D one [kv_heads, max_len, head_dim] (the ExecuTorch form: one index
+    on one axis and values of the cache's rank, which ExecuTorch's in-place `index_put_` takes)."""
+    if cache.dim() == 3:
+        # index_put_ itself: `cache[:, pos] = x` strips x's leading size-1 axes (numpy's rule),
+        # and ExecuTorch's in-place kernel wants values of the cache's rank (a layer with one
+        # KV head would lose its head axis)
+        torch.ops.aten.index_put_(cache, [None, pos], new.view(new.shape[1], new.shape[2], new.shape[3]))
+    else:
+        cache[:, :, pos] = new
 
 
 def _is_rms_norm(norm) -> bool:
@@ -111,19 +120,14 @@ class XnnpackOps(nn.Module):
         return x * cos + nn.functional.linear(x, self.rotate) * sin
 
 
-def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool, ops=PlainOps):
-    """Shared body. `caches` is a list of (k, v) tensors updated in place: through a narrowed
-    view at a data-dependent start (ExecuTorch: a slice copy into the planned buffer), or by
-    index assignment (ONNX: ScatterND). `ops` computes the normalisations and RoPE. Batch 1:
+def _step(model, tokens, input_pos, caches, mask_table, *, ops=PlainOps):
+    """Shared body. `caches` is a list of (k, v) tensors updated in place by index assignment
+    at the step's positions (`_write_index`). `ops` computes the normalisations and RoPE. Batch 1:
     reshapes name every size but the token axis (XNNPACK reshapes only with one inferred
     dimension and no symbolic one) and attention is a 3-D batched matmul over KV heads."""
     hd = _head_dim(model)
     t = tokens.shape[1]
     pos = input_pos + torch.arange(t, dtype=input_pos.dtype)
-    if narrow:
-        start = input_pos[0].item()
-        torch._check(start >= 0)
-        torch._check(start + t <= mask_table.shape[0])
     h = model.model.embed_tokens(tokens)
     cos, sin = model.model.rotary_emb(h, pos.unsqueeze(0))
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)                     # [1, T, 1, hd], all layers
@@ -132,7 +136,7 @@ def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool, ops=Pla
     scale = hd ** -0.5
     for layer, (kc, vc) in zip(model.model.layers, caches):
         sa = layer.self_attn
-        nq, nkv, length = sa.q_proj.out_features // hd, kc.shape[1], kc.shape[2]
+        nq, nkv, length = sa.q_proj.out_features // hd, kc.shape[-3], kc.shape[-2]
         x = ops.norm(layer.input_layernorm, h)
         q = sa.q_proj(x).view(1, -1, nq, hd)
         k = sa.k_proj(x).view(1, -1, nkv, hd)
@@ -141,12 +145,8 @@ def _step(model, tokens, input_pos, caches, mask_table, *, narrow: bool, ops=Pla
             q, k = ops.norm(sa.q_norm, q), ops.norm(sa.k_norm, k)
         q = ops.rope(q, cos, sin)                                     # [1, T, nq, hd]
         k = ops.rope(k, cos, sin).transpose(1, 2)                     # [1, nkv, T, hd]
-        if narrow:
-            _write_narrow(kc, start, t, k)
-            _write_narrow(vc, start, t, v)
-        else:
-            _write_index(kc, pos, k)
-            _write_index(vc, pos, v)
+        _write_index(kc, pos, k)
+        _write_index(vc, pos, v)
         groups = nq // nkv
         # GQA without copying the cache: the query heads that share a KV head (heads are ordered
         # kv-major, as transformers' repeat_kv has them) are folded into the query-length axis,
@@ -180,16 +180,15 @@ class CachedLM(nn.Module):
         hd = _head_dim(model)
         self.ops = XnnpackOps([model.config.hidden_size, hd], hd)
         for i, shape in enumerate(cache_shapes(model, max_len)):
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape[1:]), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape[1:]), persistent=False)
 
     def caches(self):
         n = len(self.model.model.layers)
         return [(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")) for i in range(n)]
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return _step(self.model, tokens, input_pos, self.caches(), self.mask_table, narrow=True,
-                     ops=self.ops)
+        return _step(self.model, tokens, input_pos, self.caches(), self.mask_table, ops=self.ops)
 
 
 class CacheIOLM(nn.Module):
@@ -209,7 +208,7 @@ class CacheIOLM(nn.Module):
 
     def forward(self, tokens, input_pos, *past):
         caches = [(past[2 * i].clone(), past[2 * i + 1].clone()) for i in range(len(past) // 2)]
-        logits = _step(self.model, tokens, input_pos, caches, self.mask_table, narrow=False)
+        logits = _step(self.model, tokens, input_pos, caches, self.mask_table)
         return (logits,) + tuple(t for kv in caches for t in kv)
 
 
