@@ -459,7 +459,7 @@ def _zero_rows(weights: torch.Tensor | None, V: int, exact: torch.Tensor | None)
     return w
 
 
-# ---- the head-input metric (head_metric) ------------------------------------------------------
+# ---- stage 1b/2 options: hidden-state weight, row anchor, train scope ---------------------------
 
 def _check_hidden_weight(w: float) -> None:
     if not 0 <= w <= 100:
@@ -523,6 +523,8 @@ def trainable_groups(loaded: LoadedModel, module: nn.Module, cfg) -> list[dict]:
         groups.append({"params": extra, "lr": cfg.scope_lr})
     return groups
 
+
+# ---- the head-input metric (head_metric) ------------------------------------------------------
 
 def _check_head_metric(beta: float) -> None:
     if not 0 <= beta <= 1:
