@@ -53,16 +53,13 @@ def causal_table(max_len: int) -> torch.Tensor:
 
 
 def _write_index(cache, pos, new):
-    """Write `new` [1, kv_heads, T, head_dim] at positions `pos` [T] of a 4-D cache (the ONNX
-    form: ScatterND) or a 3-D one [kv_heads, max_len, head_dim] (the ExecuTorch form: one index
-    on one axis and values of the cache's rank, which ExecuTorch's in-place `index_put_` takes)."""
-    if cache.dim() == 3:
-        # index_put_ itself: `cache[:, pos] = x` strips x's leading size-1 axes (numpy's rule),
-        # and ExecuTorch's in-place kernel wants values of the cache's rank (a layer with one
-        # KV head would lose its head axis)
-        torch.ops.aten.index_put_(cache, [None, pos], new.view(new.shape[1], new.shape[2], new.shape[3]))
-    else:
-        cache[:, :, pos] = new
+    """Write `new` [1, kv_heads, T, head_dim] at positions `pos` [T] of the cache's
+    second-to-last axis: a 4-D cache (the ONNX form: ScatterND) or a 3-D one [kv_heads, max_len,
+    head_dim] (the ExecuTorch form). `index_put_` itself with values of the cache's rank:
+    `cache[..., pos, :] = x` strips x's leading size-1 axes (numpy's rule), and ExecuTorch's
+    in-place kernel wants equal ranks (a layer with one KV head would lose its head axis)."""
+    indices = [None] * (cache.dim() - 2) + [pos]
+    torch.ops.aten.index_put_(cache, indices, new.view(new.shape[-cache.dim():]))
 
 
 def _is_rms_norm(norm) -> bool:
