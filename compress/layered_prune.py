@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pocketformer.compress import width
 from pocketformer.compress.criteria import CRITERIA, CriterionOptions, layer_sensitivity, select_layers
-from pocketformer.compress.recovery import (RECOVERIES, DistillOptions, LowRank, TeacherTargets, distill,
+from pocketformer.compress.recovery import (PRECISIONS, RECOVERIES, DistillOptions, LowRank, TeacherTargets, distill,
                                             lsq_correct)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
@@ -35,6 +35,9 @@ class LayeredPruneConfig:
     lr: float = 5e-5
     recovery_rank: int = 0            # distill: > 0 trains a rank-r term beside each frozen linear
                                       # instead of the weights (exact 4-bit export, export/grid.py)
+    recovery_precision: str = "fp32"  # distill: fp32 | bf16 (CPU autocast of the student's
+                                      # forward/backward: ~1.7x the steps per budget on CPUs
+                                      # with AVX512-BF16; fp32 master weights and losses)
     ce_weight: float = 1.0            # next-token loss on the user's text beside KD (decoders)
     teacher_top_k: int = 0            # decoders: keep the teacher's top-k tokens per position
                                       # (0: the whole distribution) so more text fits in memory
@@ -79,6 +82,9 @@ class LayeredPruneConfig:
                                 "term; width pruning slices the weights between steps (use "
                                 "recovery_rank = 0 with ffn_keep, kv_keep or params_fraction)",
                                 field="recovery_rank")
+        if self.recovery_precision not in PRECISIONS:
+            raise BadInputError(f"expected one of {', '.join(PRECISIONS)}, got "
+                                f"{self.recovery_precision!r}", field="recovery_precision")
         if self.teacher_top_k < 0:
             raise BadInputError("must be >= 0 (0: the whole distribution)", field="teacher_top_k")
         if self.recovery_minutes < 0 or self.lr <= 0:
@@ -202,7 +208,7 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
                 loaded, teacher, kept, batches,
                 DistillOptions(minutes=minutes_per_step, lr=config.lr,
                                ce_weight=config.ce_weight, seed=config.seed + step,
-                               rank=config.recovery_rank),
+                               rank=config.recovery_rank, precision=config.recovery_precision),
                 label=f"recovery {step}/{config.steps}", targets=targets, lowrank=lowrank)
         steps.append(record)
     removed = sorted(set(range(n)) - set(kept))

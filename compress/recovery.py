@@ -25,6 +25,11 @@ class DistillOptions:
     hidden_weight: float = 1.0    # normalised MSE of each kept layer's output vs its teacher layer
     seed: int = 0
     rank: int = 0                 # > 0: train a rank-r term beside each frozen linear (LowRank)
+    precision: str = "fp32"       # fp32 | bf16: the student's forward/backward under CPU bf16
+                                  # autocast; parameters, optimizer and losses stay fp32
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def _layer_outputs_hooks(layers, indices, store: dict):
@@ -336,7 +341,8 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
                 else:
                     t_out = targets.outputs[bi]
                     t_store = {i: targets.hidden[bi][i] for i in kept}
-                s_out = s_module(*batch)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
+                    s_out = s_module(*batch)
                 # one log-softmax of the student serves the KL and the next-token loss
                 s_logp = None if loaded.family == "bert" else torch.log_softmax(s_out.float(), dim=-1)
                 loss = opts.kd_weight * _kd_loss(loaded.family, s_out, t_out,
@@ -348,8 +354,8 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
                 if opts.hidden_weight:
                     h = 0.0
                     for pos, t_idx in enumerate(kept):
-                        t = t_store[t_idx].detach().to(s_store[pos].dtype)
-                        h = h + ((s_store[pos] - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
+                        s, t = s_store[pos].float(), t_store[t_idx].detach().float()
+                        h = h + ((s - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
                     loss = loss + opts.hidden_weight * h / len(kept)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -378,4 +384,5 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
             "loss_step1": losses[0] if losses else math.nan,
             "loss_first": float(sum(head) / len(head)) if losses else math.nan,
             "loss_last": float(sum(tail) / len(tail)) if losses else math.nan, "lr": opts.lr,
+            "precision": opts.precision,
             **({"rank": opts.rank, "trained_params": sum(p.numel() for p in params)} if opts.rank else {})}

@@ -331,6 +331,42 @@ def test_top_k_teacher_targets_bound_and_match_the_full_kl(tiny_llama, small_tex
         parse_params(get_method("layered-prune"), {"remove_layers": 2, "teacher_top_k": -1})
 
 
+def test_bf16_recovery_trains_fp32_parameters_on_a_bf16_forward(tiny_llama, small_text):
+    """recovery_precision = bf16: the student runs under CPU bf16 autocast, so its first loss is
+    the fp32 one up to bf16 rounding (not another objective), the trained parameters and the
+    low-rank factors stay fp32, the record names the precision, and unknown precisions are
+    refused."""
+    import copy
+
+    from pocketformer.compress.recovery import DistillOptions, LowRank, TeacherTargets, distill
+    from pocketformer.models import LoadedModel
+
+    recs = {}
+    for precision in ("fp32", "bf16"):
+        loaded = load_model(tiny_llama)
+        teacher = LoadedModel(loaded.adapter, copy.deepcopy(loaded.model), loaded.tokenizer,
+                              loaded.source, dict(loaded.extras))
+        batches = _calib(loaded, small_text, n=8).inputs(loaded)
+        targets = TeacherTargets(teacher, batches, top_k=8)
+        loaded.adapter.keep_layers(loaded.model, [0, 2, 5])
+        lowrank = LowRank(4, seed=0)
+        recs[precision] = distill(loaded, teacher, [0, 2, 5], batches,
+                                  DistillOptions(minutes=0.02, lr=5e-3, seed=0, rank=4,
+                                                 precision=precision),
+                                  targets=targets, lowrank=lowrank)
+        assert recs[precision]["precision"] == precision and recs[precision]["steps"] >= 1
+        assert math.isfinite(recs[precision]["loss_last"])
+        assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+        assert all(a.dtype == torch.float32 and b.dtype == torch.float32
+                   for _, a, b in lowrank.factors.values())
+        assert any(bool(b.abs().sum() > 0) for _, _, b in lowrank.factors.values())  # it trained
+    assert recs["bf16"]["loss_step1"] == pytest.approx(recs["fp32"]["loss_step1"], rel=2e-2)
+    assert recs["bf16"]["loss_step1"] != recs["fp32"]["loss_step1"]   # it did run in bf16
+    with pytest.raises(BadInputError, match="recovery_precision"):
+        parse_params(get_method("layered-prune"), {"remove_layers": 2, "recovery": "distill",
+                                                   "recovery_precision": "fp16"}).validate()
+
+
 def test_layer_set_search_exchange_reuses_the_prefix_exactly(tiny_llama, small_text, monkeypatch):
     """benchmarks/layer_set_search.py scores an exchange from the current set's recorded prefix;
     that must be the loss of the new set computed from scratch, or its local-optimum claim
