@@ -18,7 +18,7 @@ import time
 from pocketformer import fsutil
 from pocketformer.compress import Calibration, get_method, parse_params, run_step
 from pocketformer.compress.layered_prune import _teacher_targets
-from pocketformer.compress.recovery import DistillOptions, distill
+from pocketformer.compress.recovery import PRECISIONS, DistillOptions, distill
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
 from pocketformer.models import LoadedModel, count_params, load_model
@@ -41,6 +41,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--eval-max-windows", type=int, default=32)
+    p.add_argument("--recovery-precision", choices=PRECISIONS, default="fp32",
+                   help="distill: the student's forward/backward precision, for the pruned "
+                        "models and --dense-recovery alike (the same budget buys the same steps)")
     p.add_argument("--teacher-top-k", type=int, default=0,
                    help="distillation against the teacher's cached top-k tokens (as the recipe option)")
     p.add_argument("--sample-fraction", type=float,
@@ -78,7 +81,8 @@ def main() -> int:
             batches = calib.inputs(loaded)
             targets = _teacher_targets(teacher, batches, a.teacher_top_k)
             rec = distill(loaded, teacher, list(range(n)), batches,
-                          DistillOptions(minutes=a.recovery_minutes, lr=a.lr), label="dense recovery",
+                          DistillOptions(minutes=a.recovery_minutes, lr=a.lr,
+                                         precision=a.recovery_precision), label="dense recovery",
                           targets=targets)
             details = {"removed": [], "scoring_seconds": 0.0, "recovery_seconds": rec["seconds"],
                        "scoring_layer_evals": 0, "scoring_head_evals": 0}
@@ -86,6 +90,7 @@ def main() -> int:
             cfg = parse_params(method, {"remove_layers": a.remove_layers, "criterion": criterion,
                                         "recovery": a.recovery, "recovery_minutes": a.recovery_minutes,
                                         "steps": a.steps, "lr": a.lr,
+                                        "recovery_precision": a.recovery_precision,
                                         "teacher_top_k": a.teacher_top_k,
                                         **({"sample_fraction": a.sample_fraction}
                                            if a.sample_fraction is not None else {})})

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from pocketformer.compress import width
 from pocketformer.compress.criteria import CRITERIA, CriterionOptions, layer_sensitivity, select_layers
-from pocketformer.compress.recovery import (PRECISIONS, RECOVERIES, DistillOptions, LowRank, TeacherTargets, distill,
-                                            lsq_correct)
+from pocketformer.compress.recovery import (PRECISIONS, RECOVERIES, DistillOptions, LowRank,
+                                            TeacherTargets, distill, lsq_correct)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel, count_params
