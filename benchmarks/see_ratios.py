@@ -58,6 +58,8 @@ def main() -> int:
                    help="learning rate of what --train-scope adds (both methods)")
     p.add_argument("--b-share", type=float, default=0.5, help="see: share of the unit tables for B")
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
+    p.add_argument("--fill-rank", action="store_true",
+                   help="see: slots a token's senses leave free take data-driven units")
     p.add_argument("--basis-dim", type=int, help="see with a principal basis: its width d' (default: see's)")
     p.add_argument("--frequency-weight", type=float, default=0.0,
                    help="stage 1a row weights from calibration counts (see and svd alike)")
@@ -98,6 +100,8 @@ def main() -> int:
                 params["b_share"] = a.b_share
                 if a.max_rank:
                     params["max_rank"] = a.max_rank
+                if a.fill_rank:
+                    params["fill_rank"] = True
                 if a.basis_dim and extra.get("basis") == "principal":
                     params["basis_dim"] = a.basis_dim
             cfg = parse_params(get_method(method), params)

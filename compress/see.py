@@ -92,6 +92,9 @@ class SEEConfig(EmbeddingStages):
     max_rank: int | None = None      # rank terms per token; default 4, or 2 above ratio 20
     inventory: str = "wordnet"       # wordnet | random (same structure, units assigned at random)
     knowledge_share: float = 0.6     # share of the A table reserved for WordNet units
+    fill_rank: bool = False          # a token with fewer knowledge terms than max_rank gets the
+                                     # rest from its nearest data-driven A units (its coefficient
+                                     # slots are in the budget either way)
     b_share: float = 0.5             # share of the unit-table parameters that goes to B
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
     lr: float = 3e-3                 # stage 1a
@@ -274,6 +277,25 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
                 index_a[v, r] = knowledge_units + int(near[j, r])
                 active[v, r] = True
     units_a = knowledge_units + (len(cent_a) if rest else 0)
+    filled = 0
+    if cfg.fill_rank and rest:
+        # The V x R coefficients are paid for whether a slot is on or not: the slots a token's
+        # senses leave free take its nearest data-driven units (ranked by the same cosine as
+        # the k-means), skipping units it already uses.
+        short = [v for v in range(V) if not is_exact[v] and int(active[v].sum()) < R]
+        if short:
+            near = _nearest(E[short], cent_a, min(R, len(cent_a)))
+            for j, v in enumerate(short):
+                used = {int(index_a[v, r]) for r in range(R) if active[v, r]}
+                for u in near[j].tolist():
+                    r = int(active[v].sum())
+                    if r >= R:
+                        break
+                    if knowledge_units + u in used:
+                        continue
+                    index_a[v, r] = knowledge_units + u
+                    active[v, r] = True
+                    filled += 1
     if cfg.inventory == "random":
         g = torch.Generator().manual_seed(cfg.seed + 1)
         index_a = torch.randint(0, units_a, (V, R), generator=g)
@@ -290,7 +312,7 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
              "units_a": units_a, "units_b": len(cent_b), "max_rank": R,
              "mean_rank": float(ranks.mean()),
              "rank_histogram": torch.bincount(ranks.long(), minlength=R + 1).tolist(),
-             "exact_rows": n_exact}
+             "exact_rows": n_exact, "filled_terms": filled}
     return Plan(index_a, index_b, active, units_a, len(cent_b), knowledge_units, covered, stats)
 
 

@@ -97,6 +97,29 @@ def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
     assert 0.1 < tight["knowledge_coverage"] < s["knowledge_coverage"]
 
 
+def test_fill_rank_gives_free_slots_data_units_and_keeps_the_senses(tiny_bert):
+    """fill_rank: the slots a token's senses leave free (paid for in the V x R coefficients
+    either way) take its nearest data-driven A units; the knowledge terms and the budget stay."""
+    from pocketformer.compress.see import SEEConfig, plan_units
+
+    loaded = load_model(tiny_bert)
+    E = loaded.adapter.embeddings(loaded.model).weight.detach()
+    tokens = loaded.adapter.vocabulary(loaded)
+    plain = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4))
+    full = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4, fill_rank=True))
+    assert (plain.units_a, plain.units_b) == (full.units_a, full.units_b)      # same budget
+    assert bool(full.active.all()) and full.stats["mean_rank"] == 4.0
+    assert full.stats["filled_terms"] == int((~plain.active).sum())
+    # every term a token had keeps its unit; the added ones are data units, none repeated
+    assert torch.equal(full.index_a[plain.active], plain.index_a[plain.active])
+    K = plain.knowledge_units
+    added = full.active & ~plain.active
+    assert bool((full.index_a[added] >= K).all())
+    one_sense = int((plain.active.sum(1) == 1).nonzero()[0])
+    assert len(set(full.index_a[one_sense].tolist())) == 4
+    assert torch.equal(full.index_b, plain.index_b)
+
+
 @pytest.mark.parametrize("basis_dim", [None, 16])
 def test_see_in_a_principal_basis(tiny_bert, tmp_path, basis_dim):
     """basis = principal: the Kronecker sum builds the table's coordinates in its top-d'
