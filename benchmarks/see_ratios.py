@@ -68,6 +68,7 @@ def main() -> int:
                         "frequent tokens (see and svd alike)")
     p.add_argument("--head-metric", type=float, default=0.0,
                    help="tied heads: fit the rows in the head-input metric (see and svd alike)")
+    p.add_argument("--seed", type=int, default=0, help="every method's seed (units, init, batches)")
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args()
@@ -95,7 +96,8 @@ def main() -> int:
                       "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
                       "distill_hidden_weight": a.distill_hidden_weight, "row_anchor": a.row_anchor,
                       "train_scope": a.train_scope, "scope_lr": a.scope_lr,
-                      "exact_share": a.exact_share, "head_metric": a.head_metric, **extra}
+                      "exact_share": a.exact_share, "head_metric": a.head_metric, "seed": a.seed,
+                      **extra}
             if method == "see":
                 params["b_share"] = a.b_share
                 if a.max_rank:
