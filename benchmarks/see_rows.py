@@ -4,8 +4,10 @@ the truncated SVD at the same ratio for reference (a measurement, not a test; do
     .venv/bin/python benchmarks/see_rows.py --ratio 10 --steps 500 \
         --variants 0.5:0,0.2:0,0.8:0,0.5:3,0.5:30
 
-A variant is B_SHARE:FREQUENCY_WEIGHT (compress/see.py SEEConfig.b_share / frequency_weight; the
-weights come from the calibration split). Two errors per fit: the plain relative error over the
+A variant is B_SHARE:FREQUENCY_WEIGHT[:MAX_RANK[:fill]] (compress/see.py SEEConfig.b_share /
+frequency_weight / max_rank / fill_rank; the weights come from the calibration split). With
+`--basis principal` the fit is taken in see's default principal basis (its d' x d matrix counted
+in the budget), and the errors are measured on the table itself. Two errors per fit: the plain relative error over the
 whole vocabulary, and the per-row relative error averaged with the token counts of the
 *evaluation* split, i.e. how well the rows a held-out text uses are rebuilt.
 """
@@ -18,8 +20,8 @@ import time
 import torch
 
 from pocketformer.compress import Calibration
-from pocketformer.compress.see import (SEEConfig, fit_rows, init_entangled, plan_units, row_weights,
-                                       weighted_svd)
+from pocketformer.compress.see import (SEEConfig, basis_width, fit_rows, init_entangled, plan_units,
+                                       principal_basis, row_weights, weighted_svd)
 from pocketformer.data import DataSpec, load_for
 from pocketformer.models import load_model
 from pocketformer.models.factored import factor_dim
@@ -36,6 +38,7 @@ def main() -> int:
     p.add_argument("--calibration", default=f"{STS}@0:0.5")
     p.add_argument("--evaluation", default=f"{STS}@0.5:1")
     p.add_argument("--svd-weights", default="0,1,10")
+    p.add_argument("--basis", default="raw", choices=["raw", "principal"])
     a = p.parse_args()
 
     loaded = load_model(a.model)
@@ -57,19 +60,29 @@ def main() -> int:
         return float((n_eval * err).sum() / n_eval.sum())
 
     tokens = loaded.adapter.vocabulary(loaded)
-    d1, d2 = factor_dim(d)
     for variant in a.variants.split(","):
-        b_share, beta = map(float, variant.split(":"))
-        cfg = SEEConfig(ratio=a.ratio, b_share=b_share)
+        fields = variant.split(":")
+        b_share, beta = float(fields[0]), float(fields[1])
+        cfg = SEEConfig(ratio=a.ratio, b_share=b_share, basis=a.basis,
+                        max_rank=int(fields[2]) if len(fields) > 2 else None,
+                        fill_rank=len(fields) > 3 and fields[3] == "fill")
         start = time.time()
-        plan = plan_units(tokens, loaded.family, E, d1, d2, cfg)
-        emb = init_entangled(plan, d1, d2, E, 0)
-        rows = fit_rows(emb, E, a.steps, cfg.lr, 0, plan.active, weights=row_weights(cal, V, beta))
+        width = basis_width(V, d, cfg)
+        d1, d2 = factor_dim(width)
+        P = principal_basis(E, width) if a.basis == "principal" else None
+        X = E if P is None else E @ P.T
+        plan = plan_units(tokens, loaded.family, X, d1, d2, cfg, width=d,
+                          reserved=0 if P is None else P.numel())
+        emb = init_entangled(plan, d1, d2, X, 0)
+        fit_rows(emb, X, a.steps, cfg.lr, 0, plan.active, weights=row_weights(cal, V, beta))
         with torch.no_grad():
-            ev = eval_weighted(emb.weight)
-        print(f"see b_share {b_share:g} frequency_weight {beta:g}: U_a {plan.units_a} U_b {plan.units_b} "
-              f"hypernym depth {plan.stats['hypernym_depth']} params {emb.param_count():,} | "
-              f"row error {rows['relative_error']:.3f}, eval-weighted {ev:.3f} ({time.time() - start:.0f} s)",
+            W = emb.weight if P is None else emb.weight @ P
+            err = float(((W - E) ** 2).sum() / (E ** 2).sum())
+            ev = eval_weighted(W)
+        print(f"see {a.basis} {variant}: U_a {plan.units_a} U_b {plan.units_b} rank {cfg.rank()} "
+              f"mean rank {plan.stats['mean_rank']:.2f} hypernym depth {plan.stats['hypernym_depth']} "
+              f"params {emb.param_count() + (0 if P is None else P.numel()):,} | "
+              f"row error {err:.3f}, eval-weighted {ev:.3f} ({time.time() - start:.0f} s)",
               flush=True)
     k = int(V * d / a.ratio / (V + d))
     for beta in [float(b) for b in a.svd_weights.split(",")]:
