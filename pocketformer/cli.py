@@ -32,6 +32,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def _parse_bool(s: str) -> bool:
+    try:
+        return _BOOLS[s.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}") from None
+
+
 def _arg_type(tp):
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) and args:
@@ -41,7 +51,7 @@ def _arg_type(tp):
         (inner,) = typing.get_args(tp)[:1]
         return lambda s: [inner(x) for x in s.split(",") if x.strip()]
     if tp is bool:
-        return lambda s: {"true": True, "false": False, "1": True, "0": False}[s.lower()]
+        return _parse_bool
     return tp
 
 

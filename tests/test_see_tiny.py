@@ -382,3 +382,12 @@ def test_head_moment_is_the_second_moment_of_the_final_normed_hidden_states(tiny
     assert torch.allclose(C, want, rtol=1e-4, atol=1e-6), float((C - want).abs().max())
     # the hook is gone and the model still returns logits
     assert loaded.model(input_ids=batches[0][0]).logits.shape[-1] == loaded.model.config.vocab_size
+
+
+def test_a_bool_option_that_is_not_true_or_false_exits_2(tiny_bert, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:           # argparse's own exit for a bad value
+        main(["compress", "--model", str(tiny_bert), "--method", "see", "--fill-rank", "maybe",
+              "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "--fill-rank: expected true or false, got 'maybe'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
