@@ -20,11 +20,10 @@ import time
 import torch
 
 from pocketformer.compress import Calibration
-from pocketformer.compress.see import (SEEConfig, basis_width, fit_rows, init_entangled, plan_units,
-                                       principal_basis, row_weights, weighted_svd)
+from pocketformer.compress.see import (SEEConfig, fit_rows, init_entangled, plan_units, row_weights,
+                                       split_coordinates, weighted_svd, with_basis)
 from pocketformer.data import DataSpec, load_for
 from pocketformer.models import load_model
-from pocketformer.models.factored import factor_dim
 
 STS = "../shared/data/stsbenchmark/sts-dev.csv"
 
@@ -67,21 +66,19 @@ def main() -> int:
                         max_rank=int(fields[2]) if len(fields) > 2 else None,
                         fill_rank=len(fields) > 3 and fields[3] == "fill")
         start = time.time()
-        width = basis_width(V, d, cfg)
-        d1, d2 = factor_dim(width)
-        P = principal_basis(E, width) if a.basis == "principal" else None
-        X = E if P is None else E @ P.T
+        P, X, d1, d2 = split_coordinates(E, cfg)
         plan = plan_units(tokens, loaded.family, X, d1, d2, cfg, width=d,
                           reserved=0 if P is None else P.numel())
-        emb = init_entangled(plan, d1, d2, X, 0)
-        fit_rows(emb, X, a.steps, cfg.lr, 0, plan.active, weights=row_weights(cal, V, beta))
+        core = init_entangled(plan, d1, d2, X, 0)
+        fit_rows(core, X, a.steps, cfg.lr, 0, plan.active, weights=row_weights(cal, V, beta))
+        emb = core if P is None else with_basis(core, P)
         with torch.no_grad():
-            W = emb.weight if P is None else emb.weight @ P
+            W = emb.weight
             err = float(((W - E) ** 2).sum() / (E ** 2).sum())
             ev = eval_weighted(W)
         print(f"see {a.basis} {variant}: U_a {plan.units_a} U_b {plan.units_b} rank {cfg.rank()} "
               f"mean rank {plan.stats['mean_rank']:.2f} hypernym depth {plan.stats['hypernym_depth']} "
-              f"params {emb.param_count() + (0 if P is None else P.numel()):,} | "
+              f"params {emb.param_count():,} | "
               f"row error {err:.3f}, eval-weighted {ev:.3f} ({time.time() - start:.0f} s)",
               flush=True)
     k = int(V * d / a.ratio / (V + d))

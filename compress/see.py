@@ -282,20 +282,20 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
         # The V x R coefficients are paid for whether a slot is on or not: the slots a token's
         # senses leave free take its nearest data-driven units (ranked by the same cosine as
         # the k-means), skipping units it already uses.
+        # A token's terms occupy its first slots, so the next free slot is its rank.
         short = [v for v in range(V) if not is_exact[v] and int(active[v].sum()) < R]
         if short:
             near = _nearest(E[short], cent_a, min(R, len(cent_a)))
             for j, v in enumerate(short):
-                used = {int(index_a[v, r]) for r in range(R) if active[v, r]}
-                for u in near[j].tolist():
-                    r = int(active[v].sum())
-                    if r >= R:
+                r = int(active[v].sum())
+                used = set(index_a[v, :r].tolist())
+                for u in (knowledge_units + u for u in near[j].tolist()):
+                    if r == R:
                         break
-                    if knowledge_units + u in used:
-                        continue
-                    index_a[v, r] = knowledge_units + u
-                    active[v, r] = True
-                    filled += 1
+                    if u not in used:
+                        index_a[v, r], active[v, r] = u, True
+                        r += 1
+                        filled += 1
     if cfg.inventory == "random":
         g = torch.Generator().manual_seed(cfg.seed + 1)
         index_a = torch.randint(0, units_a, (V, R), generator=g)
@@ -664,6 +664,20 @@ def principal_basis(E: torch.Tensor, width: int) -> torch.Tensor:
     return Vh[:width].float()
 
 
+def split_coordinates(E: torch.Tensor, config: SEEConfig, exact_rows: int = 0
+                      ) -> tuple[torch.Tensor | None, torch.Tensor, int, int]:
+    """(P, X, d1, d2): the principal basis (None for the raw one), the coordinates X = E P^T
+    (E itself) that the Kronecker sum builds, and its split d' = d1 x d2."""
+    width = basis_width(*E.shape, config, exact_rows)
+    try:
+        d1, d2 = factor_dim(width, config.d1)
+    except ValueError as e:
+        raise BadInputError(f"{e}: d1 must divide the width {width} the Kronecker sum builds",
+                            field="d1") from None
+    P = principal_basis(E, width) if config.basis == "principal" else None
+    return P, (E if P is None else E @ P.T), d1, d2
+
+
 def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> EntangledEmbedding:
     g = torch.Generator().manual_seed(seed)
     scale = float(E.std()) ** 0.5
@@ -822,16 +836,10 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     batches = calib.inputs(loaded) if calib is not None else []
     counts = calibration_counts(batches, V, config.exact_share)
     exact = exact_tokens(counts, d, config.ratio, config.exact_share)
-    width = basis_width(V, d, config, 0 if exact is None else exact.numel())
-    try:
-        d1, d2 = factor_dim(width, config.d1)
-    except ValueError as e:
-        raise BadInputError(f"{e}: d1 must divide the width {width} the Kronecker sum builds",
-                            field="d1") from None
+    P, X, d1, d2 = split_coordinates(E, config, 0 if exact is None else exact.numel())
+    width = X.shape[1]
     say(f"see: planning units for {V} tokens ({config.basis} basis, d' = {d1} x {d2}, "
         f"ratio {config.ratio:g})")
-    P = principal_basis(E, width) if config.basis == "principal" else None
-    X = E if P is None else E @ P.T                      # the coordinates the Kronecker sum builds
     M = row_metric(loaded, batches, config.head_metric)
     plan = plan_units(tokens, loaded.family, X, d1, d2, config, exact=exact, width=d,
                       reserved=0 if P is None else P.numel())
