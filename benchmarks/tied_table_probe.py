@@ -4,7 +4,12 @@ exact rows for the calibration text's most frequent tokens (the `exact_share` op
 `embed-svd`, docs/see.md), and fitted in the head-input metric (their `head_metric` option): the
 full d x d metric as `embed-svd` uses it, its low-rank-plus-isotropic form as `see` uses it
 ("rank 64"), and with --kron its nearest Kronecker product M1 (x) M2 (which would let SEE's units
-absorb the metric exactly; a tried and rejected design, docs/see.md). A probe, not a test.
+absorb the metric exactly; a tried and rejected design, docs/see.md). With --corrections each fit
+is scored a second time with a per-token correction of V numbers on each side: as the input table
+only, the approximate rows rescaled to their original norms; as the head only, a logit bias b_v
+that gives each approximate row the softmax mass its exact row has over sampled calibration head
+inputs h, b_v = logsumexp_h(h e_v) - logsumexp_h(h e_hat_v) (a tried and rejected design,
+docs/see.md). A probe, not a test.
 
     .venv/bin/python benchmarks/tied_table_probe.py --model smollm2 --ratio 10 \
         --calibration ../shared/data/wikitext-2/valid.txt@0:0.5 \
@@ -50,6 +55,10 @@ def main() -> int:
     p.add_argument("--shares", default="0,0.85")
     p.add_argument("--metrics", default="0", help="head_metric values (0: plain rows)")
     p.add_argument("--kron", action="store_true", help="also fit in the nearest Kronecker product")
+    p.add_argument("--corrections", action="store_true",
+                   help="also score each fit with row norms restored and a per-token logit bias")
+    p.add_argument("--bias-positions", type=int, default=8192,
+                   help="calibration head inputs sampled for the logit bias")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--samples", type=int, default=480, help="calibration windows counted")
@@ -60,7 +69,7 @@ def main() -> int:
     import torch
 
     from pocketformer.compress import Calibration
-    from pocketformer.compress.see import (calibration_counts, exact_tokens, head_moment,
+    from pocketformer.compress.see import (calibration_counts, exact_tokens, head_inputs, head_moment,
                                            metric_from_moment, metric_lowrank, metric_root, svd_rank,
                                            weighted_svd)
     from pocketformer.models.factored import factor_dim
@@ -83,10 +92,32 @@ def main() -> int:
     evaluation = load_text(DataSpec.parse(args.evaluation))
     opts = EvalOptions(seq_len=args.seq_len, max_windows=args.windows)
 
-    def perplexity(table_in, table_out) -> float:
+    def perplexity(table_in, table_out, bias=None) -> float:
         emb.weight = torch.nn.Parameter(table_in, requires_grad=False)
         head.weight = torch.nn.Parameter(table_out, requires_grad=False)
-        return evaluate(loaded, "ppl", evaluation, opts=opts).value
+        head.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        try:
+            return evaluate(loaded, "ppl", evaluation, opts=opts).value
+        finally:
+            head.bias = None
+
+    H = None
+    if args.corrections:
+        gen = torch.Generator().manual_seed(0)
+        H = torch.cat([h.reshape(-1, d) for h in head_inputs(loaded, batches, "head inputs")])
+        H = H[torch.randperm(H.shape[0], generator=gen)[:args.bias_positions]]
+
+    def corrections(approx, rest):
+        """Rows with their original norms; per-token logit bias matching the exact rows' mass."""
+        normed = approx.clone()
+        normed[rest] *= E[rest].norm(dim=1, keepdim=True) / approx[rest].norm(dim=1, keepdim=True).clamp_min(1e-8)
+        bias = torch.zeros(V)
+        for lo in range(0, V, 4096):
+            hi = min(V, lo + 4096)
+            bias[lo:hi] = (torch.logsumexp(H @ E[lo:hi].T, dim=0)
+                           - torch.logsumexp(H @ approx[lo:hi].T, dim=0))
+        bias[~rest] = 0
+        return normed, bias
 
     print(f"dense: perplexity {perplexity(E, E):.2f}")
     betas = [float(x) for x in args.metrics.split(",")]
@@ -121,6 +152,11 @@ def main() -> int:
                 print(f"| {share:g} | {K} | {covered:.1%} | {k} | {beta:g}{label} | "
                       f"{perplexity(approx, approx):.1f} | {perplexity(approx, E):.1f} | "
                       f"{perplexity(E, approx):.1f} |", flush=True)
+                if H is not None:
+                    normed, bias = corrections(approx, rest)
+                    print(f"| {share:g} | {K} | {covered:.1%} | {k} | {beta:g}{label}: input rows at "
+                          f"their norms, head with bias | | {perplexity(normed, E):.1f} | "
+                          f"{perplexity(E, approx, bias):.1f} |", flush=True)
     return 0
 
 

@@ -558,11 +558,11 @@ class _StopAfterLastLayer(Exception):
 
 
 @torch.no_grad()
-def head_moment(loaded: LoadedModel, batches) -> torch.Tensor:
-    """C = E[h h^T] (d x d) of the LM head's input h (the final-normed last hidden state) over
-    every calibration position, from the model as it is now. Each batch runs up to the last
-    layer only: a hook takes its output and stops the pass, so neither the logits (V per
-    position) nor the layer inputs are computed or kept."""
+def head_inputs(loaded: LoadedModel, batches, label: str = "head inputs"):
+    """Yield, batch by batch, the LM head's input h (the final-normed last hidden state, one row
+    per position) of the model as it is now. Each batch runs up to the last layer only: a hook
+    takes its output and stops the pass, so neither the logits (V per position) nor the layer
+    inputs are computed or kept."""
     adapter = loaded.adapter
     module = adapter.export_module(loaded)
     last: dict = {}
@@ -572,18 +572,25 @@ def head_moment(loaded: LoadedModel, batches) -> torch.Tensor:
         raise _StopAfterLastLayer
 
     handle = adapter.layers(loaded.model)[-1].register_forward_hook(take)
-    C, n = None, 0
     try:
-        for batch in progress(batches, "head moment", total=len(batches)):
+        for batch in progress(batches, label, total=len(batches)):
             try:
                 module(*batch)
             except _StopAfterLastLayer:
                 pass
-            h = adapter.output_features(loaded, last.pop("hidden"), batch).double()
-            C = h.T @ h if C is None else C + h.T @ h
-            n += h.shape[0]
+            yield adapter.output_features(loaded, last.pop("hidden"), batch)
     finally:
         handle.remove()
+
+
+def head_moment(loaded: LoadedModel, batches) -> torch.Tensor:
+    """C = E[h h^T] (d x d) of the LM head's input h over every calibration position
+    (head_inputs)."""
+    C, n = None, 0
+    for h in head_inputs(loaded, batches, "head moment"):
+        h = h.double()
+        C = h.T @ h if C is None else C + h.T @ h
+        n += h.shape[0]
     return (C / n).float()
 
 
