@@ -29,7 +29,7 @@ from torch import nn
 
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding, factor_dim,
                                           head_for)
-from pocketformer.compress.recovery import _kd_loss
+from pocketformer.compress.recovery import PRECISIONS, _kd_loss
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
@@ -63,6 +63,9 @@ class EmbeddingStages:
                                      # gain and bias) | all (+ every other weight of the model)
     distill_lr: float = 1e-3         # stages 1b and 2 (the embedding's parameters)
     scope_lr: float = 1e-4           # stages 1b and 2: the parameters train_scope adds
+    precision: str = "fp32"          # stages 1b and 2: fp32 | bf16 (the student's forward and
+                                     # backward under CPU bf16 autocast; the teacher, parameters,
+                                     # optimizer and losses stay fp32)
     seed: int = 0
 
     def validate(self) -> None:
@@ -75,6 +78,9 @@ class EmbeddingStages:
         _check_hidden_weight(self.distill_hidden_weight)
         _check_anchor(self.row_anchor, self.anchor_rows)
         _check_scope(self.train_scope, self.scope_lr)
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"expected one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+                                field="precision")
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
@@ -696,12 +702,15 @@ def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> 
 
 def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: list[dict], batches,
                            minutes: float, seed: int, loss_kind: str, label: str,
-                           hidden_weight: float = 0.0, anchor: RowAnchor | None = None) -> dict:
+                           hidden_weight: float = 0.0, anchor: RowAnchor | None = None,
+                           precision: str = "fp32") -> dict:
     """Train the Adam parameter `groups` (each with its own "lr", decaying linearly to 0) for
     `minutes` of wall time; every tensor's requires_grad is as it was afterwards. 'hidden'
     matches the last hidden state, 'output' matches the output (KL of next-token distributions,
     or 1 - cos of embeddings), plus `hidden_weight` x the 'hidden' loss when that is > 0, plus
-    the `anchor`'s row term when there is one."""
+    the `anchor`'s row term when there is one. With `precision` "bf16" the student's forward
+    (and so its backward) runs under CPU bf16 autocast; its outputs are taken back to fp32 for
+    the losses."""
     if minutes <= 0 or not batches:
         return {"steps": 0, "seconds": 0.0}
     adapter = loaded.adapter
@@ -735,10 +744,12 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                 batch = batches[bi]
                 with torch.no_grad():
                     t_out = t_module(*batch)
-                s_out = s_module(*batch)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    s_out = s_module(*batch)
+                s_out = s_out.float()
                 if wants_hidden:
                     t = store["t"].detach()
-                    hidden_loss = ((store["s"] - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
+                    hidden_loss = ((store["s"].float() - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
                 if loss_kind == "hidden":
                     loss = hidden_loss
                 else:
@@ -762,7 +773,8 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
         for p, flag in zip(tensors, flags):
             p.requires_grad_(flag)
     k = max(1, min(5, len(losses)))
-    rec = {"steps": steps, "seconds": round(time.perf_counter() - start, 1),
+    rec = {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "precision": precision,
+           "loss_step1": losses[0] if losses else math.nan,
            "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
            "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}
     if anchor_losses:           # the sampled rows' relative error, first and last steps
@@ -794,10 +806,12 @@ def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: tor
     groups = trainable_groups(loaded, module, cfg)
     anchor = RowAnchor(module, E, cfg.row_anchor, cfg.anchor_rows, cfg.seed) if cfg.row_anchor > 0 else None
     hidden = _train_against_teacher(loaded, teacher, groups, batches, cfg.hidden_minutes,
-                                    cfg.seed, "hidden", f"{label} stage 1b", anchor=anchor)
+                                    cfg.seed, "hidden", f"{label} stage 1b", anchor=anchor,
+                                    precision=cfg.precision)
     output = _train_against_teacher(loaded, teacher, groups, batches, cfg.distill_minutes,
                                     cfg.seed + 1, "output", f"{label} stage 2",
-                                    hidden_weight=cfg.distill_hidden_weight, anchor=anchor)
+                                    hidden_weight=cfg.distill_hidden_weight, anchor=anchor,
+                                    precision=cfg.precision)
     module.requires_grad_(False)          # the new table ships frozen
     extra = sum(p.numel() for g in groups[1:] for p in g["params"])
     return {"stage1_hidden": hidden, "stage2_distill": output,

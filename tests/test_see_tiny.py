@@ -259,6 +259,38 @@ def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_
     assert first_loss("output", 2.0) == pytest.approx(output + 2.0 * hidden, rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["tiny_bert", "tiny_llama_2l"])
+def test_bf16_stages_train_fp32_parameters_on_a_bf16_forward(family, request, small_text):
+    """precision = bf16: the student of stages 1b and 2 runs under CPU bf16 autocast, so each
+    stage's first loss is the fp32 one up to bf16 rounding (the same objective), it trains, the
+    parameters stay fp32 and the record names the precision."""
+    from pocketformer.compress.see import _teacher, _train_against_teacher
+
+    path = request.getfixturevalue(family)
+    data = small_text if family == "tiny_llama_2l" else f"{STS_DEV}@0:0.05"
+    first = {}
+    for precision in ("fp32", "bf16"):
+        for kind in ("hidden", "output"):      # each from the same student
+            loaded = load_model(path)
+            batches = _calib(loaded, data).inputs(loaded)[:2]
+            teacher = _teacher(loaded)
+            emb = loaded.adapter.embeddings(loaded.model)
+            torch.manual_seed(0)
+            with torch.no_grad():      # a student that differs from its teacher
+                emb.weight.add_(0.5 * torch.randn_like(emb.weight))
+            before = emb.weight.detach().clone()
+            groups = [{"params": list(emb.parameters()), "lr": 1e-2}]
+            rec = _train_against_teacher(loaded, teacher, groups, batches, 0.02, 0, kind, "t",
+                                         precision=precision)
+            assert rec["precision"] == precision and rec["steps"] >= 1
+            first[precision, kind] = rec["loss_step1"]
+            assert not torch.equal(emb.weight, before)                    # it trained
+            assert all(q.dtype == torch.float32 for q in loaded.model.parameters())
+    for kind in ("hidden", "output"):
+        assert first["bf16", kind] == pytest.approx(first["fp32", kind], rel=5e-2)
+        assert first["bf16", kind] != first["fp32", kind]                  # it did run in bf16
+
+
 def test_row_anchor_adds_the_whole_vocabulary_row_error(tiny_bert):
     """row_anchor w: stages 1b and 2 add w x the relative error of rows drawn from the whole
     vocabulary (all of them here: anchor_rows >= V), against the original table; the record
@@ -334,6 +366,7 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--row-anchor", "-0.5"], "row_anchor"),
     (["--row-anchor", "1", "--anchor-rows", "0"], "anchor_rows"),
     (["--train-scope", "all", "--scope-lr", "0"], "scope_lr"),
+    (["--precision", "fp16"], "precision"),
 ])
 def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
     code = main(["compress", "--model", str(tiny_bert), "--method", "see", *args,
