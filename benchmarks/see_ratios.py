@@ -118,7 +118,9 @@ def main() -> int:
                    "embedding_params": details["params_after"], "achieved_ratio": details["ratio"],
                    "coverage": details.get("plan", {}).get("knowledge_coverage"),
                    "row_error": details["stage1_rows"].get("relative_error_with_exact",
-                                                          details["stage1_rows"]["relative_error"]), "seconds": seconds}
+                                                          details["stage1_rows"]["relative_error"]), "seconds": seconds,
+                   "stage1b_steps": details["stage1_hidden"]["steps"],
+                   "stage2_steps": details["stage2_distill"]["steps"]}
             if val is not None:
                 qv = evaluate(loaded, task, val, opts=opts)
                 row.update(validation=qv.value, validation_x_dense=qv.value / dense_val.value)

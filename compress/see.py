@@ -560,7 +560,7 @@ def _check_head_metric(beta: float) -> None:
 
 
 class _StopAfterLastLayer(Exception):
-    """Raised by head_moment's hook: the forward pass past the last layer is not needed."""
+    """Raised by head_inputs' hook: the forward pass past the last layer is not needed."""
 
 
 @torch.no_grad()
