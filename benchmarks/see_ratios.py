@@ -19,6 +19,7 @@ import time
 
 from pocketformer import fsutil
 from pocketformer.compress import Calibration, get_method, parse_params, run_step
+from pocketformer.compress.recovery import PRECISIONS
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
 from pocketformer.models import load_model
@@ -56,7 +57,7 @@ def main() -> int:
                    help="stages 1b and 2 train the embedding, + the norms, or all (both methods)")
     p.add_argument("--scope-lr", type=float, default=1e-4,
                    help="learning rate of what --train-scope adds (both methods)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="stages 1b and 2: the student under CPU bf16 autocast (both methods)")
     p.add_argument("--b-share", type=float, default=0.5, help="see: share of the unit tables for B")
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")

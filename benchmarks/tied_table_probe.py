@@ -70,8 +70,8 @@ def main() -> int:
 
     from pocketformer.compress import Calibration
     from pocketformer.compress.see import (calibration_counts, exact_tokens, head_inputs, head_moment,
-                                           metric_from_moment, metric_lowrank, metric_root, svd_rank,
-                                           weighted_svd)
+                                           metric_from_moment, metric_lowrank, metric_root,
+                                           second_moment, svd_rank, weighted_svd)
     from pocketformer.models.factored import factor_dim
     from pocketformer.data import DataSpec, load_text
     from pocketformer.evaluation import EvalOptions, evaluate
@@ -101,11 +101,17 @@ def main() -> int:
         finally:
             head.bias = None
 
-    H = None
-    if args.corrections:
+    betas = [float(x) for x in args.metrics.split(",")]
+    H, C = None, None
+    if args.corrections:         # one pass gives the states for the bias and the moment
+        states = list(head_inputs(loaded, batches, "head inputs"))
+        C = second_moment(states) if any(betas) else None
         gen = torch.Generator().manual_seed(0)
-        H = torch.cat([h.reshape(-1, d) for h in head_inputs(loaded, batches, "head inputs")])
+        H = torch.cat([h.reshape(-1, d) for h in states])
         H = H[torch.randperm(H.shape[0], generator=gen)[:args.bias_positions]]
+        del states
+    elif any(betas):
+        C = head_moment(loaded, batches)
 
     def corrections(approx, rest):
         """Rows with their original norms; per-token logit bias matching the exact rows' mass."""
@@ -120,8 +126,6 @@ def main() -> int:
         return normed, bias
 
     print(f"dense: perplexity {perplexity(E, E):.2f}")
-    betas = [float(x) for x in args.metrics.split(",")]
-    C = head_moment(loaded, batches) if any(betas) else None
     d1, d2 = factor_dim(d)
     print("| exact_share | exact rows | calibration tokens covered | rank | head_metric | tied | input only | head only |")
     print("|---|---|---|---|---|---|---|---|")

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from pocketformer.compress import width
 from pocketformer.compress.criteria import CRITERIA, CriterionOptions, layer_sensitivity, select_layers
-from pocketformer.compress.recovery import (PRECISIONS, RECOVERIES, DistillOptions, LowRank,
-                                            TeacherTargets, distill, lsq_correct)
+from pocketformer.compress.recovery import (RECOVERIES, DistillOptions, LowRank,
+                                            TeacherTargets, check_precision, distill,
+                                            lsq_correct)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel, count_params
@@ -82,9 +83,7 @@ class LayeredPruneConfig:
                                 "term; width pruning slices the weights between steps (use "
                                 "recovery_rank = 0 with ffn_keep, kv_keep or params_fraction)",
                                 field="recovery_rank")
-        if self.recovery_precision not in PRECISIONS:
-            raise BadInputError(f"expected one of {', '.join(PRECISIONS)}, got "
-                                f"{self.recovery_precision!r}", field="recovery_precision")
+        check_precision(self.recovery_precision, "recovery_precision")
         if self.teacher_top_k < 0:
             raise BadInputError("must be >= 0 (0: the whole distribution)", field="teacher_top_k")
         if self.recovery_minutes < 0 or self.lr <= 0:

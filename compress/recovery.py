@@ -32,6 +32,17 @@ class DistillOptions:
 PRECISIONS = ("fp32", "bf16")
 
 
+def check_precision(value: str, field: str) -> None:
+    if value not in PRECISIONS:
+        raise BadInputError(f"expected one of {', '.join(PRECISIONS)}, got {value!r}", field=field)
+
+
+def student_autocast(precision: str):
+    """The context a student's forward (and so its backward) runs in: CPU bf16 autocast for
+    "bf16", a no-op for "fp32"."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def _layer_outputs_hooks(layers, indices, store: dict):
     def make(i):
         def hook(mod, args, output):
@@ -341,7 +352,7 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
                 else:
                     t_out = targets.outputs[bi]
                     t_store = {i: targets.hidden[bi][i] for i in kept}
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
+                with student_autocast(opts.precision):
                     s_out = s_module(*batch)
                 # one log-softmax of the student serves the KL and the next-token loss
                 s_logp = None if loaded.family == "bert" else torch.log_softmax(s_out.float(), dim=-1)

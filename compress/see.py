@@ -29,7 +29,7 @@ from torch import nn
 
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding, factor_dim,
                                           head_for)
-from pocketformer.compress.recovery import PRECISIONS, _kd_loss
+from pocketformer.compress.recovery import _kd_loss, check_precision, student_autocast
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
@@ -78,9 +78,7 @@ class EmbeddingStages:
         _check_hidden_weight(self.distill_hidden_weight)
         _check_anchor(self.row_anchor, self.anchor_rows)
         _check_scope(self.train_scope, self.scope_lr)
-        if self.precision not in PRECISIONS:
-            raise BadInputError(f"expected one of {', '.join(PRECISIONS)}, got {self.precision!r}",
-                                field="precision")
+        check_precision(self.precision, "precision")
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
@@ -589,15 +587,20 @@ def head_inputs(loaded: LoadedModel, batches, label: str = "head inputs"):
         handle.remove()
 
 
-def head_moment(loaded: LoadedModel, batches) -> torch.Tensor:
-    """C = E[h h^T] (d x d) of the LM head's input h over every calibration position
-    (head_inputs)."""
+def second_moment(rows) -> torch.Tensor:
+    """E[h h^T] over the rows of every tensor `rows` yields (accumulated in float64)."""
     C, n = None, 0
-    for h in head_inputs(loaded, batches, "head moment"):
+    for h in rows:
         h = h.double()
         C = h.T @ h if C is None else C + h.T @ h
         n += h.shape[0]
     return (C / n).float()
+
+
+def head_moment(loaded: LoadedModel, batches) -> torch.Tensor:
+    """C = E[h h^T] (d x d) of the LM head's input h over every calibration position
+    (head_inputs)."""
+    return second_moment(head_inputs(loaded, batches, "head moment"))
 
 
 def row_metric(loaded: LoadedModel, batches, beta: float) -> torch.Tensor | None:
@@ -744,7 +747,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                 batch = batches[bi]
                 with torch.no_grad():
                     t_out = t_module(*batch)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                with student_autocast(precision):
                     s_out = s_module(*batch)
                 s_out = s_out.float()
                 if wants_hidden:
