@@ -58,7 +58,9 @@ def main() -> int:
     p.add_argument("--scope-lr", type=float, default=1e-4,
                    help="learning rate of what --train-scope adds (both methods)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="stages 1b and 2: the student under CPU bf16 autocast (both methods)")
+                   help="stages 1b and 2: the student under bf16 autocast (both methods)")
+    p.add_argument("--device", default="cpu",
+                   help="stages 1b and 2 run on this torch device: cpu, cuda or cuda:N (both methods)")
     p.add_argument("--b-share", type=float, default=0.5, help="see: share of the unit tables for B")
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
     p.add_argument("--fill-rank", action="store_true",
@@ -99,6 +101,7 @@ def main() -> int:
                       "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
                       "distill_hidden_weight": a.distill_hidden_weight, "row_anchor": a.row_anchor,
                       "train_scope": a.train_scope, "scope_lr": a.scope_lr, "precision": a.precision,
+                      "device": a.device,
                       "exact_share": a.exact_share, "head_metric": a.head_metric, "seed": a.seed,
                       **extra}
             if method == "see":

@@ -37,10 +37,30 @@ def check_precision(value: str, field: str) -> None:
         raise BadInputError(f"expected one of {', '.join(PRECISIONS)}, got {value!r}", field=field)
 
 
-def student_autocast(precision: str):
-    """The context a student's forward (and so its backward) runs in: CPU bf16 autocast for
-    "bf16", a no-op for "fp32"."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def student_autocast(precision: str, device_type: str = "cpu"):
+    """The context a student's forward (and so its backward) runs in: bf16 autocast on
+    `device_type` for "bf16", a no-op for "fp32"."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def check_device(value: str, field: str) -> torch.device:
+    """The torch device a training stage runs on: cpu, cuda or cuda:N, and only one that this
+    process can use (a CUDA device needs a CUDA build of torch and a visible GPU)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise BadInputError(f"expected cpu, cuda or cuda:N, got {value!r}", field=field)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError(f"{value!r} asked for, but this process sees no CUDA device "
+                                f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                                "use cpu", field=field)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BadInputError(f"{value!r} asked for, but only {torch.cuda.device_count()} CUDA "
+                                "device(s) are visible", field=field)
+    return device
 
 
 def _layer_outputs_hooks(layers, indices, store: dict):

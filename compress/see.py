@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,8 @@ from torch import nn
 
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding, factor_dim,
                                           head_for)
-from pocketformer.compress.recovery import _kd_loss, check_precision, student_autocast
+from pocketformer.compress.recovery import (_kd_loss, check_device, check_precision,
+                                             student_autocast)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
@@ -66,6 +68,9 @@ class EmbeddingStages:
     precision: str = "fp32"          # stages 1b and 2: fp32 | bf16 (the student's forward and
                                      # backward under CPU bf16 autocast; the teacher, parameters,
                                      # optimizer and losses stay fp32)
+    device: str = "cpu"              # stages 1b and 2 (student and teacher) and the head
+                                     # metric's pass run on this torch device: cpu | cuda |
+                                     # cuda:N; stage 1a and the result stay on the CPU
     seed: int = 0
 
     def validate(self) -> None:
@@ -79,6 +84,7 @@ class EmbeddingStages:
         _check_anchor(self.row_anchor, self.anchor_rows)
         _check_scope(self.train_scope, self.scope_lr)
         check_precision(self.precision, "precision")
+        check_device(self.device, "device")
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
@@ -505,13 +511,14 @@ class RowAnchor:
     that uses it. This term keeps the whole vocabulary near the original rows: `weight` x the
     relative error of `rows` rows drawn uniformly at random (a fresh draw each step, seeded)."""
 
-    def __init__(self, module: nn.Module, E: torch.Tensor, weight: float, rows: int, seed: int):
-        self.module, self.E, self.weight = module, E, weight
+    def __init__(self, module: nn.Module, E: torch.Tensor, weight: float, rows: int, seed: int,
+                 device: torch.device | str = "cpu"):
+        self.module, self.E, self.weight = module, E.to(device), weight
         self.rows = min(rows, E.shape[0])
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed)      # draws on the CPU on every device
 
     def loss(self) -> torch.Tensor:
-        ids = torch.randperm(self.E.shape[0], generator=self.gen)[:self.rows]
+        ids = torch.randperm(self.E.shape[0], generator=self.gen)[:self.rows].to(self.E.device)
         target = self.E[ids]
         return ((self.module(ids) - target) ** 2).sum() / (target ** 2).sum()
 
@@ -597,13 +604,32 @@ def second_moment(rows) -> torch.Tensor:
     return (C / n).float()
 
 
-def head_moment(loaded: LoadedModel, batches) -> torch.Tensor:
+@contextmanager
+def on_device(models: list[nn.Module], batches, device: torch.device | str):
+    """For the block: the `models` on `device`, and the `batches` it yields copied there; the
+    models go back to the CPU after it (also when it fails). A no-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        yield batches
+        return
+    for model in models:
+        model.to(device)
+    try:
+        yield [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b) for b in batches]
+    finally:
+        for model in models:
+            model.to("cpu")
+
+
+def head_moment(loaded: LoadedModel, batches, device: torch.device | str = "cpu") -> torch.Tensor:
     """C = E[h h^T] (d x d) of the LM head's input h over every calibration position
-    (head_inputs)."""
-    return second_moment(head_inputs(loaded, batches, "head moment"))
+    (head_inputs), the passes run on `device`."""
+    with on_device([loaded.model], batches, device) as placed:
+        return second_moment(head_inputs(loaded, placed, "head moment")).cpu()
 
 
-def row_metric(loaded: LoadedModel, batches, beta: float) -> torch.Tensor | None:
+def row_metric(loaded: LoadedModel, batches, beta: float,
+               device: torch.device | str = "cpu") -> torch.Tensor | None:
     """The metric M that the table's rows are fitted in when a tied LM head reads them:
     ||e_hat - e||_M^2 = (e_hat - e) M (e_hat - e)^T with M = (1 - beta) I + beta C d / tr C.
     The head's logit error for a hidden state h is h (e_hat - e)^T, whose mean square over the
@@ -617,7 +643,7 @@ def row_metric(loaded: LoadedModel, batches, beta: float) -> torch.Tensor | None
     if not batches:
         raise BadInputError("the head metric is measured on the calibration text: give --calibration",
                             field="head_metric")
-    return metric_from_moment(head_moment(loaded, batches), beta)
+    return metric_from_moment(head_moment(loaded, batches, device), beta)
 
 
 def metric_from_moment(C: torch.Tensor, beta: float) -> torch.Tensor:
@@ -706,16 +732,17 @@ def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> 
 def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: list[dict], batches,
                            minutes: float, seed: int, loss_kind: str, label: str,
                            hidden_weight: float = 0.0, anchor: RowAnchor | None = None,
-                           precision: str = "fp32") -> dict:
+                           precision: str = "fp32", device: torch.device | None = None) -> dict:
     """Train the Adam parameter `groups` (each with its own "lr", decaying linearly to 0) for
     `minutes` of wall time; every tensor's requires_grad is as it was afterwards. 'hidden'
     matches the last hidden state, 'output' matches the output (KL of next-token distributions,
     or 1 - cos of embeddings), plus `hidden_weight` x the 'hidden' loss when that is > 0, plus
     the `anchor`'s row term when there is one. With `precision` "bf16" the student's forward
-    (and so its backward) runs under CPU bf16 autocast; its outputs are taken back to fp32 for
-    the losses."""
+    (and so its backward) runs under bf16 autocast; its outputs are taken back to fp32 for
+    the losses. Both models and the `batches` are on `device` already (the CPU when None)."""
     if minutes <= 0 or not batches:
         return {"steps": 0, "seconds": 0.0}
+    device_type = (device or torch.device("cpu")).type
     adapter = loaded.adapter
     s_module, t_module = adapter.export_module(loaded), adapter.export_module(teacher)
     s_layers, t_layers = adapter.layers(loaded.model), adapter.layers(teacher.model)
@@ -747,7 +774,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                 batch = batches[bi]
                 with torch.no_grad():
                     t_out = t_module(*batch)
-                with student_autocast(precision):
+                with student_autocast(precision, device_type):
                     s_out = s_module(*batch)
                 s_out = s_out.float()
                 if wants_hidden:
@@ -777,6 +804,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
             p.requires_grad_(flag)
     k = max(1, min(5, len(losses)))
     rec = {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "precision": precision,
+           "device": _device_name(device),
            "loss_step1": losses[0] if losses else math.nan,
            "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
            "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}
@@ -804,17 +832,30 @@ def _install(loaded: LoadedModel, module: nn.Module, *, tied: bool) -> None:
         loaded.adapter.set_lm_head(loaded.model, head_for(module))
 
 
+def _device_name(device: torch.device | None) -> str:
+    if device is None or device.type == "cpu":
+        return "cpu"
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
 def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: torch.Tensor,
             batches, cfg, label: str) -> dict:
-    groups = trainable_groups(loaded, module, cfg)
-    anchor = RowAnchor(module, E, cfg.row_anchor, cfg.anchor_rows, cfg.seed) if cfg.row_anchor > 0 else None
-    hidden = _train_against_teacher(loaded, teacher, groups, batches, cfg.hidden_minutes,
-                                    cfg.seed, "hidden", f"{label} stage 1b", anchor=anchor,
-                                    precision=cfg.precision)
-    output = _train_against_teacher(loaded, teacher, groups, batches, cfg.distill_minutes,
-                                    cfg.seed + 1, "output", f"{label} stage 2",
-                                    hidden_weight=cfg.distill_hidden_weight, anchor=anchor,
-                                    precision=cfg.precision)
+    """Stages 1b and 2 on cfg.device: both models and the batches go there for the stages and
+    the student comes back to the CPU after them (also when a stage fails)."""
+    device = torch.device(cfg.device)
+    if device.type != "cpu":
+        say(f"{label}: stages 1b and 2 on {_device_name(device)}")
+    with on_device([loaded.model, teacher.model], batches, device) as batches:
+        groups = trainable_groups(loaded, module, cfg)
+        anchor = (RowAnchor(module, E, cfg.row_anchor, cfg.anchor_rows, cfg.seed, device)
+                  if cfg.row_anchor > 0 else None)
+        hidden = _train_against_teacher(loaded, teacher, groups, batches, cfg.hidden_minutes,
+                                        cfg.seed, "hidden", f"{label} stage 1b", anchor=anchor,
+                                        precision=cfg.precision, device=device)
+        output = _train_against_teacher(loaded, teacher, groups, batches, cfg.distill_minutes,
+                                        cfg.seed + 1, "output", f"{label} stage 2",
+                                        hidden_weight=cfg.distill_hidden_weight, anchor=anchor,
+                                        precision=cfg.precision, device=device)
     module.requires_grad_(False)          # the new table ships frozen
     extra = sum(p.numel() for g in groups[1:] for p in g["params"])
     return {"stage1_hidden": hidden, "stage2_distill": output,
@@ -864,7 +905,7 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     width = X.shape[1]
     say(f"see: planning units for {V} tokens ({config.basis} basis, d' = {d1} x {d2}, "
         f"ratio {config.ratio:g})")
-    M = row_metric(loaded, batches, config.head_metric)
+    M = row_metric(loaded, batches, config.head_metric, config.device)
     plan = plan_units(tokens, loaded.family, X, d1, d2, config, exact=exact, width=d,
                       reserved=0 if P is None else P.numel())
     lowrank = None
@@ -935,7 +976,7 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
         raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table"
                             + (" after the exact rows" if exact is not None else ""), field="ratio")
     weights = row_weights(batches, V, config.frequency_weight)
-    M = row_metric(loaded, batches, config.head_metric)
+    M = row_metric(loaded, batches, config.head_metric, config.device)
     # in the head metric M = L L^T: the rank-k optimum of E L, mapped back by L^-1 (exact)
     L, L_inv = metric_root(M) if M is not None else (None, None)
     target = E if L is None else E @ L

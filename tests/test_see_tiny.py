@@ -291,6 +291,38 @@ def test_bf16_stages_train_fp32_parameters_on_a_bf16_forward(family, request, sm
         assert first["bf16", kind] != first["fp32", kind]                  # it did run in bf16
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (run on a GPU machine; CI has none)")
+@pytest.mark.parametrize("method", ["see", "embed-svd"])
+def test_stages_on_cuda_start_from_the_cpu_loss_and_come_back(tiny_llama_2l, small_text, method):
+    """device = cuda: the head metric's pass and stages 1b and 2 run on the GPU, the rest on the
+    CPU, so stage 1a's fit (in the metric) and stage 1b's first loss are the CPU run's (fp32, up
+    to kernel rounding); the student trains there, comes back to the CPU, and the record names
+    the device."""
+    first, tables, fit = {}, {}, {}
+    for device, budget in (("cpu", 0.0), ("cpu", FAST["distill_minutes"]),
+                           ("cuda", FAST["distill_minutes"])):
+        loaded = load_model(tiny_llama_2l)
+        params = {"ratio": 4, "device": device, "row_anchor": 0.5, "head_metric": 1.0,
+                  "hidden_minutes": budget, "distill_minutes": budget}
+        if method == "see":
+            params["reconstruct_steps"] = 50
+        rec = run_step(loaded, method, parse_params(get_method(method), params),
+                       _calib(loaded, small_text))["details"]
+        tables[device, budget] = loaded.adapter.embeddings(loaded.model).weight.detach()
+        fit[device] = rec["stage1_rows"]["relative_error"]
+        assert {t.device.type for t in [*loaded.model.parameters(), *loaded.model.buffers()]} == {"cpu"}
+        if budget == 0:
+            continue
+        for stage in ("stage1_hidden", "stage2_distill"):
+            assert rec[stage]["steps"] >= 1
+            assert rec[stage]["device"].startswith(device)
+            first[device, stage] = rec[stage]["loss_step1"]
+    assert fit["cuda"] == pytest.approx(fit["cpu"], rel=1e-3)
+    assert first["cuda", "stage1_hidden"] == pytest.approx(first["cpu", "stage1_hidden"], rel=1e-2)
+    assert not torch.equal(tables["cuda", FAST["distill_minutes"]], tables["cpu", 0.0])   # trained
+
+
 def test_row_anchor_adds_the_whole_vocabulary_row_error(tiny_bert):
     """row_anchor w: stages 1b and 2 add w x the relative error of rows drawn from the whole
     vocabulary (all of them here: anchor_rows >= V), against the original table; the record
@@ -367,6 +399,10 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--row-anchor", "1", "--anchor-rows", "0"], "anchor_rows"),
     (["--train-scope", "all", "--scope-lr", "0"], "scope_lr"),
     (["--precision", "fp16"], "precision"),
+    (["--device", "tpu"], "cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda"], "sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                          reason="a CUDA device is visible here, so cuda is valid")),
 ])
 def test_see_bad_input_exit_2(tiny_bert, tmp_path, capsys, args, words):
     code = main(["compress", "--model", str(tiny_bert), "--method", "see", *args,
