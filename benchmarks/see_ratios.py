@@ -60,7 +60,8 @@ def main() -> int:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="stages 1b and 2: the student under bf16 autocast (both methods)")
     p.add_argument("--device", default="cpu",
-                   help="stages 1b and 2 run on this torch device: cpu, cuda or cuda:N (both methods)")
+                   help="stages 1b and 2 and the head metric's pass run on this torch device: "
+                        "cpu, cuda or cuda:N (both methods)")
     p.add_argument("--b-share", type=float, default=0.5, help="see: share of the unit tables for B")
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
     p.add_argument("--fill-rank", action="store_true",

@@ -66,8 +66,8 @@ class EmbeddingStages:
     distill_lr: float = 1e-3         # stages 1b and 2 (the embedding's parameters)
     scope_lr: float = 1e-4           # stages 1b and 2: the parameters train_scope adds
     precision: str = "fp32"          # stages 1b and 2: fp32 | bf16 (the student's forward and
-                                     # backward under CPU bf16 autocast; the teacher, parameters,
-                                     # optimizer and losses stay fp32)
+                                     # backward under bf16 autocast on `device`; the teacher,
+                                     # parameters, optimizer and losses stay fp32)
     device: str = "cpu"              # stages 1b and 2 (student and teacher) and the head
                                      # metric's pass run on this torch device: cpu | cuda |
                                      # cuda:N; stage 1a and the result stay on the CPU
