@@ -66,6 +66,8 @@ def main() -> int:
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
     p.add_argument("--fill-rank", action="store_true",
                    help="see: slots a token's senses leave free take data-driven units")
+    p.add_argument("--order", type=int, default=2, choices=[2, 3],
+                   help="see: Kronecker factors per term (3: A (x) B (x) C)")
     p.add_argument("--basis-dim", type=int, help="see with a principal basis: its width d' (default: see's)")
     p.add_argument("--frequency-weight", type=float, default=0.0,
                    help="stage 1a row weights from calibration counts (see and svd alike)")
@@ -107,6 +109,7 @@ def main() -> int:
                       **extra}
             if method == "see":
                 params["b_share"] = a.b_share
+                params["order"] = a.order
                 if a.max_rank:
                     params["max_rank"] = a.max_rank
                 if a.fill_rank:
@@ -122,6 +125,7 @@ def main() -> int:
             row = {"ratio": ratio, "method": name, "quality": q.value, "x_dense": q.value / dense.value,
                    "embedding_params": details["params_after"], "achieved_ratio": details["ratio"],
                    "coverage": details.get("plan", {}).get("knowledge_coverage"),
+                   **({"factors": details["factors"]} if "factors" in details else {}),
                    "row_error": details["stage1_rows"].get("relative_error_with_exact",
                                                           details["stage1_rows"]["relative_error"]), "seconds": seconds,
                    "stage1b_steps": details["stage1_hidden"]["steps"],

@@ -38,6 +38,7 @@ def main() -> int:
     p.add_argument("--evaluation", default=f"{STS}@0.5:1")
     p.add_argument("--svd-weights", default="0,1,10")
     p.add_argument("--basis", default="raw", choices=["raw", "principal"])
+    p.add_argument("--order", type=int, default=2, choices=[2, 3], help="Kronecker factors per term")
     a = p.parse_args()
 
     loaded = load_model(a.model)
@@ -62,21 +63,23 @@ def main() -> int:
     for variant in a.variants.split(","):
         fields = variant.split(":")
         b_share, beta = float(fields[0]), float(fields[1])
-        cfg = SEEConfig(ratio=a.ratio, b_share=b_share, basis=a.basis,
+        cfg = SEEConfig(ratio=a.ratio, b_share=b_share, basis=a.basis, order=a.order,
                         max_rank=int(fields[2]) if len(fields) > 2 else None,
                         fill_rank=len(fields) > 3 and fields[3] == "fill")
         start = time.time()
-        P, X, d1, d2 = split_coordinates(E, cfg)
-        plan = plan_units(tokens, loaded.family, X, d1, d2, cfg, width=d,
+        P, X, dims = split_coordinates(E, cfg)
+        plan = plan_units(tokens, loaded.family, X, dims, cfg, width=d,
                           reserved=0 if P is None else P.numel())
-        core = init_entangled(plan, d1, d2, X, 0)
+        core = init_entangled(plan, dims, X, 0)
         fit_rows(core, X, a.steps, cfg.lr, 0, plan.active, weights=row_weights(cal, V, beta))
         emb = core if P is None else with_basis(core, P)
         with torch.no_grad():
             W = emb.weight
             err = float(((W - E) ** 2).sum() / (E ** 2).sum())
             ev = eval_weighted(W)
-        print(f"see {a.basis} {variant}: U_a {plan.units_a} U_b {plan.units_b} rank {cfg.rank()} "
+        print(f"see {a.basis} order {a.order} ({' x '.join(map(str, dims))}) {variant}: "
+              f"U_a {plan.units_a} U_b {plan.units_b}"
+              + (f" U_c {plan.units_c}" if plan.index_c is not None else "") + f" rank {cfg.rank()} "
               f"mean rank {plan.stats['mean_rank']:.2f} hypernym depth {plan.stats['hypernym_depth']} "
               f"params {emb.param_count():,} | "
               f"row error {err:.3f}, eval-weighted {ev:.3f} ({time.time() - start:.0f} s)",

@@ -9,6 +9,8 @@ Formulation (docs/see.md): e_v = (sum_r c[v, r] * A[ia[v, r]] (x) B[ib[v, r]]) P
   clusters of the original embeddings.
 - B: sub-word/form units: k-means clusters of the original embeddings; a token's r-th term uses its
   r-th nearest cluster, so the terms of one token differ.
+- C (order 3 only: A (x) B (x) C, d' = d1 d2 d3): a second form inventory, the same k-means rule
+  on the next band of the table's principal components (B clusters the top 64).
 - P (d' x d, basis = "principal"): the basis the tensor-product split is taken in, started at the
   table's top-d' principal directions and trained with the rest (its parameters count in the
   ratio); basis = "raw" splits the table's own coordinates (no P).
@@ -28,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding, factor_dim,
-                                          head_for)
+from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding,
+                                          factor_dims, head_for, kron_sum)
 from pocketformer.compress.recovery import (_kd_loss, check_device, check_precision,
                                              student_autocast)
 from pocketformer.compress.registry import Calibration, register
@@ -40,6 +42,7 @@ from pocketformer.progress import progress, say
 INVENTORIES = ("wordnet", "random")
 BASES = ("principal", "raw")
 BASIS_BUDGET_SHARE = 1 / 8           # a default principal basis takes at most this share of the budget
+FORM_BAND = 64                       # principal components a form inventory is clustered on
 
 
 @dataclass
@@ -93,8 +96,9 @@ class EmbeddingStages:
 
 @dataclass
 class SEEConfig(EmbeddingStages):
-    order: int = 2                   # Kronecker factors per term (2 is implemented)
-    d1: int | None = None            # first factor's size (d' = d1 * d2); default: near sqrt(d')
+    order: int = 2                   # Kronecker factors per term: 2 (A (x) B) or 3 (A (x) B (x) C)
+    d1: int | None = None            # first factor's size (d' = d1 * d2 [* d3]); default: the most
+                                     # square (cube-like) split of the width
     basis: str = "principal"         # principal | raw: the basis the Kronecker split is taken in
     basis_dim: int | None = None     # d' of a principal basis; default: d when its d x d matrix
                                      # takes at most BASIS_BUDGET_SHARE of the budget, else the
@@ -111,8 +115,8 @@ class SEEConfig(EmbeddingStages):
 
     def validate(self) -> None:
         super().validate()
-        if self.order != 2:
-            raise BadInputError("only order 2 (d = d1 x d2) is implemented", field="order")
+        if self.order not in (2, 3):
+            raise BadInputError("expected order 2 (d = d1 x d2) or 3 (d = d1 x d2 x d3)", field="order")
         if self.inventory not in INVENTORIES:
             raise BadInputError(f"expected one of {', '.join(INVENTORIES)}", field="inventory")
         if self.basis not in BASES:
@@ -146,14 +150,14 @@ def word_of(token: str, family: str) -> str | None:
     return None
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, dim: int = 64
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, dim: int = 64, skip: int = 0
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine k-means in the top-`dim` principal subspace (random seeding); returns (centroids in
-    that subspace, assignment). Projecting first makes 20k clusters of 30k rows take seconds;
+    """Cosine k-means in the top-`dim` principal subspace (after the first `skip` components;
+    random seeding); returns (centroids in that subspace, assignment). Projecting first makes 20k clusters of 30k rows take seconds;
     stopping once an assignment repeats (MiniLM's table: after 4-5 of the 10 sweeps) returns
     exactly what the remaining sweeps would."""
     g = torch.Generator().manual_seed(seed)
-    x = _project(x, dim)
+    x = _project(x, dim, skip)
     n = x.shape[0]
     k = min(k, n)
     cent = x[torch.randperm(n, generator=g)[:k]].clone()
@@ -171,17 +175,17 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, dim: int = 6
     return cent, assign
 
 
-def _project(x: torch.Tensor, dim: int) -> torch.Tensor:
+def _project(x: torch.Tensor, dim: int, skip: int = 0) -> torch.Tensor:
     x = x.float()
     centered = x - x.mean(0)
-    if x.shape[1] > dim:
+    if x.shape[1] > dim or skip:
         _, _, V = torch.linalg.svd(centered[: min(len(x), 20000)], full_matrices=False)
-        centered = centered @ V[:dim].T
+        centered = centered @ V[skip:skip + dim].T
     return nn.functional.normalize(centered, dim=-1)
 
 
-def _nearest(x: torch.Tensor, cent: torch.Tensor, r: int) -> torch.Tensor:
-    x = _project(x, cent.shape[1])
+def _nearest(x: torch.Tensor, cent: torch.Tensor, r: int, skip: int = 0) -> torch.Tensor:
+    x = _project(x, cent.shape[1], skip)
     return torch.cat([(x[i:i + 4096] @ cent.T).topk(r, dim=-1).indices for i in range(0, len(x), 4096)])
 
 
@@ -195,28 +199,34 @@ class Plan:
     knowledge_units: int
     covered_tokens: int
     stats: dict
+    index_c: torch.Tensor | None = None    # V x R, order 3
+    units_c: int = 0
 
 
-def budget(V: int, d: int, d1: int, d2: int, ratio: float, R: int, b_share: float = 0.5,
-           reserved: int = 0) -> tuple[int, int]:
-    """Unit counts (U_a, U_b) whose tables plus the V x R coefficients fit V d / ratio parameters
-    less `reserved` (exact rows), a `b_share` of the table parameters going to B."""
+def budget(V: int, d: int, dims: tuple[int, ...], ratio: float, R: int, b_share: float = 0.5,
+           reserved: int = 0) -> tuple[int, ...]:
+    """Unit counts (U_a, U_b[, U_c]) whose tables (widths `dims`) plus the V x R coefficients fit
+    V d / ratio parameters less `reserved` (exact rows, a basis), a `b_share` of the table
+    parameters going to the form tables (split evenly between B and C at order 3)."""
     total = V * d / ratio - V * R - reserved
-    if total <= d1 + d2:
+    if total <= sum(dims):
         raise BadInputError(f"ratio {ratio:g} cannot be met: the {V} x {R} coefficients alone need "
                             f"{V * R:,} of the {int(V * d / ratio):,} parameters allowed"
                             + (f" ({reserved:,} already go to exact rows)" if reserved else "") + "; "
                             "lower the ratio or max_rank", field="ratio")
-    return max(1, int(total * (1 - b_share) / d1)), max(1, int(total * b_share / d2))
+    form = len(dims) - 1
+    return (max(1, int(total * (1 - b_share) / dims[0])),
+            *(max(1, int(total * b_share / form / dk)) for dk in dims[1:]))
 
 
-def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int, cfg: SEEConfig,
+def plan_units(tokens: list[str], family: str, E: torch.Tensor, dims: tuple[int, ...], cfg: SEEConfig,
                wordnet=None, exact: torch.Tensor | None = None, width: int | None = None,
                reserved: int = 0) -> Plan:
     """Units and terms for every token; tokens in `exact` (kept as exact rows) get no terms and
     their rows' parameters are taken from the budget first. `E` holds the rows to encode (a
-    principal basis' coordinates, d1 d2 wide); `width` is the table's own width d that the ratio
-    and the exact rows refer to (default: E's), `reserved` parameters already spent (the basis)."""
+    principal basis' coordinates, d1 d2 [d3] wide, `dims` the factors); `width` is the table's own
+    width d that the ratio and the exact rows refer to (default: E's), `reserved` parameters
+    already spent (the basis)."""
     V = E.shape[0]
     d = width or E.shape[1]
     R = cfg.rank()
@@ -224,8 +234,9 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
     is_exact = torch.zeros(V, dtype=torch.bool)
     if n_exact:
         is_exact[exact] = True
-    Ua, Ub = budget(V, d, d1, d2, cfg.ratio, R, cfg.b_share,
-                    reserved=((n_exact + 1) * d if n_exact else 0) + reserved)
+    table_units = budget(V, d, dims, cfg.ratio, R, cfg.b_share,
+                         reserved=((n_exact + 1) * d if n_exact else 0) + reserved)
+    Ua, Ub = table_units[:2]
     index_a = torch.zeros(V, R, dtype=torch.long)
     active = torch.zeros(V, R, dtype=torch.bool)
     senses: dict[int, list[tuple[str, ...]]] = {}
@@ -309,21 +320,37 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
     if cfg.inventory == "random":
         g = torch.Generator().manual_seed(cfg.seed + 1)
         index_a = torch.randint(0, units_a, (V, R), generator=g)
-    cent_b, _ = kmeans(E[~is_exact], Ub, seed=cfg.seed + 2)
-    index_b = _nearest(E, cent_b, min(R, len(cent_b)))
-    if index_b.shape[1] < R:
-        index_b = torch.cat([index_b, index_b[:, :1].expand(-1, R - index_b.shape[1])], 1)
+    index_b, n_b = _form_units(E, is_exact, Ub, R, seed=cfg.seed + 2)
+    index_c, n_c = None, 0
+    if len(dims) == 3:
+        # a second form inventory from the next band of principal components, so a token's B
+        # and C units describe different parts of its row (at most the top 64 + 64)
+        skip = min(FORM_BAND, E.shape[1] // 2)
+        index_c, n_c = _form_units(E, is_exact, table_units[2], R, seed=cfg.seed + 3, skip=skip,
+                                   dim=min(FORM_BAND, E.shape[1] - skip))
     if n_exact:
         active[exact] = False
     ranks = active.sum(1).float()
     stats = {"vocab": V, "knowledge_covered_tokens": covered,
              "knowledge_coverage": covered / V, "knowledge_units": knowledge_units,
              "hypernym_depth": depth_used, "data_units_a": units_a - knowledge_units,
-             "units_a": units_a, "units_b": len(cent_b), "max_rank": R,
+             "units_a": units_a, "units_b": n_b, **({"units_c": n_c} if index_c is not None else {}),
+             "max_rank": R,
              "mean_rank": float(ranks.mean()),
              "rank_histogram": torch.bincount(ranks.long(), minlength=R + 1).tolist(),
              "exact_rows": n_exact, "filled_terms": filled}
-    return Plan(index_a, index_b, active, units_a, len(cent_b), knowledge_units, covered, stats)
+    return Plan(index_a, index_b, active, units_a, n_b, knowledge_units, covered, stats, index_c, n_c)
+
+
+def _form_units(E: torch.Tensor, is_exact: torch.Tensor, k: int, R: int, seed: int, skip: int = 0,
+                dim: int = 64) -> tuple[torch.Tensor, int]:
+    """(V x R indices, unit count): a cosine k-means of the rows into k clusters (components
+    skip..skip+dim); term r of a token uses its r-th nearest cluster."""
+    cent, _ = kmeans(E[~is_exact], k, seed=seed, dim=dim, skip=skip)
+    index = _nearest(E, cent, min(R, len(cent)), skip)
+    if index.shape[1] < R:
+        index = torch.cat([index, index[:, :1].expand(-1, R - index.shape[1])], 1)
+    return index, len(cent)
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -331,46 +358,44 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, d1: int, d2: int
 @torch.no_grad()
 def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: int = 10,
         weights: torch.Tensor | None = None) -> list[float]:
-    """Alternating least squares on ||sum_r c A[ia] (x) B[ib] - e||^2 over all tokens: each sweep
-    solves, in closed form, every A row, then every B row, then every coefficient, each against
-    the residual that leaves its own term out (block coordinate descent; the error never rises).
-    With `weights` (V), token v's squared error counts w_v times (the unit updates weight each
-    token's share; a token's own coefficients are unaffected)."""
+    """Alternating least squares on ||sum_r c A[ia] (x) B[ib] [(x) C[ic]] - e||^2 over all tokens:
+    each sweep solves, in closed form, every row of each unit table in turn, then every
+    coefficient, each against the residual that leaves its own term out (block coordinate
+    descent; the error never rises). With `weights` (V), token v's squared error counts w_v times
+    (the unit updates weight each token's share; a token's own coefficients are unaffected)."""
     V, R = emb.index_a.shape
-    d1, d2 = emb.table_a.shape[1], emb.table_b.shape[1]
-    M = E.view(V, d1, d2).float()
-    ia, ib = emb.index_a, emb.index_b
+    dims = emb.dims
+    M = E.view(V, *dims).float()
     mask = active.float()
     errors = []
     w = torch.ones(V) if weights is None else weights.float()
     norm = float((w.unsqueeze(-1) * E ** 2).sum())
+    letters = "ijk"[:len(dims)]
 
-    def residual_terms():
-        a, b = emb.table_a[ia], emb.table_b[ib]                       # V R d1, V R d2
-        terms = emb.coef.unsqueeze(-1).unsqueeze(-1) * a.unsqueeze(-1) * b.unsqueeze(-2)
-        full = terms.sum(1, keepdim=True)
-        return M.unsqueeze(1) - full + terms, a, b                   # R_vr: own term added back
+    def factors():
+        return [t[i] for t, i in zip(emb.tables, emb.indices)]          # V R d_k each
 
     for _ in range(iters):
-        Rv, a, b = residual_terms()
-        c = emb.coef * mask
-        cw = c * w.unsqueeze(-1)                                      # token weights in the sums
-        num = torch.einsum("vr,vrij,vrj->vri", cw, Rv, b).reshape(-1, d1)
-        den = (cw * c * (b ** 2).sum(-1)).reshape(-1)
-        A_num = torch.zeros_like(emb.table_a).index_add_(0, ia.reshape(-1), num)
-        A_den = torch.zeros(emb.table_a.shape[0]).index_add_(0, ia.reshape(-1), den)
-        used = A_den > 1e-12
-        emb.table_a[used] = A_num[used] / A_den[used].unsqueeze(-1)
-        Rv, a, b = residual_terms()
-        num = torch.einsum("vr,vrij,vri->vrj", cw, Rv, a).reshape(-1, d2)
-        den = (cw * c * (a ** 2).sum(-1)).reshape(-1)
-        B_num = torch.zeros_like(emb.table_b).index_add_(0, ib.reshape(-1), num)
-        B_den = torch.zeros(emb.table_b.shape[0]).index_add_(0, ib.reshape(-1), den)
-        used = B_den > 1e-12
-        emb.table_b[used] = B_num[used] / B_den[used].unsqueeze(-1)
+        for k, (table, index) in enumerate(zip(emb.tables, emb.indices)):
+            f = factors()
+            terms = kron_sum(emb.coef, f, keep_rank=True)                  # V R d1 d2 [d3]
+            Rv = M.unsqueeze(1) - terms.sum(1, keepdim=True) + terms      # own term added back
+            c = emb.coef * mask
+            cw = c * w.unsqueeze(-1)                                      # token weights in the sums
+            others = [x for j, x in enumerate(f) if j != k]
+            spec = (f"vr,vr{letters}," + ",".join(f"vr{x}" for j, x in enumerate(letters) if j != k)
+                    + f"->vr{letters[k]}")
+            num = torch.einsum(spec, cw, Rv, *others).reshape(-1, dims[k])
+            den = cw * c
+            for x in others:
+                den = den * (x ** 2).sum(-1)
+            num_t = torch.zeros_like(table).index_add_(0, index.reshape(-1), num)
+            den_t = torch.zeros(table.shape[0]).index_add_(0, index.reshape(-1), den.reshape(-1))
+            used = den_t > 1e-12
+            table[used] = num_t[used] / den_t[used].unsqueeze(-1)
         # coefficients: one token at a time is a small R x R least-squares problem
-        a, b = emb.table_a[ia], emb.table_b[ib]
-        K = (a.unsqueeze(-1) * b.unsqueeze(-2)).reshape(V, R, -1) * mask.unsqueeze(-1)
+        K = kron_sum(torch.ones_like(emb.coef), factors(), keep_rank=True).reshape(V, R, -1)
+        K = K * mask.unsqueeze(-1)
         gram = K @ K.transpose(1, 2) + 1e-6 * torch.eye(R)
         rhs = (K @ M.reshape(V, -1, 1)).squeeze(-1)
         emb.coef.copy_(torch.linalg.solve(gram, rhs) * mask)
@@ -388,7 +413,7 @@ def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, se
     torch.manual_seed(seed)
     als_errors = als(emb, E, active if active is not None else emb.coef.detach() != 0,
                      weights=weights)
-    opt = torch.optim.Adam([emb.table_a, emb.table_b, emb.coef], lr=lr)
+    opt = torch.optim.Adam([*emb.tables, emb.coef], lr=lr)
     w = (torch.ones(E.shape[0]) if weights is None else weights.float()).unsqueeze(-1)
 
     def sq(D: torch.Tensor) -> torch.Tensor:
@@ -474,8 +499,11 @@ def exact_tokens(n: torch.Tensor | None, d: int, ratio: float, share: float) -> 
 
 def with_basis(core: EntangledEmbedding, P: torch.Tensor) -> EntangledEmbedding:
     """`core` (fitted to the coordinates E P^T) as a module whose rows are its rows times P."""
+    third = core.table_c is not None
     return EntangledEmbedding(core.table_a.detach(), core.table_b.detach(), core.index_a,
-                              core.index_b, core.coef.detach(), core.padding_idx, basis=P)
+                              core.index_b, core.coef.detach(), core.padding_idx, basis=P,
+                              table_c=core.table_c.detach() if third else None,
+                              index_c=core.index_c if third else None)
 
 
 def with_exact_rows(base: nn.Module, E: torch.Tensor, exact: torch.Tensor | None) -> nn.Module:
@@ -674,8 +702,8 @@ def metric_lowrank(M: torch.Tensor, k: int = 64) -> tuple[float, torch.Tensor, f
 def basis_width(V: int, d: int, cfg: SEEConfig, exact_rows: int = 0) -> int:
     """d': the width of the coordinates the Kronecker sum builds (d for the raw basis). A default
     principal basis is d x d when that takes at most BASIS_BUDGET_SHARE of the budget left after
-    the exact rows, else the widest d1 x d2 under that share (near-square, d2 <= 2 d1, or a
-    multiple of the d1 the user gave)."""
+    the exact rows, else the widest d1 x d2 [x d3] under that share (near-square or near-cube,
+    largest factor <= 2 x smallest, or one the d1 the user gave splits)."""
     if cfg.basis == "raw":
         return d
     if cfg.basis_dim is not None:
@@ -687,12 +715,11 @@ def basis_width(V: int, d: int, cfg: SEEConfig, exact_rows: int = 0) -> int:
     if cap >= d:
         return d
     for w in range(cap, 0, -1):
-        if cfg.d1 is not None:                           # the user's split: a multiple of d1
-            if w % cfg.d1 == 0:
-                return w
+        try:
+            dims = factor_dims(w, cfg.order, cfg.d1)
+        except ValueError:
             continue
-        a, b = factor_dim(w)
-        if b <= 2 * a:
+        if cfg.d1 is not None or dims[-1] <= 2 * dims[0]:   # the user's d1: any split it makes
             return w
     raise BadInputError(f"ratio {cfg.ratio:g} cannot be met with a principal basis: the budget "
                         f"left ({left:,.0f} parameters) has no room for one; lower the ratio or use "
@@ -707,26 +734,33 @@ def principal_basis(E: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def split_coordinates(E: torch.Tensor, config: SEEConfig, exact_rows: int = 0
-                      ) -> tuple[torch.Tensor | None, torch.Tensor, int, int]:
-    """(P, X, d1, d2): the principal basis (None for the raw one), the coordinates X = E P^T
-    (E itself) that the Kronecker sum builds, and its split d' = d1 x d2."""
+                      ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
+    """(P, X, dims): the principal basis (None for the raw one), the coordinates X = E P^T
+    (E itself) that the Kronecker sum builds, and its split d' = d1 x d2 [x d3]."""
     width = basis_width(*E.shape, config, exact_rows)
     try:
-        d1, d2 = factor_dim(width, config.d1)
+        dims = factor_dims(width, config.order, config.d1)
     except ValueError as e:
-        raise BadInputError(f"{e}: d1 must divide the width {width} the Kronecker sum builds",
-                            field="d1") from None
+        field = "d1" if config.d1 is not None else "order"
+        raise BadInputError(f"{e}: the width {width} the Kronecker sum builds does not factor so "
+                            f"(order {config.order}" + (f", d1 {config.d1})" if config.d1 else ")"),
+                            field=field) from None
     P = principal_basis(E, width) if config.basis == "principal" else None
-    return P, (E if P is None else E @ P.T), d1, d2
+    return P, (E if P is None else E @ P.T), dims
 
 
-def init_entangled(plan: Plan, d1: int, d2: int, E: torch.Tensor, seed: int) -> EntangledEmbedding:
+def init_entangled(plan: Plan, dims: tuple[int, ...], E: torch.Tensor, seed: int) -> EntangledEmbedding:
+    """Random unit tables (scaled so a term's product has about the rows' size) and coefficients
+    1 on a token's active terms; stage 1a's least squares then fits them."""
     g = torch.Generator().manual_seed(seed)
-    scale = float(E.std()) ** 0.5
-    A = torch.randn(plan.units_a, d1, generator=g) * scale / math.sqrt(d1) * 2
-    B = torch.randn(plan.units_b, d2, generator=g) * scale / math.sqrt(d2) * 2
+    n = len(dims)
+    scale = float(E.std()) ** (1 / n)
+    units = [plan.units_a, plan.units_b] + ([plan.units_c] if n == 3 else [])
+    A, B, *C = [torch.randn(u, dk, generator=g) * scale / math.sqrt(dk) * 2
+                for u, dk in zip(units, dims)]
     coef = plan.active.float()
-    return EntangledEmbedding(A, B, plan.index_a, plan.index_b, coef)
+    return EntangledEmbedding(A, B, plan.index_a, plan.index_b, coef,
+                              table_c=C[0] if C else None, index_c=plan.index_c)
 
 
 def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: list[dict], batches,
@@ -901,19 +935,19 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     batches = calib.inputs(loaded) if calib is not None else []
     counts = calibration_counts(batches, V, config.exact_share)
     exact = exact_tokens(counts, d, config.ratio, config.exact_share)
-    P, X, d1, d2 = split_coordinates(E, config, 0 if exact is None else exact.numel())
+    P, X, dims = split_coordinates(E, config, 0 if exact is None else exact.numel())
     width = X.shape[1]
-    say(f"see: planning units for {V} tokens ({config.basis} basis, d' = {d1} x {d2}, "
-        f"ratio {config.ratio:g})")
+    say(f"see: planning units for {V} tokens ({config.basis} basis, d' = "
+        f"{' x '.join(map(str, dims))}, ratio {config.ratio:g})")
     M = row_metric(loaded, batches, config.head_metric, config.device)
-    plan = plan_units(tokens, loaded.family, X, d1, d2, config, exact=exact, width=d,
+    plan = plan_units(tokens, loaded.family, X, dims, config, exact=exact, width=d,
                       reserved=0 if P is None else P.numel())
     lowrank = None
     if M is not None:
         # an error D in the coordinates is D P in the table (P's rows orthonormal): metric P M P^T
         c, W, share = metric_lowrank(M if P is None else P @ M @ P.T)
         lowrank = (c, W)
-    core = init_entangled(plan, d1, d2, X, config.seed)
+    core = init_entangled(plan, dims, X, config.seed)
     weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
     rows = fit_rows(core, X, config.reconstruct_steps, config.lr, config.seed, plan.active, weights,
                     metric=lowrank)
@@ -933,7 +967,7 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     rows.update(_exact_summary(module, E, counts, exact))
     tied, stages = _replace_and_train(loaded, module, E, batches, config, "see")
     before = V * d
-    return {"vocab": V, "d": d, "factors": [d1, d2], "basis": config.basis, "basis_dim": width,
+    return {"vocab": V, "d": d, "order": len(dims), "factors": list(dims), "basis": config.basis, "basis_dim": width,
             "tied_head": tied, "plan": plan.stats,
             "params_before": before, "params_after": module.param_count(),
             "ratio": before / module.param_count(), "stage1_rows": rows, **stages}

@@ -223,3 +223,84 @@ def test_kmeans_stops_at_a_fixed_point_with_the_full_run_s_result():
             ref = nn.functional.normalize(ref, dim=-1)
         assert repeated is not None and repeated < 59     # the early return was taken
         assert torch.equal(assign, ref_assign) and torch.equal(cent, ref)
+
+
+# ---- order 3: e_v = sum_r c A[ia] (x) B[ib] (x) C[ic] ------------------------------------------
+
+def _random3(V=30, R=3, units=(5, 4, 6), dims=(2, 3, 4), seed=0, basis_width=None):
+    g = torch.Generator().manual_seed(seed)
+    tables = [torch.randn(u, dk, generator=g) for u, dk in zip(units, dims)]
+    index = [torch.randint(0, u, (V, R), generator=g) for u in units]
+    coef = torch.randn(V, R, generator=g)
+    basis = None if basis_width is None else torch.randn(dims[0] * dims[1] * dims[2], basis_width,
+                                                         generator=g)
+    return EntangledEmbedding(tables[0], tables[1], index[0], index[1], coef, basis=basis,
+                              table_c=tables[2], index_c=index[2])
+
+
+def test_order_3_rows_are_sums_of_triple_kronecker_products():
+    emb = _random3()
+    assert emb.order == 3 and emb.dims == (2, 3, 4) and emb.embedding_dim == 24
+    for v in range(emb.num_embeddings):
+        expected = sum(emb.coef[v, r] * torch.kron(torch.kron(emb.table_a[emb.index_a[v, r]],
+                                                              emb.table_b[emb.index_b[v, r]]),
+                                                   emb.table_c[emb.index_c[v, r]])
+                       for r in range(emb.coef.shape[1]))
+        torch.testing.assert_close(emb(torch.tensor([v]))[0], expected)
+    assert emb.param_count() == 5 * 2 + 4 * 3 + 6 * 4 + 30 * 3
+    with pytest.raises(ValueError):
+        EntangledEmbedding(emb.table_a, emb.table_b, emb.index_a, emb.index_b, emb.coef,
+                           table_c=emb.table_c)                      # a table without its index
+
+
+@pytest.mark.parametrize("units,strategy", [((300, 4, 6), "gather-c"), ((5, 300, 6), "gather-c"),
+                                            ((5, 4, 300), "gather-b"), ((3, 400, 400), "gather-a")])
+@pytest.mark.parametrize("basis_width", [None, 30])
+def test_order_3_head_gathers_on_the_cheapest_mode_and_equals_the_dense_product(units, strategy,
+                                                                                basis_width):
+    """The order-3 head contracts H (d1 x d2 x d3) along one mode, gathers V R rows and dots them
+    with c * (the other two factors' Kronecker product); every mode equals h @ E^T, with or
+    without a basis, and the shapes survive describe/build."""
+    from pocketformer.models.factored import build, describe
+
+    emb = _random3(V=50, units=units, basis_width=basis_width)
+    costs = emb.head_costs()
+    assert "pairs" not in costs and emb.head_strategy() == strategy == min(costs, key=costs.get)
+    k = "abc".index(strategy[-1])
+    assert emb.intermediate_per_position() == 50 * 3 * (24 // emb.dims[k])
+    h = torch.randn(2, 5, emb.embedding_dim)
+    torch.testing.assert_close(emb._logits(h), h @ emb.weight.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(EntangledHead(emb)(h), h @ emb.weight.T, rtol=1e-4, atol=1e-4)
+    again = build(describe(emb))
+    again.load_state_dict(emb.state_dict(), strict=True)
+    torch.testing.assert_close(again.weight, emb.weight)
+
+
+def test_order_3_als_never_rises_and_fits_an_exact_product_table_closely():
+    """Stage 1a's least squares at order 3: each sweep's error is no higher than the last, and a
+    table that is itself a sum of triple products of shared units (same indices) is fitted far
+    below a random table's error."""
+    from pocketformer.compress.see import als
+
+    truth = _random3(V=60, R=2, seed=3)
+    E = truth.weight.detach()
+    start = _random3(V=60, R=2, seed=4)
+    fit = EntangledEmbedding(start.table_a.detach(), start.table_b.detach(), truth.index_a,
+                             truth.index_b, start.coef.detach(), table_c=start.table_c.detach(),
+                             index_c=truth.index_c)
+    errors = als(fit, E, torch.ones(60, 2, dtype=torch.bool), iters=40)
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.05 * errors[0] and errors[-1] < 1e-2, errors
+
+
+def test_factor_dims():
+    from pocketformer.models.factored import factor_dims
+
+    assert factor_dims(384, 2) == (16, 24)
+    assert factor_dims(384, 3) == (6, 8, 8)
+    assert factor_dims(576, 3) == (8, 8, 9)
+    assert factor_dims(90, 3) == (3, 5, 6)
+    assert factor_dims(384, 3, d1=4) == (4, 8, 12)
+    for bad in [(14, 3, None), (91, 3, None), (384, 3, 5), (384, 4, None)]:
+        with pytest.raises(ValueError):
+            factor_dims(*bad)

@@ -70,6 +70,44 @@ def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, small_te
     assert all(r.parity["passed"] for r in records), [r.parity for r in records]
 
 
+def test_see_order_3_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, small_text, tmp_path):
+    """Order 3 (A (x) B (x) C, in the raw basis 64 = 4 x 4 x 4): three unit tables, C clustered on its own band of
+    principal components; stage 1a lowers the row error, the head gathers on one mode and equals
+    the dense product, and the model saves, reloads and exports to ONNX and .pte with parity."""
+    loaded = load_model(tiny_llama_2l)
+    cfg = parse_params(get_method("see"), {"ratio": 4, "order": 3, "basis": "raw",
+                                           "reconstruct_steps": 200, **FAST})
+    rec = run_step(loaded, "see", cfg, _calib(loaded, small_text))
+    d = rec["details"]
+    assert d["order"] == 3 and d["factors"] == [4, 4, 4] and d["tied_head"]
+    assert d["params_after"] * 4 <= d["params_before"] * 1.01
+    assert d["plan"]["units_c"] > 1 and d["stage1_rows"]["loss_last"] < d["stage1_rows"]["loss_first"]
+    assert d["stage1_rows"]["als_errors"][-1] < 1.0
+    emb = loaded.adapter.embeddings(loaded.model)
+    assert isinstance(emb, EntangledEmbedding) and emb.order == 3
+    # B and C come from different clusterings: a token's two form units are not one relabelling
+    pairs = torch.stack([emb.index_b[:, 0], emb.index_c[:, 0]], 1).unique(dim=0)
+    assert len(pairs) > max(int(emb.index_b[:, 0].unique().numel()), int(emb.index_c[:, 0].unique().numel()))
+    with torch.inference_mode():
+        h = torch.randn(3, emb.embedding_dim)
+        torch.testing.assert_close(loaded.adapter.lm_head(loaded.model)(h), h @ emb.weight.T,
+                                   rtol=1e-4, atol=1e-4)
+    ids = loaded.adapter.example_inputs(loaded, seq_len=16)
+    with torch.inference_mode():
+        expected = loaded.adapter.export_module(loaded)(*ids)
+    save_model(loaded, tmp_path / "m")
+    entry = json.loads((tmp_path / "m" / "config.json").read_text())["pocketformer_embedding"]
+    assert entry["kind"] == "entangled" and entry["d3"] == 4 and entry["units_c"] == emb.table_c.shape[0]
+    again = load_model(tmp_path / "m")
+    with torch.inference_mode():
+        torch.testing.assert_close(again.adapter.export_module(again)(*ids), expected)
+    records = export_model(again, tmp_path / "art", ExportConfig(formats=["onnx", "pte"], seq_len=16,
+                                                                 max_len=48, greedy_tokens=8,
+                                                                 etrecord=False))
+    assert {r.path for r in records} >= {"model.pte", "model-gen.pte", "model.onnx"}
+    assert all(r.parity["passed"] for r in records), [r.parity for r in records]
+
+
 def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
     """tiny_bert carries all-MiniLM-L6-v2's real WordPiece vocabulary."""
     from pocketformer.compress.see import SEEConfig, plan_units
@@ -77,7 +115,7 @@ def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
     loaded = load_model(tiny_bert)
     E = loaded.adapter.embeddings(loaded.model).weight.detach()
     tokens = loaded.adapter.vocabulary(loaded)
-    plan = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4))
+    plan = plan_units(tokens, "bert", E, (4, 8), SEEConfig(ratio=4))
     s = plan.stats
     assert 0.4 < s["knowledge_coverage"] < 0.8            # whole words with WordNet senses
     assert s["knowledge_units"] > 0 and s["units_a"] > s["knowledge_units"]
@@ -87,12 +125,12 @@ def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
     # Words whose first senses share a hypernym ancestor share a semantic unit
     cat, dog = tokens.index("cat"), tokens.index("dog")
     assert set(plan.index_a[cat].tolist()) & set(plan.index_a[dog].tolist())
-    random_plan = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4, inventory="random"))
+    random_plan = plan_units(tokens, "bert", E, (4, 8), SEEConfig(ratio=4, inventory="random"))
     assert torch.equal(random_plan.active, plan.active) and torch.equal(random_plan.index_b, plan.index_b)
     assert not torch.equal(random_plan.index_a, plan.index_a)
     # A knowledge budget smaller than the number of hypernym roots (every adjective synset is
     # one) keeps the roots shared by most senses instead of dropping WordNet altogether.
-    tight = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4, knowledge_share=0.01)).stats
+    tight = plan_units(tokens, "bert", E, (4, 8), SEEConfig(ratio=4, knowledge_share=0.01)).stats
     assert tight["hypernym_depth"] == 0 and 0 < tight["knowledge_units"] < s["knowledge_units"]
     assert 0.1 < tight["knowledge_coverage"] < s["knowledge_coverage"]
 
@@ -105,8 +143,8 @@ def test_fill_rank_gives_free_slots_data_units_and_keeps_the_senses(tiny_bert):
     loaded = load_model(tiny_bert)
     E = loaded.adapter.embeddings(loaded.model).weight.detach()
     tokens = loaded.adapter.vocabulary(loaded)
-    plain = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4))
-    full = plan_units(tokens, "bert", E, 4, 8, SEEConfig(ratio=4, fill_rank=True))
+    plain = plan_units(tokens, "bert", E, (4, 8), SEEConfig(ratio=4))
+    full = plan_units(tokens, "bert", E, (4, 8), SEEConfig(ratio=4, fill_rank=True))
     assert (plain.units_a, plain.units_b) == (full.units_a, full.units_b)      # same budget
     assert bool(full.active.all()) and full.stats["mean_rank"] == 4.0
     assert full.stats["filled_terms"] == int((~plain.active).sum())
@@ -384,7 +422,9 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
 @pytest.mark.parametrize("args, words", [
     (["--ratio", "100000"], "cannot be met"),
     (["--d1", "7"], "d1"),
-    (["--order", "3"], "order 2"),
+    (["--order", "4"], "order 2"),
+    (["--order", "3", "--basis-dim", "14"], "three factors"),
+    (["--order", "3", "--d1", "5"], "does not divide"),
     (["--inventory", "hownet"], "wordnet"),
     (["--exact-share", "1.5"], "exact_share"),
     (["--ratio", "50000", "--exact-share", "0.5"], "buys no"),

@@ -8,7 +8,9 @@ Kronecker product:
     e_v = sum_r c[v, r] * A[ia[v, r]] (x) B[ib[v, r]]        A: U_a x d1, B: U_b x d2, d = d1 d2
 
 (order 2; a term with c = 0 is unused, so tokens may have different ranks). Read as a d1 x d2
-matrix, e_v = sum_r c A[ia]^T B[ib] is a rank <= R matrix assembled from shared pieces.
+matrix, e_v = sum_r c A[ia]^T B[ib] is a rank <= R matrix assembled from shared pieces. Order 3
+adds a third table, C: U_c x d3, and index ic: e_v = sum_r c A[ia] (x) B[ib] (x) C[ic], d = d1 d2 d3
+(a CP decomposition of the d1 x d2 x d3 tensor of each token with factors from shared tables).
 
 The tensor-product split of the embedding space needs a basis. With `basis` (a d' x d matrix,
 d' = d1 d2 <= d) the Kronecker sum gives a token's coordinates in that basis and the row is
@@ -28,12 +30,48 @@ position; the dense head costs V d):
 
 "pairs" wins for small inventories; at high parameter budgets (large unit tables) one of the
 gathers does, and its run-time intermediate is V R d_small per position instead of V d.
+
+At order 3 the head contracts H (d1 x d2 x d3) along one mode k with that mode's table, gathers
+the V R rows of the result and dots each with c * (the Kronecker product of the term's other two
+factors): U_k d1 d2 d3 + V R d / d_k multiply-adds, the cheapest k chosen ("gather-a", "gather-b",
+"gather-c"; "pairs" would need the U_a x U_b x U_c tensor and is not offered).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def factor_dims(d: int, order: int, d1: int | None = None) -> tuple[int, ...]:
+    """Split d into `order` factors: order 2 is factor_dim; order 3 the most cube-like d1 <= d2
+    <= d3 with every factor at least 2 (smallest d3 / d1; 384 = 6 x 8 x 8, 576 = 8 x 8 x 9), or,
+    with d1 given, d1 x (the most square split of d / d1)."""
+    if order == 2:
+        return factor_dim(d, d1)
+    if order != 3:
+        raise ValueError(f"order {order} is not implemented (2 or 3)")
+    if d1 is not None:
+        if d % d1 or d1 < 2:
+            raise ValueError(f"{d1} does not divide {d}")
+        a, b = factor_dim(d // d1)
+        if a < 2:
+            raise ValueError(f"{d // d1} (= {d} / {d1}) has no split into two factors of at least 2")
+        return d1, a, b
+    best = None
+    for a in range(2, int(round(d ** (1 / 3))) + 2):
+        if d % a:
+            continue
+        for b in range(a, int((d // a) ** 0.5) + 1):
+            if (d // a) % b == 0:
+                c = d // a // b
+                if best is None or c / a < best[2] / best[0]:
+                    best = (a, b, c)
+    if best is None:
+        raise ValueError(f"{d} has no split into three factors of at least 2")
+    return best
 
 
 def factor_dim(d: int, d1: int | None = None) -> tuple[int, int]:
@@ -52,19 +90,45 @@ def factor_dim(d: int, d1: int | None = None) -> tuple[int, int]:
 class EntangledEmbedding(nn.Module):
     def __init__(self, table_a: torch.Tensor, table_b: torch.Tensor, index_a: torch.Tensor,
                  index_b: torch.Tensor, coef: torch.Tensor, padding_idx: int | None = None,
-                 basis: torch.Tensor | None = None):
+                 basis: torch.Tensor | None = None, table_c: torch.Tensor | None = None,
+                 index_c: torch.Tensor | None = None):
         super().__init__()
-        if index_a.shape != index_b.shape or index_a.shape != coef.shape:
-            raise ValueError("index_a, index_b and coef must all be V x R")
-        if basis is not None and basis.shape[0] != table_a.shape[1] * table_b.shape[1]:
-            raise ValueError("basis must have d1 x d2 rows")
+        if (table_c is None) != (index_c is None):
+            raise ValueError("order 3 needs both table_c and index_c")
+        if index_a.shape != index_b.shape or index_a.shape != coef.shape or (
+                index_c is not None and index_c.shape != coef.shape):
+            raise ValueError("the indices and coef must all be V x R")
         self.table_a = nn.Parameter(table_a.float())
         self.table_b = nn.Parameter(table_b.float())
+        self.table_c = None if table_c is None else nn.Parameter(table_c.float())
         self.coef = nn.Parameter(coef.float())
+        if basis is not None and basis.shape[0] != self.core_dim:
+            raise ValueError("basis must have d1 x d2 (x d3) rows")
         self.basis = None if basis is None else nn.Parameter(basis.float())
         self.register_buffer("index_a", index_a.to(torch.int64))
         self.register_buffer("index_b", index_b.to(torch.int64))
+        if index_c is not None:
+            self.register_buffer("index_c", index_c.to(torch.int64))
+        else:
+            self.index_c = None
         self.padding_idx = padding_idx
+
+    @property
+    def order(self) -> int:
+        return 2 if self.table_c is None else 3
+
+    @property
+    def tables(self) -> list[torch.Tensor]:
+        """The unit tables, one per Kronecker factor (A, B[, C])."""
+        return [self.table_a, self.table_b] + ([] if self.table_c is None else [self.table_c])
+
+    @property
+    def indices(self) -> list[torch.Tensor]:
+        return [self.index_a, self.index_b] + ([] if self.index_c is None else [self.index_c])
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(t.shape[1] for t in self.tables)
 
     @property
     def num_embeddings(self) -> int:
@@ -72,8 +136,8 @@ class EntangledEmbedding(nn.Module):
 
     @property
     def core_dim(self) -> int:
-        """d1 d2: the width of the Kronecker sum (the coordinates in `basis`, when there is one)."""
-        return self.table_a.shape[1] * self.table_b.shape[1]
+        """d1 d2 (d3): the width of the Kronecker sum (the coordinates in `basis`, when there is one)."""
+        return math.prod(self.dims)
 
     @property
     def embedding_dim(self) -> int:
@@ -85,10 +149,8 @@ class EntangledEmbedding(nn.Module):
         return self.rows(torch.arange(self.num_embeddings))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        a = self.table_a[self.index_a[ids]]              # ... x R x d1
-        b = self.table_b[self.index_b[ids]]              # ... x R x d2
-        c = self.coef[ids]                               # ... x R
-        out = torch.einsum("...r,...ri,...rj->...ij", c, a, b).reshape(*ids.shape, self.core_dim)
+        factors = [t[i[ids]] for t, i in zip(self.tables, self.indices)]   # ... x R x d_k each
+        out = kron_sum(self.coef[ids], factors).reshape(*ids.shape, self.core_dim)
         return out if self.basis is None else out @ self.basis
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -96,12 +158,15 @@ class EntangledEmbedding(nn.Module):
 
     def head_costs(self) -> dict[str, int]:
         """Multiply-adds per position of each way to compute the tied head (see the module doc)."""
-        (ua, d1), (ub, d2) = self.table_a.shape, self.table_b.shape
         vr = self.index_a.numel()
         into = 0 if self.basis is None else self.basis.numel()    # h basis^T, once per position
-        return {"pairs": into + ua * d1 * d2 + ua * ub * d2 + vr,
-                "gather-a": into + ua * d1 * d2 + vr * d2,
-                "gather-b": into + ub * d1 * d2 + vr * d1}
+        d = self.core_dim
+        costs = {f"gather-{'abc'[k]}": into + t.shape[0] * d + vr * (d // t.shape[1])
+                 for k, t in enumerate(self.tables)}
+        if self.order == 2:
+            (ua, d1), (ub, d2) = self.table_a.shape, self.table_b.shape
+            costs = {"pairs": into + ua * d1 * d2 + ua * ub * d2 + vr, **costs}
+        return costs
 
     def head_strategy(self) -> str:
         costs = self.head_costs()
@@ -109,10 +174,11 @@ class EntangledEmbedding(nn.Module):
 
     def intermediate_per_position(self) -> int:
         """Floats of the head's largest run-time intermediate for one position."""
-        (ua, _), (ub, _) = self.table_a.shape, self.table_b.shape
-        V, R = self.index_a.shape
-        return {"pairs": ua * ub, "gather-a": V * R * self.table_b.shape[1],
-                "gather-b": V * R * self.table_a.shape[1]}[self.head_strategy()]
+        strategy = self.head_strategy()
+        if strategy == "pairs":
+            return self.table_a.shape[0] * self.table_b.shape[0]
+        k = "abc".index(strategy[-1])
+        return self.index_a.numel() * (self.core_dim // self.dims[k])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> [..., V], equal to hidden @ weight.T without forming weight.
@@ -130,10 +196,10 @@ class EntangledEmbedding(nn.Module):
         return self._logits(hidden)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        d1, d2 = self.table_a.shape[1], self.table_b.shape[1]
+        dims, n = self.dims, self.order
         if self.basis is not None:
-            hidden = F.linear(hidden, self.basis)                              # ... x d1 d2
-        H = hidden.reshape(*hidden.shape[:-1], d1, d2)
+            hidden = F.linear(hidden, self.basis)                              # ... x d'
+        H = hidden.reshape(*hidden.shape[:-1], *dims)
         strategy = self.head_strategy()
         # Products with a table are written as F.linear (x @ table.T) and the final weighted
         # sums as batched matmuls, the two forms XNNPACK takes into its delegate.
@@ -144,21 +210,34 @@ class EntangledEmbedding(nn.Module):
             idx = self.index_a * self.table_b.shape[0] + self.index_b         # V x R
             picked = flat[..., idx.reshape(-1)].reshape(*flat.shape[:-1], *idx.shape)
             return _rowwise_dot(picked, self.coef)
-        if strategy == "gather-a":
-            side = F.linear(H.transpose(-1, -2), self.table_a).transpose(-1, -2)  # ... x U_a x d2
-            index, other = self.index_a, self.table_b[self.index_b]           # V x R x d2
-        else:
-            side = F.linear(H, self.table_b).transpose(-1, -2)                # ... x U_b x d1
-            index, other = self.index_b, self.table_a[self.index_a]           # V x R x d1
+        # gather on mode k: contract H's k-th axis with table k (... x others x U_k), gather
+        # its V R rows, dot each with c * (the Kronecker product of the term's other factors)
+        k = "abc".index(strategy[-1])
+        table, index = self.tables[k], self.indices[k]
+        lead = H.shape[:-n]
+        Hk = H.movedim(len(lead) + k, -1)                                     # ... x others x d_k
+        side = F.linear(Hk, table)                                            # ... x others x U_k
+        side = side.reshape(*lead, -1, table.shape[0]).transpose(-1, -2)      # ... x U_k x others
+        others = [t[i] for j, (t, i) in enumerate(zip(self.tables, self.indices)) if j != k]
         V, R = index.shape
-        k = side.shape[-1]
-        picked = side[..., index.reshape(-1), :].reshape(*side.shape[:-2], V, R * k)
-        weights = (other * self.coef.unsqueeze(-1)).reshape(V, R * k)
+        kk = side.shape[-1]
+        picked = side[..., index.reshape(-1), :].reshape(*lead, V, R * kk)
+        weights = kron_sum(self.coef, others, keep_rank=True).reshape(V, R * kk)
         return _rowwise_dot(picked, weights)
 
     def param_count(self) -> int:
-        return (self.table_a.numel() + self.table_b.numel() + self.coef.numel()
+        return (sum(t.numel() for t in self.tables) + self.coef.numel()
                 + (0 if self.basis is None else self.basis.numel()))
+
+
+def kron_sum(coef: torch.Tensor, factors: list[torch.Tensor], keep_rank: bool = False) -> torch.Tensor:
+    """sum_r coef[..., r] * f1[..., r, :] (x) f2[..., r, :] (x) ..., as a [..., d1, d2, ...]
+    tensor (its row-major flattening is the Kronecker product); with keep_rank the terms are
+    returned unsummed, [..., R, d1, d2, ...]. One factor gives coef * f1."""
+    letters = "ijkl"[:len(factors)]
+    out = f"...r{letters}" if keep_rank else f"...{letters}"
+    spec = ",".join(["...r"] + [f"...r{x}" for x in letters]) + "->" + out
+    return torch.einsum(spec, coef, *factors)
 
 
 def _rowwise_dot(picked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -303,7 +382,9 @@ def describe(embedding: nn.Module) -> dict | None:
                 "units_b": embedding.table_b.shape[0], "d1": embedding.table_a.shape[1],
                 "d2": embedding.table_b.shape[1], "vocab": embedding.num_embeddings,
                 "rank": embedding.coef.shape[1],
-                **({} if embedding.basis is None else {"d": embedding.embedding_dim})}
+                **({} if embedding.basis is None else {"d": embedding.embedding_dim}),
+                **({} if embedding.table_c is None else {"units_c": embedding.table_c.shape[0],
+                                                         "d3": embedding.table_c.shape[1]})}
     if isinstance(embedding, FactoredEmbedding):
         return {"kind": "factored", "vocab": embedding.num_embeddings, "rank": embedding.P.shape[1],
                 "d": embedding.embedding_dim}
@@ -318,12 +399,15 @@ def build(entry: dict) -> nn.Module:
         return ExactRows(base, torch.arange(K), torch.zeros(K, base.embedding_dim))
     if entry["kind"] == "entangled":
         V, R = entry["vocab"], entry["rank"]
+        third = "units_c" in entry
+        core = entry["d1"] * entry["d2"] * (entry["d3"] if third else 1)
         return EntangledEmbedding(torch.zeros(entry["units_a"], entry["d1"]),
                                   torch.zeros(entry["units_b"], entry["d2"]),
                                   torch.zeros(V, R, dtype=torch.long), torch.zeros(V, R, dtype=torch.long),
                                   torch.zeros(V, R),
-                                  basis=(torch.zeros(entry["d1"] * entry["d2"], entry["d"])
-                                         if "d" in entry else None))
+                                  basis=torch.zeros(core, entry["d"]) if "d" in entry else None,
+                                  table_c=torch.zeros(entry["units_c"], entry["d3"]) if third else None,
+                                  index_c=torch.zeros(V, R, dtype=torch.long) if third else None)
     if entry["kind"] == "factored":
         return FactoredEmbedding(torch.zeros(entry["vocab"], entry["rank"]),
                                  torch.zeros(entry["rank"], entry["d"]))
