@@ -236,7 +236,7 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, dims: tuple[int,
         is_exact[exact] = True
     table_units = budget(V, d, dims, cfg.ratio, R, cfg.b_share,
                          reserved=((n_exact + 1) * d if n_exact else 0) + reserved)
-    Ua, Ub = table_units[:2]
+    Ua = table_units[0]
     index_a = torch.zeros(V, R, dtype=torch.long)
     active = torch.zeros(V, R, dtype=torch.bool)
     senses: dict[int, list[tuple[str, ...]]] = {}
@@ -298,6 +298,12 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, dims: tuple[int,
                 index_a[v, r] = knowledge_units + int(near[j, r])
                 active[v, r] = True
     units_a = knowledge_units + (len(cent_a) if rest else 0)
+    if units_a < Ua:
+        # k-means makes at most one cluster per row: when A's data-driven part hits that cap
+        # (small factors at order 3 buy more units than there are uncovered tokens), the A budget
+        # left over goes to the form tables, which are capped the same way (at V)
+        spare = (Ua - units_a) * dims[0] / (len(dims) - 1)
+        table_units = (units_a, *(u + int(spare / dk) for u, dk in zip(table_units[1:], dims[1:])))
     filled = 0
     if cfg.fill_rank and rest:
         # The V x R coefficients are paid for whether a slot is on or not: the slots a token's
@@ -320,7 +326,7 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, dims: tuple[int,
     if cfg.inventory == "random":
         g = torch.Generator().manual_seed(cfg.seed + 1)
         index_a = torch.randint(0, units_a, (V, R), generator=g)
-    index_b, n_b = _form_units(E, is_exact, Ub, R, seed=cfg.seed + 2)
+    index_b, n_b = _form_units(E, is_exact, table_units[1], R, seed=cfg.seed + 2)
     index_c, n_c = None, 0
     if len(dims) == 3:
         # a second form inventory from the next band of principal components, so a token's B

@@ -135,6 +135,27 @@ def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
     assert 0.1 < tight["knowledge_coverage"] < s["knowledge_coverage"]
 
 
+def test_order_3_plan_spends_the_budget_a_capped_a_table_leaves(tiny_bert):
+    """Units of 2-4 floats at order 3 buy more A units than there are tokens without WordNet
+    senses to cluster; k-means stops at one cluster per row, and the A budget left over goes to
+    the two form tables, so the tables and coefficients still use (almost) all of V d / ratio."""
+    from pocketformer.compress.see import SEEConfig, budget, plan_units
+
+    loaded = load_model(tiny_bert)
+    E = loaded.adapter.embeddings(loaded.model).weight.detach()
+    tokens = loaded.adapter.vocabulary(loaded)
+    V, d = E.shape
+    dims, cfg = (2, 4, 4), SEEConfig(ratio=4, order=3)
+    Ua, Ub, Uc = budget(V, d, dims, 4, cfg.rank())
+    plan = plan_units(tokens, "bert", E, dims, cfg)
+    assert plan.units_a < Ua                                   # A capped by the rows it clusters
+    assert plan.units_b > Ub and plan.units_c > Uc             # its spare moved to B and C
+    used = plan.units_a * 2 + plan.units_b * 4 + plan.units_c * 4 + V * cfg.rank()
+    assert V * d / 4 - 2 * 4 <= used <= V * d / 4, (used, V * d / 4)
+    assert plan.index_c is not None and int(plan.index_c.max()) < plan.units_c
+    assert plan.stats["units_c"] == plan.units_c
+
+
 def test_fill_rank_gives_free_slots_data_units_and_keeps_the_senses(tiny_bert):
     """fill_rank: the slots a token's senses leave free (paid for in the V x R coefficients
     either way) take its nearest data-driven A units; the knowledge terms and the budget stay."""
