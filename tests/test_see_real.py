@@ -16,12 +16,18 @@ from conftest import STS_DEV
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # a wall-clock training budget
 
 
-def test_minilm_see_ratio_10(tmp_path):
+def _minilm_and_sts_halves():
+    """The real MiniLM, STS-B dev pairs 751-1500 (scored) and 1-750 (calibration), and the dense
+    Spearman on the scored half."""
     loaded = load_model("minilm")
     ev = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0.5:1"))
-    dense = evaluate(loaded, "sts", ev).value
-    emb_before = loaded.adapter.embeddings(loaded.model).weight.numel()
     cal = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0:0.5"))
+    return loaded, ev, cal, evaluate(loaded, "sts", ev).value
+
+
+def test_minilm_see_ratio_10(tmp_path):
+    loaded, ev, cal, dense = _minilm_and_sts_halves()
+    emb_before = loaded.adapter.embeddings(loaded.model).weight.numel()
     # the setting chosen on validation pairs for MiniLM at 10x: every token's 8 coefficient slots
     # used, the senses' WordNet units first, data-driven units in the rest (docs/see.md)
     cfg = parse_params(get_method("see"), {"ratio": 10, "reconstruct_steps": 60, "fill_rank": True,
@@ -56,10 +62,7 @@ def test_minilm_see_order_3_ratio_40():
     """Order 3 on the real MiniLM at 40x: three unit tables (A from WordNet, B and C form units
     from two bands of principal components) in a 90 = 3 x 5 x 6 principal basis, spending the
     whole budget, keep a stated share of the dense STS Spearman on held-out pairs."""
-    loaded = load_model("minilm")
-    ev = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0.5:1"))
-    dense = evaluate(loaded, "sts", ev).value
-    cal = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0:0.5"))
+    loaded, ev, cal, dense = _minilm_and_sts_halves()
     cfg = parse_params(get_method("see"), {"ratio": 40, "order": 3, "fill_rank": True,
                                            "reconstruct_steps": 60, "hidden_minutes": 0.1,
                                            "distill_minutes": 0.3})

@@ -56,18 +56,24 @@ def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, small_te
         h = torch.randn(3, emb.embedding_dim)
         torch.testing.assert_close(loaded.adapter.lm_head(loaded.model)(h), h @ emb.weight.T,
                                    rtol=1e-4, atol=1e-4)
+    entry = _reload_and_export(loaded, ids, expected, tmp_path)
+    assert entry["kind"] == "exact-rows" and entry["rows"] == K and entry["base"]["kind"] == "entangled"
+
+
+def _reload_and_export(loaded, ids, expected, tmp_path) -> dict:
+    """Save, reload (same outputs on `ids`), export ONNX and .pte, forward and generation
+    programs, with parity; returns the saved config's embedding entry."""
     save_model(loaded, tmp_path / "m")
     entry = json.loads((tmp_path / "m" / "config.json").read_text())["pocketformer_embedding"]
-    assert entry["kind"] == "exact-rows" and entry["rows"] == K and entry["base"]["kind"] == "entangled"
     again = load_model(tmp_path / "m")
     with torch.inference_mode():
         torch.testing.assert_close(again.adapter.export_module(again)(*ids), expected)
-    # ONNX and .pte, forward and generation programs (plain SEE: test_combined_recipe.py)
     records = export_model(again, tmp_path / "art", ExportConfig(formats=["onnx", "pte"], seq_len=16,
                                                                  max_len=48, greedy_tokens=8,
                                                                  etrecord=False))
     assert {r.path for r in records} >= {"model.pte", "model-gen.pte", "model.onnx"}
     assert all(r.parity["passed"] for r in records), [r.parity for r in records]
+    return entry
 
 
 def test_see_order_3_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, small_text, tmp_path):
@@ -95,17 +101,8 @@ def test_see_order_3_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, 
     ids = loaded.adapter.example_inputs(loaded, seq_len=16)
     with torch.inference_mode():
         expected = loaded.adapter.export_module(loaded)(*ids)
-    save_model(loaded, tmp_path / "m")
-    entry = json.loads((tmp_path / "m" / "config.json").read_text())["pocketformer_embedding"]
+    entry = _reload_and_export(loaded, ids, expected, tmp_path)
     assert entry["kind"] == "entangled" and entry["d3"] == 4 and entry["units_c"] == emb.table_c.shape[0]
-    again = load_model(tmp_path / "m")
-    with torch.inference_mode():
-        torch.testing.assert_close(again.adapter.export_module(again)(*ids), expected)
-    records = export_model(again, tmp_path / "art", ExportConfig(formats=["onnx", "pte"], seq_len=16,
-                                                                 max_len=48, greedy_tokens=8,
-                                                                 etrecord=False))
-    assert {r.path for r in records} >= {"model.pte", "model-gen.pte", "model.onnx"}
-    assert all(r.parity["passed"] for r in records), [r.parity for r in records]
 
 
 def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
