@@ -43,6 +43,7 @@ INVENTORIES = ("wordnet", "random")
 BASES = ("principal", "raw")
 BASIS_BUDGET_SHARE = 1 / 8           # a default principal basis takes at most this share of the budget
 FORM_BAND = 64                       # principal components a form inventory is clustered on
+UNSPENT_WARNING = 0.95               # say so when the unit tables cannot use this share of the budget
 
 
 @dataclass
@@ -971,11 +972,17 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
                 rows["coordinates_weighted_relative_error"] = rows.pop("weighted_relative_error")
     module = with_exact_rows(base, E, exact)
     rows.update(_exact_summary(module, E, counts, exact))
+    allowed = int(V * d / config.ratio)
+    if module.param_count() < UNSPENT_WARNING * allowed:
+        say(f"see: only {module.param_count():,} of the {allowed:,} parameters ratio {config.ratio:g} "
+            f"allows are used ({V * d / module.param_count():.1f}x): every unit table is capped at "
+            "one unit per row it clusters; a lower order, a higher max_rank or exact rows "
+            "(exact_share) would spend the rest")
     tied, stages = _replace_and_train(loaded, module, E, batches, config, "see")
     before = V * d
     return {"vocab": V, "d": d, "order": len(dims), "factors": list(dims), "basis": config.basis, "basis_dim": width,
             "tied_head": tied, "plan": plan.stats,
-            "params_before": before, "params_after": module.param_count(),
+            "params_before": before, "params_allowed": allowed, "params_after": module.param_count(),
             "ratio": before / module.param_count(), "stage1_rows": rows, **stages}
 
 

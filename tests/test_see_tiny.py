@@ -132,6 +132,20 @@ def test_see_units_come_from_wordnet_on_a_real_vocabulary(tiny_bert):
     assert 0.1 < tight["knowledge_coverage"] < s["knowledge_coverage"]
 
 
+def test_see_says_when_capped_unit_tables_leave_the_budget_unspent(tiny_llama_2l, small_text, capsys):
+    """At ratio 2 on a 512-token vocabulary, 4-float units would need more clusters than there
+    are rows in every table: the record and a message say how much of the budget is used."""
+    loaded = load_model(tiny_llama_2l)
+    cfg = parse_params(get_method("see"), {"ratio": 2, "order": 3, "basis": "raw",
+                                           "reconstruct_steps": 10, **FAST})
+    d = run_step(loaded, "see", cfg, _calib(loaded, small_text))["details"]
+    V, dim = d["vocab"], d["d"]
+    assert d["params_allowed"] == V * dim // 2
+    assert d["plan"]["units_b"] == d["plan"]["units_c"] == V          # capped at one per row
+    assert d["params_after"] < 0.95 * d["params_allowed"] and d["ratio"] > 2.1
+    assert f"only {d['params_after']:,} of the {d['params_allowed']:,} parameters" in capsys.readouterr().err
+
+
 def test_order_3_plan_spends_the_budget_a_capped_a_table_leaves(tiny_bert):
     """Units of 2-4 floats at order 3 buy more A units than there are tokens without WordNet
     senses to cluster; k-means stops at one cluster per row, and the A budget left over goes to
