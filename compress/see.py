@@ -154,9 +154,9 @@ def word_of(token: str, family: str) -> str | None:
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, dim: int = 64, skip: int = 0
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine k-means in the top-`dim` principal subspace (after the first `skip` components;
-    random seeding); returns (centroids in that subspace, assignment). Projecting first makes 20k clusters of 30k rows take seconds;
-    stopping once an assignment repeats (MiniLM's table: after 4-5 of the 10 sweeps) returns
-    exactly what the remaining sweeps would."""
+    random seeding); returns (centroids in that subspace, assignment). Projecting first makes
+    20k clusters of 30k rows take seconds; stopping once an assignment repeats (MiniLM's table:
+    after 4-5 of the 10 sweeps) returns exactly what the remaining sweeps would."""
     g = torch.Generator().manual_seed(seed)
     x = _project(x, dim, skip)
     n = x.shape[0]
@@ -350,7 +350,7 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, dims: tuple[int,
 
 
 def _form_units(E: torch.Tensor, is_exact: torch.Tensor, k: int, R: int, seed: int, skip: int = 0,
-                dim: int = 64) -> tuple[torch.Tensor, int]:
+                dim: int = FORM_BAND) -> tuple[torch.Tensor, int]:
     """(V x R indices, unit count): a cosine k-means of the rows into k clusters (components
     skip..skip+dim); term r of a token uses its r-th nearest cluster."""
     cent, _ = kmeans(E[~is_exact], k, seed=seed, dim=dim, skip=skip)
@@ -980,7 +980,8 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
             "(exact_share) would spend the rest")
     tied, stages = _replace_and_train(loaded, module, E, batches, config, "see")
     before = V * d
-    return {"vocab": V, "d": d, "order": len(dims), "factors": list(dims), "basis": config.basis, "basis_dim": width,
+    return {"vocab": V, "d": d, "order": len(dims), "factors": list(dims), "basis": config.basis,
+            "basis_dim": width,
             "tied_head": tied, "plan": plan.stats,
             "params_before": before, "params_allowed": allowed, "params_after": module.param_count(),
             "ratio": before / module.param_count(), "stage1_rows": rows, **stages}

@@ -93,7 +93,8 @@ def test_see_order_3_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, 
     assert isinstance(emb, EntangledEmbedding) and emb.order == 3
     # B and C come from different clusterings: a token's two form units are not one relabelling
     pairs = torch.stack([emb.index_b[:, 0], emb.index_c[:, 0]], 1).unique(dim=0)
-    assert len(pairs) > max(int(emb.index_b[:, 0].unique().numel()), int(emb.index_c[:, 0].unique().numel()))
+    assert len(pairs) > max(int(emb.index_b[:, 0].unique().numel()),
+                            int(emb.index_c[:, 0].unique().numel()))
     with torch.inference_mode():
         h = torch.randn(3, emb.embedding_dim)
         torch.testing.assert_close(loaded.adapter.lm_head(loaded.model)(h), h @ emb.weight.T,
