@@ -383,12 +383,12 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
         return [t[i] for t, i in zip(emb.tables, emb.indices)]          # V R d_k each
 
     for _ in range(iters):
+        c = emb.coef * mask                                               # fixed until the coef solve
+        cw = c * w.unsqueeze(-1)                                          # token weights in the sums
         for k, (table, index) in enumerate(zip(emb.tables, emb.indices)):
             f = factors()
             terms = kron_sum(emb.coef, f, keep_rank=True)                  # V R d1 d2 [d3]
             Rv = M.unsqueeze(1) - terms.sum(1, keepdim=True) + terms      # own term added back
-            c = emb.coef * mask
-            cw = c * w.unsqueeze(-1)                                      # token weights in the sums
             others = [x for j, x in enumerate(f) if j != k]
             spec = (f"vr,vr{letters}," + ",".join(f"vr{x}" for j, x in enumerate(letters) if j != k)
                     + f"->vr{letters[k]}")
@@ -506,11 +506,10 @@ def exact_tokens(n: torch.Tensor | None, d: int, ratio: float, share: float) -> 
 
 def with_basis(core: EntangledEmbedding, P: torch.Tensor) -> EntangledEmbedding:
     """`core` (fitted to the coordinates E P^T) as a module whose rows are its rows times P."""
-    third = core.table_c is not None
     return EntangledEmbedding(core.table_a.detach(), core.table_b.detach(), core.index_a,
                               core.index_b, core.coef.detach(), core.padding_idx, basis=P,
-                              table_c=core.table_c.detach() if third else None,
-                              index_c=core.index_c if third else None)
+                              table_c=None if core.table_c is None else core.table_c.detach(),
+                              index_c=core.index_c)
 
 
 def with_exact_rows(base: nn.Module, E: torch.Tensor, exact: torch.Tensor | None) -> nn.Module:
