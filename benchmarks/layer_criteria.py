@@ -18,7 +18,8 @@ import time
 from pocketformer import fsutil
 from pocketformer.compress import Calibration, get_method, parse_params, run_step
 from pocketformer.compress.layered_prune import _teacher_targets
-from pocketformer.compress.recovery import PRECISIONS, DistillOptions, distill
+from pocketformer.compress.recovery import (PRECISIONS, DistillOptions, check_device, distill,
+                                            on_device)
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
 from pocketformer.models import LoadedModel, count_params, load_model
@@ -48,6 +49,9 @@ def main() -> int:
                    help="distillation against the teacher's cached top-k tokens (as the recipe option)")
     p.add_argument("--sample-fraction", type=float,
                    help="the personalized criterion's share of batches per round (recipe option)")
+    p.add_argument("--device", default="cpu",
+                   help="distill: the torch device of the teacher's targets and the recovery "
+                        "steps (cpu, cuda, cuda:N), for the pruned models and --dense-recovery alike")
     p.add_argument("--dense-recovery", action="store_true",
                    help="also train the unpruned model with the same recovery budget")
     p.add_argument("--json")
@@ -79,11 +83,14 @@ def main() -> int:
                                   loaded.source, dict(loaded.extras))
             n = len(loaded.adapter.layers(loaded.model))
             batches = calib.inputs(loaded)
-            targets = _teacher_targets(teacher, batches, a.teacher_top_k)
-            rec = distill(loaded, teacher, list(range(n)), batches,
-                          DistillOptions(minutes=a.recovery_minutes, lr=a.lr,
-                                         precision=a.recovery_precision), label="dense recovery",
-                          targets=targets)
+            device = check_device(a.device, "--device")
+            targets = _teacher_targets(teacher, batches, a.teacher_top_k, device)
+            live = [teacher.model] if targets is None else []
+            with on_device([loaded.model, *live], batches, device) as placed:
+                rec = distill(loaded, teacher, list(range(n)), placed,
+                              DistillOptions(minutes=a.recovery_minutes, lr=a.lr,
+                                             precision=a.recovery_precision, device=str(device)),
+                              label="dense recovery", targets=targets)
             details = {"removed": [], "scoring_seconds": 0.0, "recovery_seconds": rec["seconds"],
                        "scoring_layer_evals": 0, "scoring_head_evals": 0}
         else:
@@ -91,7 +98,7 @@ def main() -> int:
                                         "recovery": a.recovery, "recovery_minutes": a.recovery_minutes,
                                         "steps": a.steps, "lr": a.lr,
                                         "recovery_precision": a.recovery_precision,
-                                        "teacher_top_k": a.teacher_top_k,
+                                        "teacher_top_k": a.teacher_top_k, "device": a.device,
                                         **({"sample_fraction": a.sample_fraction}
                                            if a.sample_fraction is not None else {})})
             details = run_step(loaded, "layered-prune", cfg, calib)["details"]

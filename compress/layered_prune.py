@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
+
 from pocketformer.compress import width
 from pocketformer.compress.criteria import CRITERIA, CriterionOptions, layer_sensitivity, select_layers
 from pocketformer.compress.recovery import (RECOVERIES, DistillOptions, LowRank,
-                                            TeacherTargets, check_precision, distill,
-                                            lsq_correct)
+                                            TeacherTargets, check_device, check_precision,
+                                            device_name, distill, lsq_correct, on_device)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel, count_params
@@ -40,6 +42,9 @@ class LayeredPruneConfig:
                                       # forward/backward: ~1.7x the steps per budget on CPUs
                                       # with AVX512-BF16; fp32 master weights and losses)
     ce_weight: float = 1.0            # next-token loss on the user's text beside KD (decoders)
+    device: str = "cpu"               # distill: the teacher's targets and every recovery step
+                                      # run on this torch device (cpu | cuda | cuda:N); the
+                                      # criteria, width cuts and the saved model stay on the CPU
     teacher_top_k: int = 0            # decoders: keep the teacher's top-k tokens per position
                                       # (0: the whole distribution) so more text fits in memory
     sketch_dim: int = 64
@@ -84,6 +89,7 @@ class LayeredPruneConfig:
                                 "recovery_rank = 0 with ffn_keep, kv_keep or params_fraction)",
                                 field="recovery_rank")
         check_precision(self.recovery_precision, "recovery_precision")
+        check_device(self.device, "device")
         if self.teacher_top_k < 0:
             raise BadInputError("must be >= 0 (0: the whole distribution)", field="teacher_top_k")
         if self.recovery_minutes < 0 or self.lr <= 0:
@@ -174,7 +180,10 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
     ffn_width0 = adapter.ffn(adapter.layers(loaded.model)[0]).width
     kv0 = adapter.attention(adapter.layers(loaded.model)[0], loaded.model.config).num_kv_heads
     distilling = config.recovery == "distill" and config.recovery_minutes > 0
-    targets = _teacher_targets(teacher, batches, config.teacher_top_k) if distilling else None
+    device = torch.device(config.device)
+    if distilling and device.type != "cpu":
+        say(f"layered-prune: recovery on {device_name(device)}")
+    targets = _teacher_targets(teacher, batches, config.teacher_top_k, device) if distilling else None
     # computing the targets is part of the recovery budget
     spent = targets.seconds / 60 if targets is not None else 0.0
     minutes_per_step = max(0.0, config.recovery_minutes - spent) / config.steps
@@ -203,12 +212,15 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
         if config.recovery == "lsq":
             record["recovery"] = lsq_correct(loaded, teacher, kept, batches)
         elif distilling:
-            record["recovery"] = distill(
-                loaded, teacher, kept, batches,
-                DistillOptions(minutes=minutes_per_step, lr=config.lr,
-                               ce_weight=config.ce_weight, seed=config.seed + step,
-                               rank=config.recovery_rank, precision=config.recovery_precision),
-                label=f"recovery {step}/{config.steps}", targets=targets, lowrank=lowrank)
+            live = [teacher.model] if targets is None else []
+            with on_device([loaded.model, *live], batches, device) as placed:
+                record["recovery"] = distill(
+                    loaded, teacher, kept, placed,
+                    DistillOptions(minutes=minutes_per_step, lr=config.lr,
+                                   ce_weight=config.ce_weight, seed=config.seed + step,
+                                   rank=config.recovery_rank, precision=config.recovery_precision,
+                                   device=str(device)),
+                    label=f"recovery {step}/{config.steps}", targets=targets, lowrank=lowrank)
         steps.append(record)
     removed = sorted(set(range(n)) - set(kept))
     cache = ({"seconds": round(targets.seconds, 1), "megabytes": round(targets.bytes / 1e6, 1),
@@ -223,9 +235,10 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
             "recovery_seconds": round(sum(s.get("recovery", {}).get("seconds", 0.0) for s in steps), 1)}
 
 
-def _teacher_targets(teacher: LoadedModel, batches, top_k: int = 0):
-    """The teacher's outputs computed once for all recovery steps (compress/recovery.py), when
-    they take at most a quarter of the available memory; otherwise the teacher runs live."""
+def _teacher_targets(teacher: LoadedModel, batches, top_k: int = 0, device: torch.device | None = None):
+    """The teacher's outputs computed once for all recovery steps (compress/recovery.py), on
+    `device`, kept in the CPU's memory when they take at most a quarter of the available memory
+    there; otherwise the teacher runs live."""
     import os
 
     need = TeacherTargets.size_bytes(teacher, batches, top_k)
@@ -234,7 +247,8 @@ def _teacher_targets(teacher: LoadedModel, batches, top_k: int = 0):
         say(f"recovery: teacher targets need {need / 1e9:.1f} GB, {room / 1e9:.1f} GB allowed; "
             "running the teacher live")
         return None
-    targets = TeacherTargets(teacher, batches, top_k)
+    with on_device([teacher.model], batches, device or "cpu") as placed:
+        targets = TeacherTargets(teacher, placed, top_k)
     say(f"recovery: teacher targets for {len(batches)} batches in {targets.seconds:.0f} s "
         f"({targets.bytes / 1e9:.2f} GB{f', top {top_k} tokens' if targets.top_k else ''})")
     return targets

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ class DistillOptions:
     rank: int = 0                 # > 0: train a rank-r term beside each frozen linear (LowRank)
     precision: str = "fp32"       # fp32 | bf16: the student's forward/backward under CPU bf16
                                   # autocast; parameters, optimizer and losses stay fp32
+    device: str = "cpu"           # where the student (and a live teacher) are: the caller puts
+                                  # them there (on_device); cached targets follow each batch
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -61,6 +64,30 @@ def check_device(value: str, field: str) -> torch.device:
             raise BadInputError(f"{value!r} asked for, but only {torch.cuda.device_count()} CUDA "
                                 "device(s) are visible", field=field)
     return device
+
+
+@contextmanager
+def on_device(models: list[nn.Module], batches, device: torch.device | str):
+    """For the block: the `models` on `device`, and the `batches` it yields copied there; the
+    models go back to the CPU after it (also when it fails). A no-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        yield batches
+        return
+    for model in models:
+        model.to(device)
+    try:
+        yield [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b) for b in batches]
+    finally:
+        for model in models:
+            model.to("cpu")
+
+
+def device_name(device: torch.device | str | None) -> str:
+    device = torch.device(device or "cpu")
+    if device.type == "cpu":
+        return "cpu"
+    return f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def _layer_outputs_hooks(layers, indices, store: dict):
@@ -190,6 +217,8 @@ class LowRank:
                     b = torch.zeros(lin.out_features, self.rank)
                     self.factors[id(lin)] = (lin, nn.Parameter(a), nn.Parameter(b))
                 _, a, b = self.factors[id(lin)]
+                if a.device != lin.weight.device:      # drawn on the CPU (seeded), trained where
+                    a.data, b.data = a.data.to(lin.weight.device), b.data.to(lin.weight.device)
                 with torch.no_grad():
                     lin.weight.sub_(b @ a)
                 parametrize.register_parametrization(lin, "weight", _Delta(a, b), unsafe=True)
@@ -205,7 +234,7 @@ class LowRank:
             if parametrize.is_parametrized(lin, "weight"):
                 parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
                 lin.weight.requires_grad_(False)
-            lin.pf_lowrank = (a.detach().clone(), b.detach().clone())
+            lin.pf_lowrank = (a.detach().to("cpu", copy=True), b.detach().to("cpu", copy=True))
 
 
 # ---- distillation -------------------------------------------------------------------------------
@@ -219,6 +248,8 @@ class TeacherTargets:
     so the targets are the numbers the live teacher would give, up to fp16 storage."""
 
     def __init__(self, teacher: LoadedModel, batches, top_k: int = 0):
+        """`teacher` and `batches` may be on any device (on_device); the targets are kept in
+        the CPU's memory and each distillation step copies its batch's to the student's device."""
         start = time.perf_counter()
         self.top_k = top_k if teacher.family != "bert" else 0
         adapter = teacher.adapter
@@ -233,13 +264,14 @@ class TeacherTargets:
                 for batch in batches:
                     out = module(*batch).float()
                     if teacher.family == "bert":
-                        self.outputs.append(out.to(torch.float16))
+                        self.outputs.append(out.to("cpu", torch.float16))
                     elif self.top_k:
                         logp, idx = torch.log_softmax(out, dim=-1).topk(self.top_k, dim=-1)
-                        self.outputs.append(TopK(logp.to(torch.float16), idx.to(torch.int32)))
+                        self.outputs.append(TopK(logp.to("cpu", torch.float16), idx.to("cpu", torch.int32)))
                     else:
-                        self.outputs.append(torch.log_softmax(out, dim=-1).to(torch.float16))
-                    self.hidden.append([store[i].detach().to(torch.float16) for i in range(len(layers))])
+                        self.outputs.append(torch.log_softmax(out, dim=-1).to("cpu", torch.float16))
+                    self.hidden.append([store[i].detach().to("cpu", torch.float16)
+                                        for i in range(len(layers))])
         finally:
             for h in hooks:
                 h.remove()
@@ -274,6 +306,9 @@ class TopK:
     @property
     def nbytes(self) -> int:
         return self.logp.nbytes + self.index.nbytes
+
+    def to(self, device: torch.device) -> "TopK":
+        return TopK(self.logp.to(device), self.index.to(device))
 
 
 def _kd_loss(family: str, s_out: torch.Tensor, t_out, *, t_is_logp: bool = False,
@@ -321,6 +356,7 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
     if not batches:
         raise BadInputError("distillation needs calibration data", field="calibration")
     budget = opts.minutes * 60.0
+    device = torch.device(opts.device)
     torch.manual_seed(opts.seed)
     s_module = adapter.export_module(loaded)
     t_module = adapter.export_module(teacher)
@@ -370,9 +406,9 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
                     with torch.no_grad():
                         t_out = t_module(*batch)
                 else:
-                    t_out = targets.outputs[bi]
-                    t_store = {i: targets.hidden[bi][i] for i in kept}
-                with student_autocast(opts.precision):
+                    t_out = targets.outputs[bi].to(device)
+                    t_store = {i: targets.hidden[bi][i].to(device) for i in kept}
+                with student_autocast(opts.precision, device.type):
                     s_out = s_module(*batch)
                 # one log-softmax of the student serves the KL and the next-token loss
                 s_logp = None if loaded.family == "bert" else torch.log_softmax(s_out.float(), dim=-1)
@@ -415,5 +451,5 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
             "loss_step1": losses[0] if losses else math.nan,
             "loss_first": float(sum(head) / len(head)) if losses else math.nan,
             "loss_last": float(sum(tail) / len(tail)) if losses else math.nan, "lr": opts.lr,
-            "precision": opts.precision,
+            "precision": opts.precision, "device": device_name(device),
             **({"rank": opts.rank, "trained_params": sum(p.numel() for p in params)} if opts.rank else {})}

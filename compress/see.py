@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +31,8 @@ from torch import nn
 
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding,
                                           factor_dims, head_for, kron_sum)
-from pocketformer.compress.recovery import (_kd_loss, check_device, check_precision,
-                                             student_autocast)
+from pocketformer.compress.recovery import (_kd_loss, check_device, check_precision, device_name,
+                                             on_device, student_autocast)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
@@ -638,23 +637,6 @@ def second_moment(rows) -> torch.Tensor:
     return (C / n).float()
 
 
-@contextmanager
-def on_device(models: list[nn.Module], batches, device: torch.device | str):
-    """For the block: the `models` on `device`, and the `batches` it yields copied there; the
-    models go back to the CPU after it (also when it fails). A no-op on the CPU."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        yield batches
-        return
-    for model in models:
-        model.to(device)
-    try:
-        yield [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b) for b in batches]
-    finally:
-        for model in models:
-            model.to("cpu")
-
-
 def head_moment(loaded: LoadedModel, batches, device: torch.device | str = "cpu") -> torch.Tensor:
     """C = E[h h^T] (d x d) of the LM head's input h over every calibration position
     (head_inputs), the passes run on `device`."""
@@ -844,7 +826,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
             p.requires_grad_(flag)
     k = max(1, min(5, len(losses)))
     rec = {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "precision": precision,
-           "device": _device_name(device),
+           "device": device_name(device),
            "loss_step1": losses[0] if losses else math.nan,
            "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
            "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}
@@ -872,19 +854,13 @@ def _install(loaded: LoadedModel, module: nn.Module, *, tied: bool) -> None:
         loaded.adapter.set_lm_head(loaded.model, head_for(module))
 
 
-def _device_name(device: torch.device | None) -> str:
-    if device is None or device.type == "cpu":
-        return "cpu"
-    return f"{device} ({torch.cuda.get_device_name(device)})"
-
-
 def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: torch.Tensor,
             batches, cfg, label: str) -> dict:
     """Stages 1b and 2 on cfg.device: both models and the batches go there for the stages and
     the student comes back to the CPU after them (also when a stage fails)."""
     device = torch.device(cfg.device)
     if device.type != "cpu":
-        say(f"{label}: stages 1b and 2 on {_device_name(device)}")
+        say(f"{label}: stages 1b and 2 on {device_name(device)}")
     with on_device([loaded.model, teacher.model], batches, device) as batches:
         groups = trainable_groups(loaded, module, cfg)
         anchor = (RowAnchor(module, E, cfg.row_anchor, cfg.anchor_rows, cfg.seed, device)

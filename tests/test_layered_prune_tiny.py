@@ -198,6 +198,12 @@ def test_layered_prune_bad_input(tiny_llama, tiny_bert, small_text, tmp_path, ca
     assert "pre-norm" in capsys.readouterr().err
     with pytest.raises(BadInputError, match="steps"):
         parse_params(get_method("layered-prune"), {"remove_layers": 2, "steps": 3})
+    # a recovery device that is not a torch device, or one this process cannot use
+    for device, says in (("tpu", "expected cpu, cuda or cuda:N"), ("cuda:99", "CUDA device")):
+        assert main(base + ["--remove-layers", "2", "--calibration", str(small_text),
+                            "--recovery", "distill", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert "device" in err and says in err, err
     assert not (tmp_path / "o").exists()
 
 
@@ -355,6 +361,7 @@ def test_bf16_recovery_trains_fp32_parameters_on_a_bf16_forward(tiny_llama, smal
                                                  precision=precision),
                                   targets=targets, lowrank=lowrank)
         assert recs[precision]["precision"] == precision and recs[precision]["steps"] >= 1
+        assert recs[precision]["device"] == "cpu"
         assert math.isfinite(recs[precision]["loss_last"])
         assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
         assert all(a.dtype == torch.float32 and b.dtype == torch.float32
@@ -365,6 +372,39 @@ def test_bf16_recovery_trains_fp32_parameters_on_a_bf16_forward(tiny_llama, smal
     with pytest.raises(BadInputError, match="recovery_precision"):
         parse_params(get_method("layered-prune"), {"remove_layers": 2, "recovery": "distill",
                                                    "recovery_precision": "fp16"}).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (run on a GPU machine; CI has none)")
+def test_low_rank_recovery_on_cuda_starts_from_the_cpu_loss_and_comes_back(tiny_llama, small_text,
+                                                                          tmp_path):
+    """device = cuda: the teacher's targets and both recovery steps run on the GPU, the
+    criteria and the saved model on the CPU. The first recovery loss is the CPU run's (fp32, up
+    to kernel rounding, same seed and factors), the factors train there, and the model, its
+    factors and the record come back to the CPU and save."""
+    method = get_method("layered-prune")
+    recs, models = {}, {}
+    for device in ("cpu", "cuda"):
+        loaded = load_model(tiny_llama)
+        cfg = parse_params(method, {"remove_layers": 2, "steps": 2, "recovery": "distill",
+                                    "recovery_minutes": 0.1, "lr": 1e-3, "bootstrap": 50,
+                                    "recovery_rank": 3, "teacher_top_k": 8, "device": device})
+        recs[device] = run_step(loaded, "layered-prune", cfg, _calib(loaded, small_text))["details"]
+        models[device] = loaded
+        assert {t.device.type for t in [*loaded.model.parameters(), *loaded.model.buffers()]} == {"cpu"}
+        linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)
+                   and hasattr(m, "pf_lowrank")]
+        assert linears and all(t.device.type == "cpu" for m in linears for t in m.pf_lowrank)
+        assert any(float(m.pf_lowrank[1].abs().max()) > 0 for m in linears)      # it trained
+        for step in recs[device]["steps"]:
+            assert step["recovery"]["steps"] >= 1
+            assert step["recovery"]["device"].startswith(device)
+    assert recs["cuda"]["steps"][0]["removed"] == recs["cpu"]["steps"][0]["removed"]
+    assert recs["cuda"]["steps"][0]["recovery"]["loss_step1"] == pytest.approx(
+        recs["cpu"]["steps"][0]["recovery"]["loss_step1"], rel=1e-2)
+    save_model(models["cuda"], tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert len(again.adapter.layers(again.model)) == 4
 
 
 def test_layer_set_search_exchange_reuses_the_prefix_exactly(tiny_llama, small_text, monkeypatch):
