@@ -6,7 +6,7 @@
         --evaluation ../shared/data/wikitext-2/valid.txt@0.5:1
 
 One fixed layer set is removed at once (no criterion, one step), and for each variant
-`hidden,ce,kd` a fresh copy of the pruned model gets the same low-rank recovery (rank, lr,
+`hidden,ce,kd[,holdout]` a fresh copy of the pruned model gets the same low-rank recovery (rank, lr,
 precision, budget, seed) against the same cached teacher targets (computed once, not charged to
 the budgets), with the loss weighted by that variant: hidden-state MSE, next-token CE, KL.
 Held-out perplexity after each. Prints one JSON row per variant and writes --json.
@@ -32,7 +32,8 @@ def main() -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--remove", required=True, help="layer indices removed, e.g. 3,5,12")
     p.add_argument("--minutes", type=float, default=5.0, help="recovery budget per variant")
-    p.add_argument("--variants", nargs="+", default=["1,1,1"], help="hidden,ce,kd weights")
+    p.add_argument("--variants", nargs="+", default=["1,1,1"],
+                   help="hidden,ce,kd weights[,held-out share of the batches (early stopping)]")
     p.add_argument("--calibration", required=True)
     p.add_argument("--evaluation", required=True)
     p.add_argument("--samples", type=int, default=384)
@@ -59,18 +60,21 @@ def main() -> int:
     kept = [i for i in range(len(base.adapter.layers(base.model))) if i not in remove]
     rows = []
     for variant in a.variants:
-        hw, ce, kd = (float(x) for x in variant.split(","))
+        hw, ce, kd, *rest = (float(x) for x in variant.split(","))
+        holdout = rest[0] if rest else 0.0
         student = LoadedModel(base.adapter, copy.deepcopy(base.model), base.tokenizer,
                               base.source, dict(base.extras))
         student.adapter.keep_layers(student.model, kept)
         rec = distill(student, base, kept, batches,
                       DistillOptions(minutes=a.minutes, lr=a.lr, ce_weight=ce, kd_weight=kd,
-                                     hidden_weight=hw, seed=1, rank=a.rank, precision=a.precision),
-                      label=f"hidden {hw} ce {ce} kd {kd}", targets=targets,
+                                     hidden_weight=hw, seed=1, rank=a.rank, precision=a.precision,
+                                     holdout=holdout),
+                      label=f"hidden {hw} ce {ce} kd {kd} holdout {holdout}", targets=targets,
                       lowrank=LowRank(a.rank, 0))
         q = evaluate(student, base.adapter.task, ev,
                      opts=EvalOptions(seq_len=a.seq_len, max_windows=a.eval_max_windows))
-        row = {"hidden_weight": hw, "ce_weight": ce, "kd_weight": kd, "steps": rec["steps"],
+        row = {"hidden_weight": hw, "ce_weight": ce, "kd_weight": kd, "holdout": holdout,
+               "best_step": rec.get("holdout_best_step"), "steps": rec["steps"],
                "loss_first": rec["loss_first"], "loss_last": rec["loss_last"], q.metric: q.value}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -35,6 +35,8 @@ class LayeredPruneConfig:
     steps: int = 1                    # step buffering: prune in this many steps
     recovery: str = "none"            # none | lsq | distill, run after every step
     recovery_minutes: float = 5.0     # total distillation budget, split evenly over the steps
+    final_recovery_share: float | None = None  # or: this share of it after the last step, the
+                                      # rest split evenly between the earlier steps
     lr: float = 5e-5
     recovery_rank: int = 0            # distill: > 0 trains a rank-r term beside each frozen linear
                                       # instead of the weights (exact 4-bit export, export/grid.py)
@@ -42,6 +44,9 @@ class LayeredPruneConfig:
                                       # forward/backward: ~1.7x the steps per budget on CPUs
                                       # with AVX512-BF16; fp32 master weights and losses)
     ce_weight: float = 1.0            # next-token loss on the user's text beside KD (decoders)
+    recovery_holdout: float = 0.0     # distill: this share of the calibration batches is held
+                                      # out; each recovery keeps its parameters at the lowest
+                                      # loss on them (early stopping)
     device: str = "cpu"               # distill: the teacher's targets and every recovery step
                                       # run on this torch device (cpu | cuda | cuda:N); the
                                       # criteria, width cuts and the saved model stay on the CPU
@@ -90,6 +95,12 @@ class LayeredPruneConfig:
                                 field="recovery_rank")
         check_precision(self.recovery_precision, "recovery_precision")
         check_device(self.device, "device")
+        if self.final_recovery_share is not None and not 0 < self.final_recovery_share < 1:
+            raise BadInputError("must be in (0, 1): the share of the recovery budget spent after "
+                                "the last step", field="final_recovery_share")
+        if not 0 <= self.recovery_holdout < 0.5:
+            raise BadInputError("must be in [0, 0.5): the share of the calibration batches held "
+                                "out of the recovery", field="recovery_holdout")
         if self.teacher_top_k < 0:
             raise BadInputError("must be >= 0 (0: the whole distribution)", field="teacher_top_k")
         if self.recovery_minutes < 0 or self.lr <= 0:
@@ -112,6 +123,14 @@ class LayeredPruneConfig:
         return CriterionOptions(seed=self.seed, sketch_dim=self.sketch_dim, sketch=self.sketch,
                                 sample_fraction=self.sample_fraction, per_round=self.per_round,
                                 bootstrap=self.bootstrap)
+
+
+def _recovery_minutes(total: float, steps: int, final_share: float | None) -> list[float]:
+    """The distillation budget of each step: even, or `final_share` of it after the last step
+    and the rest split evenly between the others (one step takes it all)."""
+    if steps == 1 or final_share is None:
+        return [total / steps] * steps
+    return [total * (1 - final_share) / (steps - 1)] * (steps - 1) + [total * final_share]
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -186,7 +205,8 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
     targets = _teacher_targets(teacher, batches, config.teacher_top_k, device) if distilling else None
     # computing the targets is part of the recovery budget
     spent = targets.seconds / 60 if targets is not None else 0.0
-    minutes_per_step = max(0.0, config.recovery_minutes - spent) / config.steps
+    minutes = _recovery_minutes(max(0.0, config.recovery_minutes - spent), config.steps,
+                                config.final_recovery_share)
     kept = list(range(n))            # current layer i is original layer kept[i]
     lowrank = LowRank(config.recovery_rank, config.seed) if distilling and config.recovery_rank else None
     steps = []
@@ -216,10 +236,10 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
             with on_device([loaded.model, *live], batches, device) as placed:
                 record["recovery"] = distill(
                     loaded, teacher, kept, placed,
-                    DistillOptions(minutes=minutes_per_step, lr=config.lr,
+                    DistillOptions(minutes=minutes[step - 1], lr=config.lr,
                                    ce_weight=config.ce_weight, seed=config.seed + step,
                                    rank=config.recovery_rank, precision=config.recovery_precision,
-                                   device=str(device)),
+                                   device=str(device), holdout=config.recovery_holdout),
                     label=f"recovery {step}/{config.steps}", targets=targets, lowrank=lowrank)
         steps.append(record)
     removed = sorted(set(range(n)) - set(kept))

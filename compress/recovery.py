@@ -30,6 +30,12 @@ class DistillOptions:
                                   # autocast; parameters, optimizer and losses stay fp32
     device: str = "cpu"           # where the student (and a live teacher) are: the caller puts
                                   # them there (on_device); cached targets follow each batch
+    holdout: float = 0.0          # > 0: this share of the batches is never trained on; the
+                                  # loss on them is taken HOLDOUT_CHECKS times and the trained
+                                  # parameters at its lowest are the ones kept (early stopping)
+
+
+HOLDOUT_CHECKS = 10   # held-out losses per recovery (plus one before the first step)
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -311,6 +317,20 @@ class TopK:
         return TopK(self.logp.to(device), self.index.to(device))
 
 
+def _holdout_split(n: int, share: float) -> tuple[list[int], list[int]]:
+    """Batch indices to train on and to hold out. The held-out ones are drawn from a fixed seed,
+    so every recovery step of a run (each with its own training seed) holds out the same text."""
+    if share == 0:
+        return list(range(n)), []
+    held_n = int(round(n * share))
+    if not 0 < share < 0.5 or held_n < 1 or held_n >= n:
+        raise BadInputError(f"a held-out share of {share} of {n} calibration batches leaves "
+                            "none to train on or none to hold out: use a share in (0, 0.5) and "
+                            "more calibration samples", field="recovery_holdout")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    return sorted(perm[held_n:]), sorted(perm[:held_n])
+
+
 def _kd_loss(family: str, s_out: torch.Tensor, t_out, *, t_is_logp: bool = False,
              s_logp: torch.Tensor | None = None) -> torch.Tensor:
     if family == "bert":
@@ -356,6 +376,7 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
     if not batches:
         raise BadInputError("distillation needs calibration data", field="calibration")
     budget = opts.minutes * 60.0
+    train, held = _holdout_split(len(batches), opts.holdout)
     device = torch.device(opts.device)
     torch.manual_seed(opts.seed)
     s_module = adapter.export_module(loaded)
@@ -389,53 +410,79 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
     gen = torch.Generator().manual_seed(opts.seed)
     steps = tokens = 0
     losses: list[float] = []
+    curve: list[tuple[int, float]] = []
+    best: tuple[float, int, list[torch.Tensor]] | None = None
+
+    def batch_loss(bi: int) -> torch.Tensor:
+        batch = batches[bi]
+        if targets is None:
+            with torch.no_grad():
+                t_out = t_module(*batch)
+            t_layers_out = t_store
+        else:
+            t_out = targets.outputs[bi].to(device)
+            t_layers_out = {i: targets.hidden[bi][i].to(device) for i in kept}
+        with student_autocast(opts.precision, device.type):
+            s_out = s_module(*batch)
+        # one log-softmax of the student serves the KL and the next-token loss
+        s_logp = None if loaded.family == "bert" else torch.log_softmax(s_out.float(), dim=-1)
+        loss = opts.kd_weight * _kd_loss(loaded.family, s_out, t_out,
+                                         t_is_logp=targets is not None, s_logp=s_logp)
+        if opts.ce_weight and loaded.family == "llama":
+            ids = batch[0]
+            loss = loss - opts.ce_weight * s_logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
+        if opts.hidden_weight:
+            h = 0.0
+            for pos, t_idx in enumerate(kept):
+                s, t = s_store[pos].float(), t_layers_out[t_idx].detach().float()
+                h = h + ((s - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
+            loss = loss + opts.hidden_weight * h / len(kept)
+        return loss
+
+    def check_held() -> None:
+        """The loss on the held-out batches now; the parameters are kept when it is the lowest."""
+        nonlocal best
+        with torch.no_grad():
+            value = sum(float(batch_loss(bi)) for bi in held) / len(held)
+        curve.append((steps, value))
+        if best is None or value < best[0]:
+            best = (value, steps, [p.detach().clone() for p in params])
+
     start = time.perf_counter()
     model.eval()   # no dropout: recovery is deterministic for a seed
+    next_check = 0.0
     try:
         while True:
-            order = torch.randperm(len(batches), generator=gen).tolist()
+            order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
             for bi in order:
                 elapsed = time.perf_counter() - start
                 if elapsed >= budget:
                     raise StopIteration
+                if held and elapsed >= next_check:
+                    check_held()
+                    next_check += budget / HOLDOUT_CHECKS
                 frac = elapsed / budget
                 for group in opt.param_groups:
                     group["lr"] = opts.lr * min(1.0, frac / 0.05) * (1.0 - frac)
-                batch = batches[bi]
-                if targets is None:
-                    with torch.no_grad():
-                        t_out = t_module(*batch)
-                else:
-                    t_out = targets.outputs[bi].to(device)
-                    t_store = {i: targets.hidden[bi][i].to(device) for i in kept}
-                with student_autocast(opts.precision, device.type):
-                    s_out = s_module(*batch)
-                # one log-softmax of the student serves the KL and the next-token loss
-                s_logp = None if loaded.family == "bert" else torch.log_softmax(s_out.float(), dim=-1)
-                loss = opts.kd_weight * _kd_loss(loaded.family, s_out, t_out,
-                                                 t_is_logp=targets is not None, s_logp=s_logp)
-                if opts.ce_weight and loaded.family == "llama":
-                    ids = batch[0]
-                    loss = loss - opts.ce_weight * s_logp[:, :-1].gather(
-                        -1, ids[:, 1:].unsqueeze(-1)).mean()
-                if opts.hidden_weight:
-                    h = 0.0
-                    for pos, t_idx in enumerate(kept):
-                        s, t = s_store[pos].float(), t_store[t_idx].detach().float()
-                        h = h + ((s - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
-                    loss = loss + opts.hidden_weight * h / len(kept)
+                loss = batch_loss(bi)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 steps += 1
-                tokens += int(batch[0].numel())
+                tokens += int(batches[bi][0].numel())
                 losses.append(loss.item())
                 if steps == 1 or steps % 10 == 0:
                     say(f"{label}: step {steps}, loss {losses[-1]:.4f}, "
                         f"{elapsed:.0f}/{budget:.0f} s")
     except StopIteration:
-        pass
+        if held:
+            check_held()        # the end of the schedule is a candidate too
+            with torch.no_grad():
+                for p, kept_value in zip(params, best[2]):
+                    p.copy_(kept_value)
+            say(f"{label}: held-out loss {curve[0][1]:.4f} at step 0, lowest {best[0]:.4f} at "
+                f"step {best[1]} of {steps}; the parameters of step {best[1]} are kept")
     finally:
         for h in hooks:
             h.remove()
@@ -452,4 +499,6 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
             "loss_first": float(sum(head) / len(head)) if losses else math.nan,
             "loss_last": float(sum(tail) / len(tail)) if losses else math.nan, "lr": opts.lr,
             "precision": opts.precision, "device": device_name(device),
+            **({"holdout_batches": len(held), "holdout_curve": [[k, round(v, 5)] for k, v in curve],
+                "holdout_best_step": best[1], "holdout_best_loss": best[0]} if held else {}),
             **({"rank": opts.rank, "trained_params": sum(p.numel() for p in params)} if opts.rank else {})}

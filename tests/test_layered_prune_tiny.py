@@ -23,6 +23,23 @@ def _calib(loaded, path, n=16):
                        max_samples=n, batch_size=4)
 
 
+def _pruned_with_targets(path, text, n):
+    """The tiny model with layers 1, 3 and 4 removed, its unpruned teacher, n calibration
+    samples in batches and the teacher's top-8 targets on them."""
+    import copy
+
+    from pocketformer.compress.recovery import TeacherTargets
+    from pocketformer.models import LoadedModel
+
+    loaded = load_model(path)
+    teacher = LoadedModel(loaded.adapter, copy.deepcopy(loaded.model), loaded.tokenizer,
+                          loaded.source, dict(loaded.extras))
+    batches = _calib(loaded, text, n=n).inputs(loaded)
+    targets = TeacherTargets(teacher, batches, top_k=8)
+    loaded.adapter.keep_layers(loaded.model, [0, 2, 5])
+    return loaded, teacher, batches, targets
+
+
 @pytest.mark.parametrize("criterion", sorted(CRITERIA))
 def test_every_criterion_selects_k_distinct_layers(criterion, tiny_llama, small_text):
     loaded = load_model(tiny_llama)
@@ -342,19 +359,11 @@ def test_bf16_recovery_trains_fp32_parameters_on_a_bf16_forward(tiny_llama, smal
     the fp32 one up to bf16 rounding (not another objective), the trained parameters and the
     low-rank factors stay fp32, the record names the precision, and unknown precisions are
     refused."""
-    import copy
-
-    from pocketformer.compress.recovery import DistillOptions, LowRank, TeacherTargets, distill
-    from pocketformer.models import LoadedModel
+    from pocketformer.compress.recovery import DistillOptions, LowRank, distill
 
     recs = {}
     for precision in ("fp32", "bf16"):
-        loaded = load_model(tiny_llama)
-        teacher = LoadedModel(loaded.adapter, copy.deepcopy(loaded.model), loaded.tokenizer,
-                              loaded.source, dict(loaded.extras))
-        batches = _calib(loaded, small_text, n=8).inputs(loaded)
-        targets = TeacherTargets(teacher, batches, top_k=8)
-        loaded.adapter.keep_layers(loaded.model, [0, 2, 5])
+        loaded, teacher, batches, targets = _pruned_with_targets(tiny_llama, small_text, 8)
         lowrank = LowRank(4, seed=0)
         recs[precision] = distill(loaded, teacher, [0, 2, 5], batches,
                                   DistillOptions(minutes=0.02, lr=5e-3, seed=0, rank=4,
@@ -405,6 +414,59 @@ def test_low_rank_recovery_on_cuda_starts_from_the_cpu_loss_and_comes_back(tiny_
     save_model(models["cuda"], tmp_path / "m")
     again = load_model(tmp_path / "m")
     assert len(again.adapter.layers(again.model)) == 4
+
+
+def test_recovery_holdout_keeps_the_parameters_at_the_lowest_held_out_loss(tiny_llama, small_text):
+    """recovery_holdout h: a share h of the batches is never trained on, the loss on them is
+    taken before the first step and through the budget, and the parameters at its lowest are
+    the ones kept. With a learning rate that wrecks the model every later check is worse (or not
+    a number), so the model comes back exactly as it started; without the holdout it does not.
+    Shares that leave nothing to hold out or to train on are refused."""
+    from pocketformer.compress.recovery import DistillOptions, distill
+
+    for holdout in (0.25, 0.0):
+        loaded, teacher, batches, targets = _pruned_with_targets(tiny_llama, small_text, 16)
+        before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+        rec = distill(loaded, teacher, [0, 2, 5], batches,
+                      DistillOptions(minutes=0.03, lr=50.0, seed=0, holdout=holdout),
+                      targets=targets)
+        after = loaded.model.state_dict()
+        unchanged = all(torch.equal(before[k], after[k]) for k in before)
+        assert rec["steps"] >= 2
+        if holdout:
+            assert rec["holdout_batches"] == 1 and rec["tokens"] == rec["steps"] * batches[0][0].numel()
+            curve = rec["holdout_curve"]
+            assert curve[0][0] == 0 and len(curve) >= 2 and rec["holdout_best_step"] == 0
+            assert all(not v < curve[0][1] for _, v in curve[1:])
+            assert unchanged
+        else:
+            assert "holdout_curve" not in rec and not unchanged
+    with pytest.raises(BadInputError, match="recovery_holdout"):
+        distill(loaded, teacher, [0, 2, 5], batches[:2], DistillOptions(minutes=0.01, holdout=0.2),
+                targets=targets)
+    with pytest.raises(BadInputError, match="recovery_holdout"):
+        parse_params(get_method("layered-prune"), {"remove_layers": 2, "recovery": "distill",
+                                                   "recovery_holdout": 0.5}).validate()
+
+
+def test_final_recovery_share_gives_the_last_step_its_share(tiny_llama, small_text):
+    """final_recovery_share f: the last step's recovery gets f of the budget left after the
+    teacher's targets, the earlier steps split the rest evenly; out of (0, 1) is refused."""
+    method = get_method("layered-prune")
+    loaded = load_model(tiny_llama)
+    cfg = parse_params(method, {"remove_layers": 3, "steps": 3, "recovery": "distill",
+                                "recovery_minutes": 0.06, "final_recovery_share": 0.5,
+                                "lr": 1e-3, "bootstrap": 50, "teacher_top_k": 8})
+    rec = run_step(loaded, "layered-prune", cfg, _calib(loaded, small_text))["details"]
+    budgets = [s["recovery"]["budget_seconds"] for s in rec["steps"]]
+    left = 0.06 * 60 - rec["teacher_targets"]["seconds"]
+    assert budgets[0] == pytest.approx(budgets[1]) == pytest.approx(left / 4, rel=0.05)
+    assert budgets[2] == pytest.approx(left / 2, rel=0.05)
+    assert all(s["recovery"]["steps"] >= 1 for s in rec["steps"])
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(BadInputError, match="final_recovery_share"):
+            parse_params(method, {"remove_layers": 2, "steps": 2, "recovery": "distill",
+                                  "final_recovery_share": bad}).validate()
 
 
 def test_layer_set_search_exchange_reuses_the_prefix_exactly(tiny_llama, small_text, monkeypatch):
