@@ -18,8 +18,7 @@ import time
 from pocketformer import fsutil
 from pocketformer.compress import Calibration, get_method, parse_params, run_step
 from pocketformer.compress.layered_prune import _teacher_targets
-from pocketformer.compress.recovery import (PRECISIONS, DistillOptions, check_device, distill,
-                                            on_device)
+from pocketformer.compress.recovery import PRECISIONS, DistillOptions, check_device, distill
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
 from pocketformer.models import LoadedModel, count_params, load_model
@@ -85,12 +84,10 @@ def main() -> int:
             batches = calib.inputs(loaded)
             device = check_device(a.device, "--device")
             targets = _teacher_targets(teacher, batches, a.teacher_top_k, device)
-            live = [teacher.model] if targets is None else []
-            with on_device([loaded.model, *live], batches, device) as placed:
-                rec = distill(loaded, teacher, list(range(n)), placed,
-                              DistillOptions(minutes=a.recovery_minutes, lr=a.lr,
-                                             precision=a.recovery_precision, device=str(device)),
-                              label="dense recovery", targets=targets)
+            rec = distill(loaded, teacher, list(range(n)), batches,
+                          DistillOptions(minutes=a.recovery_minutes, lr=a.lr,
+                                         precision=a.recovery_precision, device=str(device)),
+                          label="dense recovery", targets=targets)
             details = {"removed": [], "scoring_seconds": 0.0, "recovery_seconds": rec["seconds"],
                        "scoring_layer_evals": 0, "scoring_head_evals": 0}
         else:

@@ -232,15 +232,13 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
         if config.recovery == "lsq":
             record["recovery"] = lsq_correct(loaded, teacher, kept, batches)
         elif distilling:
-            live = [teacher.model] if targets is None else []
-            with on_device([loaded.model, *live], batches, device) as placed:
-                record["recovery"] = distill(
-                    loaded, teacher, kept, placed,
-                    DistillOptions(minutes=minutes[step - 1], lr=config.lr,
-                                   ce_weight=config.ce_weight, seed=config.seed + step,
-                                   rank=config.recovery_rank, precision=config.recovery_precision,
-                                   device=str(device), holdout=config.recovery_holdout),
-                    label=f"recovery {step}/{config.steps}", targets=targets, lowrank=lowrank)
+            record["recovery"] = distill(
+                loaded, teacher, kept, batches,
+                DistillOptions(minutes=minutes[step - 1], lr=config.lr,
+                               ce_weight=config.ce_weight, seed=config.seed + step,
+                               rank=config.recovery_rank, precision=config.recovery_precision,
+                               device=config.device, holdout=config.recovery_holdout),
+                label=f"recovery {step}/{config.steps}", targets=targets, lowrank=lowrank)
         steps.append(record)
     removed = sorted(set(range(n)) - set(kept))
     cache = ({"seconds": round(targets.seconds, 1), "megabytes": round(targets.bytes / 1e6, 1),

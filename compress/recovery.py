@@ -28,8 +28,8 @@ class DistillOptions:
     rank: int = 0                 # > 0: train a rank-r term beside each frozen linear (LowRank)
     precision: str = "fp32"       # fp32 | bf16: the student's forward/backward under CPU bf16
                                   # autocast; parameters, optimizer and losses stay fp32
-    device: str = "cpu"           # where the student (and a live teacher) are: the caller puts
-                                  # them there (on_device); cached targets follow each batch
+    device: str = "cpu"           # where the student (and a live teacher) train: distill puts
+                                  # them there and back; cached targets follow each batch
     holdout: float = 0.0          # > 0: this share of the batches is never trained on; the
                                   # loss on them is taken HOLDOUT_CHECKS times and the trained
                                   # parameters at its lowest are the ones kept (early stopping)
@@ -362,6 +362,17 @@ def _topk_kl(t: TopK, s_logp: torch.Tensor) -> torch.Tensor:
 def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
             opts: DistillOptions, *, label: str = "distill",
             targets: TeacherTargets | None = None, lowrank: LowRank | None = None) -> dict:
+    """_distill_placed on opts.device: the student (and the teacher, when it runs live) and the
+    batches go there for the recovery and the models come back to the CPU after it."""
+    live = [teacher.model] if targets is None else []
+    with on_device([loaded.model, *live], batches, opts.device) as placed:
+        return _distill_placed(loaded, teacher, kept, placed, opts, label=label, targets=targets,
+                               lowrank=lowrank)
+
+
+def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
+                    opts: DistillOptions, *, label: str,
+                    targets: TeacherTargets | None, lowrank: LowRank | None) -> dict:
     """Train the pruned model (all but the token embeddings and LM head) against the unpruned one
     on the calibration batches until the wall-clock budget runs out: output KD (KL for distributions, 1 - cos for embeddings), the
     next-token loss on the user's text for decoders, and each kept layer's output matched to its
