@@ -426,6 +426,8 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
         if quantized:
             parity["cosine_vs_fp32"] = min(compare(e, out, min_cosine=0, max_abs=np.inf).cosine
                                            for e, out in zip(fp32, got))
+        if getattr(runner, "host_twin", None):
+            parity["host_kernel"] = runner.host_twin
         record = ArtifactRecord(
             format=fmt, path=path.name, runtime=RUNTIME_OF[fmt], quantization=cfg.quantize,
             size_bytes=path.stat().st_size, sha256=fsutil.sha256_file(path),

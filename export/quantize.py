@@ -11,7 +11,8 @@ ExecuTorch (torchao `quantize_`, lowered to XNNPACK):
 ONNX Runtime:
     int8   `quantize_dynamic` over MatMul/Gemm: int8 weights per output channel (signed, symmetric),
            uint8 dynamic activations, no reduce_range (that is an x86 AVX2 saturation workaround;
-           ARM's sdot/udot kernels use the full range).
+           ARM's sdot/udot kernels use the full range; on such an x86 host the Python checks run
+           the file's exact u8u8 twin instead, export/runtimes.py).
            With calibration data an RMSNorm decoder is rotated and smoothed first
            (export/rotate.py, exporters._prepare_int8_onnx).
     8da4w  not offered for ONNX (ORT's 4-bit MatMulNBits is a contrib op the mobile builds do not

@@ -14,6 +14,82 @@ import torch
 from pocketformer.errors import BadInputError, RuntimeFailure
 
 
+_VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def host_u8s8_saturates() -> bool:
+    """True on an x86-64 CPU without VNNI. There ONNX Runtime's uint8 x int8 GEMM (the int8
+    export's MatMulInteger) uses VPMADDUBSW, which adds pairs of u8*s8 products in int16 and
+    saturates; VNNI CPUs and ARM's dot-product kernels accumulate in int32 and do not. So on
+    such a host the file's outputs are not the ones a phone computes (docs/export.md)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return not (_VNNI_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def u8u8_twin(model) -> int:
+    """Rewrite, in place, every int8 weight of a MatMulInteger / DynamicQuantizeMatMul as uint8
+    shifted by 128, with its zero point shifted by the same 128: (b + 128) - (zb + 128) = b - zb,
+    so every integer product and sum is unchanged, but ONNX Runtime then runs its u8u8 kernel,
+    which does not saturate on x86 (the exact arithmetic the phone does). Returns the number of
+    weights rewritten."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done: set[str] = set()
+    weights = 0
+
+    def shift(init):
+        arr = numpy_helper.to_array(init).astype(np.int16) + 128
+        init.CopyFrom(numpy_helper.from_array(arr.astype(np.uint8), init.name))
+        done.add(init.name)
+
+    for node in model.graph.node:
+        if node.op_type not in ("MatMulInteger", "DynamicQuantizeMatMul") or len(node.input) < 2:
+            continue
+        b = inits.get(node.input[1])
+        if b is None or (b.name not in done and b.data_type != onnx.TensorProto.INT8):
+            continue
+        zp_name = node.input[3] if len(node.input) > 3 else ""
+        if zp_name and zp_name not in inits:
+            continue  # a zero point computed at run time: leave this node as it is
+        if b.name not in done:
+            shift(b)
+            weights += 1
+        if not zp_name:  # no zero point means 0, which is 128 once shifted
+            zp_name = f"{b.name}__u8u8_zero_point"
+            if zp_name not in inits:
+                model.graph.initializer.append(
+                    numpy_helper.from_array(np.array(128, dtype=np.uint8), zp_name))
+                inits[zp_name] = model.graph.initializer[-1]
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input.append(zp_name)
+        elif zp_name not in done:
+            shift(inits[zp_name])
+    return weights
+
+
+def _has_integer_matmul(path) -> bool:
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(b"MatMulInteger") >= 0 or m.find(b"DynamicQuantizeMatMul") >= 0
+    except (OSError, ValueError):
+        return False  # unreadable or empty: ORT's own load reports it
+
+
 class OrtRunner:
     runtime = "onnxruntime"
 
@@ -30,8 +106,20 @@ class OrtRunner:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # On a host whose u8s8 kernel saturates, an int8 file runs as its exact u8u8 twin, so
+        # parity checks and quality figures are the phone's arithmetic, not this CPU's artefact.
+        self.host_twin = None
+        source = str(path)
+        if host_u8s8_saturates() and _has_integer_matmul(path):
+            import onnx
+
+            model = onnx.load(str(path))
+            if u8u8_twin(model):
+                source = model.SerializeToString()
+                self.host_twin = ("int8 weights run as their exact u8u8 twin: this x86 CPU has "
+                                  "no VNNI, so ONNX Runtime's u8s8 kernel would saturate")
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for bad files
             raise BadInputError(f"ONNX Runtime cannot load this file: {e}", file=str(path)) from e
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -233,3 +233,48 @@ def test_int8_lm_head_of_8da4w(tiny_llama_2l, tmp_path):
     bad = main(["export", str(tiny_llama_2l), "--format", "pte", "--quantize", "8da4w", "--lm-head",
                 "int2", "--out", str(tmp_path / "bad")])
     assert bad == 2
+
+
+def _integer_matmul_file(path, a_zero, b, b_zero):
+    """One MatMulInteger: uint8 activations (an input) x int8 weights (an initializer)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b", "a_zero", "b_zero"], ["y"])], "mmi",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, b.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, b.shape[1]])],
+        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(b_zero, "b_zero"),
+         numpy_helper.from_array(np.array(a_zero, dtype=np.uint8), "a_zero")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
+def test_u8u8_twin_keeps_every_integer_product_where_u8s8_would_saturate(tmp_path, monkeypatch):
+    """x86 CPUs without VNNI add pairs of u8*s8 products in int16 (255*127*2 > 32767): the
+    runner then loads the file's u8u8 twin, whose integer results are exactly the phone's."""
+    import onnx
+
+    from pocketformer.export import runtimes
+
+    rng = np.random.default_rng(0)
+    b = rng.integers(-128, 128, size=(64, 8)).astype(np.int8)
+    b[:, 0] = 127                      # the worst case for int16 pair sums
+    b_zero = np.array([0, 1, -2, 3, 0, 0, 5, -7], dtype=np.int8)
+    a = rng.integers(0, 256, size=(4, 64)).astype(np.uint8)
+    a[0] = 255
+    path = tmp_path / "mmi.onnx"
+    _integer_matmul_file(path, 3, b, b_zero)
+    exact = (a.astype(np.int64) - 3) @ (b.astype(np.int64) - b_zero.astype(np.int64))
+
+    model = onnx.load(path)
+    assert runtimes.u8u8_twin(model) == 1
+    weights = {i.name: i for i in model.graph.initializer}
+    assert weights["b"].data_type == onnx.TensorProto.UINT8
+    assert weights["b_zero"].data_type == onnx.TensorProto.UINT8
+
+    monkeypatch.setattr(runtimes, "host_u8s8_saturates", lambda: True)
+    runner = runtimes.OrtRunner(path)
+    assert runner.host_twin and "u8u8" in runner.host_twin
+    np.testing.assert_array_equal(runner(a), exact)
+    monkeypatch.setattr(runtimes, "host_u8s8_saturates", lambda: False)
+    assert runtimes.OrtRunner(path).host_twin is None   # hosts with VNNI (and ARM) run the file
