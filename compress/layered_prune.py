@@ -40,9 +40,10 @@ class LayeredPruneConfig:
     lr: float = 5e-5
     recovery_rank: int = 0            # distill: > 0 trains a rank-r term beside each frozen linear
                                       # instead of the weights (exact 4-bit export, export/grid.py)
-    recovery_precision: str = "fp32"  # distill: fp32 | bf16 (CPU autocast of the student's
-                                      # forward/backward: ~1.7x the steps per budget on CPUs
-                                      # with AVX512-BF16; fp32 master weights and losses)
+    recovery_precision: str = "fp32"  # distill: fp32 | bf16 | auto (CPU autocast of the
+                                      # student's forward/backward: ~1.7x the steps per budget
+                                      # on CPUs with AVX512-BF16, ~31x fewer on AVX2-only ones;
+                                      # auto = bf16 only where native; fp32 weights and losses)
     ce_weight: float = 1.0            # next-token loss on the user's text beside KD (decoders)
     recovery_holdout: float = 0.0     # distill: this share of the calibration batches is held
                                       # out; each recovery keeps its parameters at the lowest

@@ -26,8 +26,9 @@ class DistillOptions:
     hidden_weight: float = 1.0    # normalised MSE of each kept layer's output vs its teacher layer
     seed: int = 0
     rank: int = 0                 # > 0: train a rank-r term beside each frozen linear (LowRank)
-    precision: str = "fp32"       # fp32 | bf16: the student's forward/backward under CPU bf16
-                                  # autocast; parameters, optimizer and losses stay fp32
+    precision: str = "fp32"       # fp32 | bf16 | auto: the student's forward/backward under
+                                  # bf16 autocast (auto: only where native_bf16); parameters,
+                                  # optimizer and losses stay fp32
     device: str = "cpu"           # where the student (and a live teacher) train: distill puts
                                   # them there and back; cached targets follow each batch
     holdout: float = 0.0          # > 0: this share of the batches is never trained on; the
@@ -38,12 +39,39 @@ class DistillOptions:
 HOLDOUT_CHECKS = 10   # held-out losses per recovery (plus one before the first step)
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def check_precision(value: str, field: str) -> None:
     if value not in PRECISIONS:
         raise BadInputError(f"expected one of {', '.join(PRECISIONS)}, got {value!r}", field=field)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on `device`: a CUDA GPU that supports bf16, or a CPU
+    with AVX512-BF16 / AMX, which oneDNN reports. Elsewhere CPU bf16 is emulated: on an
+    AVX2-only CPU a bf16-autocast training step of SmolLM2's FFN ran 33x slower than fp32
+    (docs/layered_pruning.md, "Step buffering")."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device, label: str) -> str:
+    """"auto" is bf16 where `device` runs it natively and fp32 elsewhere. An explicit "bf16"
+    is kept, with a warning where it is emulated (a wall-clock budget then buys far fewer
+    steps)."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        say(f"{label}: warning: bf16 is emulated on this {device.type} (no native bf16 matmul): "
+            "each step is many times slower than fp32; precision 'auto' picks fp32 here")
+    return precision
 
 
 def student_autocast(precision: str, device_type: str = "cpu"):
@@ -389,6 +417,7 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
     budget = opts.minutes * 60.0
     train, held = _holdout_split(len(batches), opts.holdout)
     device = torch.device(opts.device)
+    precision = resolve_precision(opts.precision, device, label)
     torch.manual_seed(opts.seed)
     s_module = adapter.export_module(loaded)
     t_module = adapter.export_module(teacher)
@@ -433,7 +462,7 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
         else:
             t_out = targets.outputs[bi].to(device)
             t_layers_out = {i: targets.hidden[bi][i].to(device) for i in kept}
-        with student_autocast(opts.precision, device.type):
+        with student_autocast(precision, device.type):
             s_out = s_module(*batch)
         # one log-softmax of the student serves the KL and the next-token loss
         s_logp = None if loaded.family == "bert" else torch.log_softmax(s_out.float(), dim=-1)
@@ -509,7 +538,8 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
             "loss_step1": losses[0] if losses else math.nan,
             "loss_first": float(sum(head) / len(head)) if losses else math.nan,
             "loss_last": float(sum(tail) / len(tail)) if losses else math.nan, "lr": opts.lr,
-            "precision": opts.precision, "device": device_name(device),
+            "precision": precision, "device": device_name(device),
+            **({"precision_asked": opts.precision} if opts.precision != precision else {}),
             **({"holdout_batches": len(held), "holdout_curve": [[k, round(v, 5)] for k, v in curve],
                 "holdout_best_step": best[1], "holdout_best_loss": best[0]} if held else {}),
             **({"rank": opts.rank, "trained_params": sum(p.numel() for p in params)} if opts.rank else {})}

@@ -32,7 +32,7 @@ from torch import nn
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding,
                                           factor_dims, head_for, kron_sum)
 from pocketformer.compress.recovery import (_kd_loss, check_device, check_precision, device_name,
-                                             on_device, student_autocast)
+                                             on_device, resolve_precision, student_autocast)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
@@ -68,7 +68,8 @@ class EmbeddingStages:
                                      # gain and bias) | all (+ every other weight of the model)
     distill_lr: float = 1e-3         # stages 1b and 2 (the embedding's parameters)
     scope_lr: float = 1e-4           # stages 1b and 2: the parameters train_scope adds
-    precision: str = "fp32"          # stages 1b and 2: fp32 | bf16 (the student's forward and
+    precision: str = "fp32"          # stages 1b and 2: fp32 | bf16 | auto (auto: bf16 where the
+                                     # device runs it natively, else fp32; the student's forward and
                                      # backward under bf16 autocast on `device`; the teacher,
                                      # parameters, optimizer and losses stay fp32)
     device: str = "cpu"              # stages 1b and 2 (student and teacher) and the head
@@ -765,6 +766,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
     if minutes <= 0 or not batches:
         return {"steps": 0, "seconds": 0.0}
     device_type = (device or torch.device("cpu")).type
+    asked, precision = precision, resolve_precision(precision, torch.device(device_type), label)
     adapter = loaded.adapter
     s_module, t_module = adapter.export_module(loaded), adapter.export_module(teacher)
     s_layers, t_layers = adapter.layers(loaded.model), adapter.layers(teacher.model)
@@ -826,7 +828,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
             p.requires_grad_(flag)
     k = max(1, min(5, len(losses)))
     rec = {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "precision": precision,
-           "device": device_name(device),
+           "device": device_name(device), **({"precision_asked": asked} if asked != precision else {}),
            "loss_step1": losses[0] if losses else math.nan,
            "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
            "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}

@@ -383,6 +383,35 @@ def test_bf16_recovery_trains_fp32_parameters_on_a_bf16_forward(tiny_llama, smal
                                                    "recovery_precision": "fp16"}).validate()
 
 
+def test_auto_precision_is_bf16_only_where_the_device_runs_it_natively(tiny_llama, small_text,
+                                                                       monkeypatch, capsys):
+    """precision "auto": bf16 where the CPU (AVX512-BF16/AMX) or GPU runs bf16 matmuls natively,
+    fp32 where bf16 would be emulated (33x slower per step on an AVX2-only CPU); the record names
+    what ran and what was asked. An explicit bf16 on such a device runs, with a warning."""
+    from pocketformer.compress import recovery
+    from pocketformer.compress.recovery import DistillOptions, distill, resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(recovery, "native_bf16", lambda device: False)
+    assert resolve_precision("auto", cpu, "t") == "fp32"
+    assert resolve_precision("bf16", cpu, "t") == "bf16"
+    assert "emulated" in capsys.readouterr().err
+    assert resolve_precision("fp32", cpu, "t") == "fp32"
+    monkeypatch.setattr(recovery, "native_bf16", lambda device: True)
+    assert resolve_precision("auto", cpu, "t") == "bf16"
+    assert resolve_precision("bf16", cpu, "t") == "bf16"
+    assert "emulated" not in capsys.readouterr().err
+    monkeypatch.undo()
+
+    loaded, teacher, batches, targets = _pruned_with_targets(tiny_llama, small_text, 8)
+    rec = distill(loaded, teacher, [0, 2, 5], batches,
+                  DistillOptions(minutes=0.01, lr=5e-3, seed=0, precision="auto"), targets=targets)
+    assert rec["precision"] == ("bf16" if recovery.native_bf16(cpu) else "fp32")
+    assert rec["precision_asked"] == "auto" and rec["steps"] >= 1
+    parse_params(get_method("layered-prune"), {"remove_layers": 2, "recovery": "distill",
+                                               "recovery_precision": "auto"}).validate()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA device (run on a GPU machine; CI has none)")
 def test_low_rank_recovery_on_cuda_starts_from_the_cpu_loss_and_comes_back(tiny_llama, small_text,
