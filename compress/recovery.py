@@ -50,7 +50,7 @@ def check_precision(value: str, field: str) -> None:
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively on `device`: a CUDA GPU that supports bf16, or a CPU
     with AVX512-BF16 / AMX, which oneDNN reports. Elsewhere CPU bf16 is emulated: on an
-    AVX2-only CPU a bf16-autocast training step of SmolLM2's FFN ran 33x slower than fp32
+    AVX2-only CPU a bf16-autocast training step of SmolLM2's FFN ran 31x slower than fp32
     (docs/layered_pruning.md, "Step buffering")."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

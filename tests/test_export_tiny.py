@@ -278,3 +278,35 @@ def test_u8u8_twin_keeps_every_integer_product_where_u8s8_would_saturate(tmp_pat
     np.testing.assert_array_equal(runner(a), exact)
     monkeypatch.setattr(runtimes, "host_u8s8_saturates", lambda: False)
     assert runtimes.OrtRunner(path).host_twin is None   # hosts with VNNI (and ARM) run the file
+
+
+def test_u8u8_twin_fills_an_empty_zero_point_slot_of_dynamic_quantize_matmul(tmp_path):
+    """ORT's fused DynamicQuantizeMatMul (A float, B int8, b_scale, no b_zero_point, bias): the
+    twin puts the uint8 zero point 128 into the empty slot (the bias stays the fifth input), and
+    the result is still A @ (B * scale) + bias up to A's own 8-bit rounding."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pocketformer.export import runtimes
+
+    rng = np.random.default_rng(1)
+    b = rng.integers(-127, 128, size=(32, 6)).astype(np.int8)
+    scale = np.full(6, 0.01, dtype=np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeMatMul", ["a", "b", "b_scale", "", "bias"], ["y"],
+                          domain="com.microsoft")], "dqmm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
+        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scale, "b_scale"),
+         numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    assert runtimes.u8u8_twin(model) == 1
+    node = model.graph.node[0]
+    assert list(node.input)[3:] == ["b__u8u8_zero_point", "bias"]
+    path = tmp_path / "twin.onnx"
+    onnx.save(model, path)
+    a = rng.standard_normal((3, 32)).astype(np.float32)
+    got = runtimes.OrtRunner(path)(a)
+    np.testing.assert_allclose(got, a @ (b.astype(np.float32) * scale) + bias, rtol=0, atol=0.05)

@@ -386,7 +386,7 @@ def test_bf16_recovery_trains_fp32_parameters_on_a_bf16_forward(tiny_llama, smal
 def test_auto_precision_is_bf16_only_where_the_device_runs_it_natively(tiny_llama, small_text,
                                                                        monkeypatch, capsys):
     """precision "auto": bf16 where the CPU (AVX512-BF16/AMX) or GPU runs bf16 matmuls natively,
-    fp32 where bf16 would be emulated (33x slower per step on an AVX2-only CPU); the record names
+    fp32 where bf16 would be emulated (31x slower per step on an AVX2-only CPU); the record names
     what ran and what was asked. An explicit bf16 on such a device runs, with a warning."""
     from pocketformer.compress import recovery
     from pocketformer.compress.recovery import DistillOptions, distill, resolve_precision
