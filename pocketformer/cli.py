@@ -229,6 +229,22 @@ def _split_targets(text: str) -> list[str]:
     return targets
 
 
+def _profiles(artifacts, threads: int, target: str) -> list[dict]:
+    """`--profile`: an ETDump per-operator profile of each .pte, on this host (the Python
+    bindings), printed and returned for the JSON."""
+    from pocketformer.progress import say
+    from pocketformer.runtime_bench.profile import etdump_profile, render_profile
+
+    if "host" not in _split_targets(target):
+        say(f"bench: --profile runs on this host (Python bindings), not on {target}")
+    profiles = []
+    for a in artifacts:
+        if str(a).endswith(".pte"):
+            profiles.append(etdump_profile(a, threads=threads))
+            print(render_profile(profiles[-1]))
+    return profiles
+
+
 def cmd_bench_llm(args) -> int:
     from pocketformer.runtime_bench.llm_race import RaceConfig, race, render, write_json
     from pocketformer.schema import from_dict
@@ -239,6 +255,9 @@ def cmd_bench_llm(args) -> int:
                                  "ctx": args.ctx, "chunks": args.chunks}, prefix="bench")
     result = race(args.artifacts, cfg, against=None if args.against == "none" else args.against)
     print(render(result))
+    if args.profile:
+        # after the race, so the profile's own runs never overlap a timed one
+        result["profiles"] = _profiles(args.artifacts, args.threads, args.target)
     if args.json:
         write_json(args.json, result)
     if result["llamacpp_error"]:
@@ -276,14 +295,7 @@ def cmd_bench(args) -> int:
             print(f"  decoder: prefill {g['prompt_tokens']} tokens {g['prefill_tokens_per_s']:.1f} tok/s "
                   f"(TTFT p50 {g['ttft_ms']['p50']:.1f} ms), decode {g['decode_tokens_per_s']:.1f} tok/s "
                   f"over {g['new_tokens']} tokens (latency figures above are per decode step)")
-    profiles = []
-    if args.profile:
-        from pocketformer.runtime_bench.profile import etdump_profile, render_profile
-
-        for a in args.artifacts:
-            if str(a).endswith(".pte"):
-                profiles.append(etdump_profile(a, threads=args.threads))
-                print(render_profile(profiles[-1]))
+    profiles = _profiles(args.artifacts, args.threads, args.target) if args.profile else []
     if args.json:
         fsutil.write_json(args.json, {"schema_version": 1, "results": [r.to_dict() for r in results],
                                       **({"profiles": profiles} if profiles else {})})
@@ -499,7 +511,7 @@ def make_parser():
                    help="inferences in the instruction-counted run under qemu")
     n.add_argument("--profile", action="store_true",
                    help="also a per-operator profile of each .pte from ETDump + its ETRecord "
-                        "(per decode step for -gen programs)")
+                        "(per decode step for -gen programs; with --llm after the race, into its JSON)")
     n.add_argument("--llm", action="store_true",
                    help="decoders: race the -gen programs (native runners) against --against, one "
                         "table of prefill/decode tok/s, TTFT, RSS, size, perplexity (docs/llm_race.md)")

@@ -36,7 +36,7 @@ def test_race_one_table_same_weights_same_perplexity(tiny_race, tmp_path, capsys
     out, gguf = tiny_race
     js = tmp_path / "race.json"
     rc = main(["bench", "--llm", str(out / "model-gen.pte"), "--against", f"llama.cpp:{gguf}",
-               *ARGS, "--json", str(js)])
+               *ARGS, "--profile", "--json", str(js)])
     captured = capsys.readouterr()
     printed = captured.out
     assert rc == 0, captured.err[-3000:]
@@ -52,6 +52,10 @@ def test_race_one_table_same_weights_same_perplexity(tiny_race, tmp_path, capsys
     ratio = res["ratios"][ours["file"]]["decode_vs_llamacpp"]
     assert ratio == pytest.approx(ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
     assert "| model-gen.pte |" in printed and "| tiny-f32.gguf |" in printed
+    # --profile: one decode step of our program, per operator, after the race
+    (prof,) = res["profiles"]
+    assert prof["kind"] == "decode step" and prof["step_ms"] > 0 and prof["events"]
+    assert "model-gen.pte: per-operator profile" in printed
 
 
 def test_failed_llamacpp_build_is_exit_4_after_our_figures(tiny_race, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,96 @@
+"""What one decode step's linears cost in XNNPACK on this CPU, by weight scheme. One SmolLM2
+layer's seven projections (q 576->576, k and v 576->192, o 576->576, gate and up 576->1536,
+down 1536->576), stacked `--layers` times, lowered to XNNPACK and run on one token (M = 1) in
+ExecuTorch's Python bindings. Schemes:
+
+- fp32;
+- 8da4w group 32 (what the grid / Q4_1-grid export ships; XNNPACK's blockwise qb4w kernels);
+- 8da4w per output channel (one scale per row; XNNPACK's qc4w kernels);
+- 8da8w per output channel (int8 weights; XNNPACK's qc8w kernels).
+
+The ratios between schemes on one CPU say how much of a decode step the 4-bit group-wise
+kernels themselves cost there (docs/llm_race.md). A benchmark that prints figures, not a test.
+
+    .venv/bin/python benchmarks/xnnpack_decode_linears.py [--layers 22] [--threads 2] [--runs 200]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+SHAPES = (("q", 576, 576), ("k", 576, 192), ("v", 576, 192), ("o", 576, 576),
+          ("gate", 576, 1536), ("up", 576, 1536), ("down", 1536, 576))
+
+
+class Stack(nn.Module):
+    """The projections of `layers` layers applied in sequence, each on the running activation
+    where shapes allow (so XNNPACK cannot fuse or skip any of them)."""
+
+    def __init__(self, layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({n: nn.Linear(i, o, bias=False) for n, i, o in SHAPES}) for _ in range(layers))
+
+    def forward(self, x):
+        for l in self.layers:
+            h = l["o"](l["q"](x)) + l["k"](x).sum(-1, keepdim=True) + l["v"](x).sum(-1, keepdim=True)
+            x = x + l["down"](l["gate"](h) * l["up"](h))
+        return x
+
+
+def lower(model: nn.Module, scheme: str):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+
+    if scheme != "fp32":
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+        dtype = torch.int8 if scheme == "8da8w" else torch.int4
+        gran = PerGroup(32) if scheme == "8da4w-g32" else PerAxis(0)
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype,
+                                                               weight_granularity=gran))
+    x = torch.randn(1, 1, 576)
+    ep = torch.export.export(model, (x,))
+    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    return _load_for_executorch_from_buffer(prog.buffer), x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=200)
+    args = ap.parse_args()
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    _unsafe_reset_threadpool(args.threads)
+    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
+    isa = [f for f in ("avx2", "avx512f", "avx512vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    print(f"CPU ISA: {' '.join(isa)}; {args.layers} layers x 7 projections, M = 1, "
+          f"{args.threads} threads")
+    weights = sum(i * o for _, i, o in SHAPES) * args.layers
+    res = {}
+    for scheme in ("fp32", "8da4w-g32", "8da4w-channel", "8da8w"):
+        torch.manual_seed(0)
+        module, x = lower(Stack(args.layers).eval(), scheme)
+        for _ in range(10):
+            module.forward((x,))
+        times = []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            module.forward((x,))
+            times.append((time.perf_counter() - t) * 1e3)
+        res[scheme] = statistics.median(times)
+        bits = {"fp32": 32, "8da8w": 8}.get(scheme, 4)
+        print(f"{scheme:14s} median {res[scheme]:.3f} ms per token "
+              f"({weights * bits / 8 / 1e6 / res[scheme]:.1f} GB/s of weights)", flush=True)
+    base = res["8da4w-g32"]
+    print("relative to 8da4w group 32: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in res.items()))
+
+
+if __name__ == "__main__":
+    main()
