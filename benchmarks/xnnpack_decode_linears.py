@@ -56,8 +56,9 @@ def lower(model: nn.Module, scheme: str):
                                                                weight_granularity=gran))
     x = torch.randn(1, 1, 576)
     ep = torch.export.export(model, (x,))
-    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
-    return _load_for_executorch_from_buffer(prog.buffer), x
+    buffer = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    # the loaded program reads the buffer in place: keep it alive as long as the module
+    return _load_for_executorch_from_buffer(buffer), x, buffer
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def main() -> None:
     res = {}
     for scheme in ("fp32", "8da4w-g32", "8da4w-channel", "8da8w"):
         torch.manual_seed(0)
-        module, x = lower(Stack(args.layers).eval(), scheme)
+        module, x, _buffer = lower(Stack(args.layers).eval(), scheme)
         for _ in range(10):
             module.forward((x,))
         times = []
