@@ -72,12 +72,9 @@ def u8u8_twin(model) -> int:
                 model.graph.initializer.append(
                     numpy_helper.from_array(np.array(128, dtype=np.uint8), zp_name))
                 inits[zp_name] = model.graph.initializer[-1]
-            if len(node.input) > 3:       # an empty slot (DynamicQuantizeMatMul's bias follows)
-                node.input[3] = zp_name
-            else:
-                while len(node.input) < 3:
-                    node.input.append("")
-                node.input.append(zp_name)
+            while len(node.input) < 4:   # the slot may exist, empty (DynamicQuantizeMatMul's bias follows)
+                node.input.append("")
+            node.input[3] = zp_name
         elif zp_name not in done:
             shift(inits[zp_name])
     return weights
