@@ -40,6 +40,8 @@ class ExportConfig:
     quantize: str = "fp32"              # fp32 | int8 | 8da4w (see export/quantize.py)
     group_size: int | None = None       # 8da4w weight group; default: largest dividing every width
     lm_head: str = "int4"               # 8da4w: the output head's weights, int4 (grouped) or int8
+    int8_linears: list[str] = field(default_factory=list)   # 8da4w: name patterns of linears kept
+                                          # at 8da8w per channel (export/quantize.py name_matches)
     max_unquantized_share: float = 0.0  # gate: share of linear weights a scheme may leave in fp32
     batch: int = 1                 # example batch for the .pte (static) and parity inputs
     seq_len: int | None = None     # example/static sequence length; adapter default if unset
@@ -82,6 +84,15 @@ class ExportConfig:
         if self.lm_head not in HEAD_SCHEMES:
             raise BadInputError(f"expected one of {', '.join(HEAD_SCHEMES)}, got {self.lm_head!r}",
                                 field="lm_head")
+        if self.int8_linears and self.quantize != "8da4w":
+            raise BadInputError(f"keeping linears at 8 bits is for 8da4w programs; --quantize is "
+                                f"{self.quantize}", field="int8_linears")
+        if any(not isinstance(p, str) or not p.strip() for p in self.int8_linears):
+            raise BadInputError(f"expected non-empty name patterns, got {self.int8_linears!r}",
+                                field="int8_linears")
+        if self.int8_linears and self.rounding == "grid":
+            raise BadInputError("grid rounding writes every linear on its 4-bit block grid; keeping "
+                                "linears at 8 bits is for rtn or gptq rounding", field="int8_linears")
         if not 0 <= self.max_unquantized_share <= 1:
             raise BadInputError("must be in [0, 1]", field="max_unquantized_share")
         if self.min_delegated_flops is not None and not 0 <= self.min_delegated_flops <= 1:
@@ -371,9 +382,13 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
         from pocketformer.data import DataSpec
 
         DataSpec.parse(cfg.calibration, field="export.calibration").check_exists(field="export.calibration")
+    module = loaded.adapter.export_module(loaded)
+    if cfg.int8_linears:
+        from pocketformer.export.quantize import int8_names
+
+        int8_names(module, cfg.int8_linears)      # a pattern naming nothing: bad input, before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    module = loaded.adapter.export_module(loaded)
     stem = _stem(name, cfg)
     plan = None
     pte_module = module
@@ -383,7 +398,7 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
         say(f"export: quantize {cfg.quantize} for ExecuTorch")
         pte_module, plan = quantize_for_executorch(
             module if pte_loaded is loaded else pte_loaded.adapter.export_module(pte_loaded),
-            cfg.quantize, group, lm_head=cfg.lm_head)
+            cfg.quantize, group, lm_head=cfg.lm_head, int8_linears=cfg.int8_linears)
         plan.gptq, plan.rotation = rounding, rotation
         check_plan(plan, cfg.max_unquantized_share)
     onnx_loaded, onnx_prep = _prepare_int8_onnx(loaded, cfg)
@@ -461,6 +476,10 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
     if cfg.rounding == "grid" or (cfg.rounding == "auto" and _has_lowrank(loaded)):
         from pocketformer.export.grid import grid_model
 
+        if cfg.int8_linears:
+            raise BadInputError("this model's low-rank factors select grid rounding, which writes "
+                                "every linear on its 4-bit block grid; keeping linears at 8 bits "
+                                "needs --rounding gptq or rtn", field="int8_linears")
         group = cfg.group_size or 32
         gridded, report = grid_model(loaded, group)
         say(f"export: grid rounding, group {group}: {report.exact_blocks}/{report.blocks} blocks exact, "
@@ -489,8 +508,23 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
     batches, spec = _calibration_batches(loaded, cfg)
     say(f"export: gptq rounding for 8da4w group {group} on {cfg.calibration} "
         f"({cfg.calibration_samples} samples)")
-    rounded, report = gptq_round_model(loaded, batches, group, include_head=cfg.lm_head == "int4")
+    rounded, report = gptq_round_model(loaded, batches, group, include_head=cfg.lm_head == "int4",
+                                       keep=_kept_linears(loaded, cfg))
     return rounded, group, {**report.to_dict(), "calibration": str(spec)}, rotation
+
+
+def _kept_linears(loaded: LoadedModel, cfg: ExportConfig) -> list[str]:
+    """The names, in `loaded.model`, of the linears `cfg.int8_linears` keeps at 8 bits: matched on
+    the export module's names, as quantize_for_executorch matches them, so GPTQ leaves exactly
+    those unrounded."""
+    from pocketformer.export.quantize import int8_names
+
+    if not cfg.int8_linears:
+        return []
+    module = loaded.adapter.export_module(loaded)
+    by_name = dict(module.named_modules())
+    ids = {id(by_name[n]) for n in int8_names(module, cfg.int8_linears)}
+    return [n for n, m in loaded.model.named_modules() if id(m) in ids]
 
 
 def _has_lowrank(loaded: LoadedModel) -> bool:
@@ -574,7 +608,8 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
         module = CachedLM(model, max_len).eval()
         if cfg.quantize != "fp32":
             module, plan = quantize_for_executorch(module, cfg.quantize, group_size or cfg.group_size,
-                                                   lm_head=cfg.lm_head)
+                                                   lm_head=cfg.lm_head,
+                                                   int8_linears=cfg.int8_linears)
             plan.gptq, plan.rotation = rounding, rotation
             check_plan(plan, cfg.max_unquantized_share)
         inputs = example_step_inputs(model, max_len)

@@ -191,12 +191,15 @@ def _round_set(linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor],
 
 def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int, *,
                      damp: float = 0.01, act_order: bool = True, include_head: bool = True,
-                     include_layers: bool = True):
+                     include_layers: bool = True, keep=()):
     """A copy of `loaded` whose transformer-layer linears (and output head) carry GPTQ-rounded
     4-bit weights for `group` (see the module docstring), and the report. Linears whose width is
     not a multiple of `group`, and linears outside the layers and head, are left to RTN.
     include_layers=False rounds the head alone (the layers only carry the features to it): grid
-    rounding (export/grid.py) writes the layers' integers itself."""
+    rounding (export/grid.py) writes the layers' integers itself. `keep`: names in `loaded.model`
+    of linears that stay at 8 bits (export/quantize.py `int8_names`), so they are not rounded; the
+    layers after them are calibrated on their unrounded outputs, which 8-bit weights keep to
+    within a fraction of a 4-bit step."""
     from pocketformer.compress.probe import LayerProbe
 
     start = time.perf_counter()
@@ -209,6 +212,9 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
     work.model = model
     probe = LayerProbe(work)
     layers = probe.layers
+    kept = {id(m) for n, m in model.named_modules() if n in set(keep)}
+    if len(kept) != len(set(keep)):
+        raise ValueError(f"keep names linears the model does not have: {sorted(set(keep))[:4]}")
     tokens = sum(int(b[0].numel()) for b in batches)
     report = GPTQReport(group=group, samples=sum(int(b[0].shape[0]) for b in batches), tokens=tokens,
                         damp=damp, act_order=act_order)
@@ -217,7 +223,8 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
         hidden = [t.inputs[0] for t in traces]
         for li, layer in enumerate(layers):
             lins = {f"layers.{li}.{n}": m for n, m in layer.named_modules()
-                    if isinstance(m, nn.Linear) and m.in_features % group == 0} if include_layers else {}
+                    if isinstance(m, nn.Linear) and m.in_features % group == 0
+                    and id(m) not in kept} if include_layers else {}
             acc = _Hessians(lins)
             try:
                 for t, h in zip(traces, hidden):

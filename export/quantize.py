@@ -26,6 +26,7 @@ unquantized is listed by name; `max_unquantized_share` (share of linear weights)
 from __future__ import annotations
 
 import copy
+import fnmatch
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -58,6 +59,7 @@ class QuantPlan:
     gptq: dict | None = None                     # the calibrated rounding's report
     rotation: dict | None = None                 # the residual-stream rotation's (export/rotate.py)
     side_params: int = 0                         # side linears of grid rounding (export/grid.py)
+    int8_linears: list[str] = field(default_factory=list)   # 8da4w: linears kept at 8 bits by name
 
     @property
     def unquantized_share(self) -> float:
@@ -81,6 +83,25 @@ def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
     8da8w per channel)."""
     return [(n, m) for n, m in module.named_modules()
             if isinstance(m, nn.Linear) and not getattr(m, "pf_side", False)]
+
+
+def name_matches(name: str, patterns) -> bool:
+    """Whether a module name matches one of the glob `patterns`, whole or as a dotted suffix:
+    "v_proj" and "self_attn.v_proj" match "model.layers.3.self_attn.v_proj"; "layers.0.*" the
+    first layer's linears (names differ by prefix between the model, the generation wrapper and
+    GPTQ's per-layer walk, so a pattern names the end of the path)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
+
+
+def int8_names(module: nn.Module, patterns, *, field_name: str = "export.int8_linears") -> list[str]:
+    """The linears of `module` that `patterns` keep at 8 bits; a pattern matching none is bad input
+    (a typo would otherwise export an all-4-bit program without a word)."""
+    names = [n for n, _ in _linears(module)]
+    for p in patterns:
+        if not any(name_matches(n, [p]) for n in names):
+            raise BadInputError(f"pattern {p!r} matches no linear of the model (e.g. "
+                                f"{', '.join(names[:3])})", field=field_name)
+    return [n for n in names if name_matches(n, patterns)]
 
 
 def choose_group_size(widths: list[int], *, size_first: bool = False) -> int:
@@ -131,15 +152,21 @@ def output_head(module: nn.Module) -> nn.Linear | None:
 
 
 def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | None = None,
-                            lm_head: str = "int4") -> tuple[nn.Module, QuantPlan]:
+                            lm_head: str = "int4", int8_linears=()) -> tuple[nn.Module, QuantPlan]:
     """A quantized copy of `module` (the original is untouched) and the plan that was applied.
-    `lm_head` (8da4w): int4 like every other linear, or int8 (8da8w per output channel)."""
+    `lm_head` (8da4w): int4 like every other linear, or int8 (8da8w per output channel).
+    `int8_linears` (8da4w): name patterns (`name_matches`) of linears kept at 8da8w per output
+    channel, as llama.cpp's Q4_K_M keeps attn_v at 6 bits: the few whose 4-bit rounding costs
+    the most quality for their size (docs/export.md, "Mixed precision")."""
     if lm_head not in HEAD_SCHEMES:
         raise BadInputError(f"expected one of {', '.join(HEAD_SCHEMES)}, got {lm_head!r}", field="lm_head")
-    if scheme == "fp32":
+    if scheme == "fp32" and not int8_linears:
         return module, QuantPlan("fp32", None)
     if scheme not in SCHEMES:
         raise BadInputError(f"expected one of {', '.join(SCHEMES)}, got {scheme!r}", field="quantize")
+    if int8_linears and scheme != "8da4w":
+        raise BadInputError(f"keeping linears at 8 bits is for 8da4w programs; the scheme is {scheme}",
+                            field="export.int8_linears")
     from torchao.quantization import (Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig,
                                       quantize_)
     from torchao.quantization.granularity import PerAxis, PerGroup
@@ -157,9 +184,14 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
     plan.side_params = sum(m.weight.numel() for m in sides8.values())
     # an int8 head is per output channel, so no group has to divide its width
     head8 = output_head(module) if scheme == "8da4w" and lm_head == "int8" else None
+    by_name = dict(linears)
+    plan.int8_linears = int8_names(module, int8_linears) if int8_linears else []
+    keep8 = {id(by_name[n]) for n in plan.int8_linears}
+    if head8 is not None:
+        keep8.add(id(head8))
     chosen = set()
     for name, m in linears:
-        if group is not None and m.in_features % group and m is not head8:
+        if group is not None and m.in_features % group and id(m) not in keep8:
             plan.skipped.append({"name": name, "in_features": m.in_features,
                                  "params": m.weight.numel(),
                                  "reason": f"in_features {m.in_features} is not a multiple of group {group}"})
@@ -172,12 +204,13 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
     with torch.no_grad():
         quantize_(module, Int8DynamicActivationIntxWeightConfig(
             weight_dtype=weight_dtype, weight_granularity=granularity),
-            filter_fn=lambda m, fqn: id(m) in chosen and m is not head8)
-        if head8 is not None or sides8:
-            # 8da8w per output channel: an int8 head, and grid rounding's side inputs (export/grid.py)
+            filter_fn=lambda m, fqn: id(m) in chosen and id(m) not in keep8)
+        if keep8 or sides8:
+            # 8da8w per output channel: an int8 head, linears kept at 8 bits by name, and grid
+            # rounding's side inputs (export/grid.py)
             quantize_(module, Int8DynamicActivationIntxWeightConfig(
                 weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-                filter_fn=lambda m, fqn: m is head8 or id(m) in sides8)
+                filter_fn=lambda m, fqn: id(m) in keep8 or id(m) in sides8)
         if scheme == "8da4w":
             from pocketformer.export.gptq import apply_rounding
             plan.calibrated = apply_rounding(module)

@@ -172,6 +172,8 @@ def cmd_export(args) -> int:
         if getattr(args, name):
             raw[name] = getattr(args, name)
     raw["lm_head"] = args.lm_head
+    if args.int8_linears:
+        raw["int8_linears"] = [p.strip() for p in args.int8_linears.split(",") if p.strip()]
     raw["rounding"] = args.rounding
     raw["rotation"] = args.rotation
     raw["smoothing"] = args.smoothing or None
@@ -212,7 +214,8 @@ def describe_artifact(path, rec: dict) -> str:
     q = d.get("quantization")
     if isinstance(q, dict) and q.get("unquantized_share") is not None and rec["quantization"] != "fp32":
         parts.append(f"{q['quantized']} linears quantized (group {q.get('group_size') or 'per-channel'}), "
-                     f"{len(q.get('skipped', []))} left fp32")
+                     f"{len(q.get('skipped', []))} left fp32"
+                     + (f", {len(q['int8_linears'])} kept at int8" if q.get("int8_linears") else ""))
     parts.append("ok" if p["passed"] else "FAILED")
     return ", ".join(parts)
 
@@ -465,6 +468,9 @@ def make_parser():
     e.add_argument("--lm-head", default="int4",
                    help="8da4w: the output head's weights, int4 like the other linears or int8 "
                         "(per output channel; what llama.cpp's 4-bit files keep at 8 bits)")
+    e.add_argument("--int8-linears", metavar="PATTERN[,PATTERN]",
+                   help="8da4w: linears kept at 8 bits (int8 per output channel), by name glob or "
+                        "dotted suffix, e.g. v_proj (what llama.cpp's Q4_K_M keeps at 6 bits)")
     e.add_argument("--rounding", default="auto",
                    help="8da4w weights: rtn (round to nearest), gptq (calibrated, needs "
                         "--calibration), grid (keep the weights' own 4-bit block grid, e.g. a "

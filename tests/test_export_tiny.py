@@ -223,16 +223,57 @@ def test_int8_lm_head_of_8da4w(tiny_llama_2l, tmp_path):
         err8 = float((q8(ids) - ref).pow(2).mean())
     assert err8 < err4, (err8, err4)
     out = tmp_path / "h8"
-    # through the CLI (one program: the generation graph quantizes with the same function)
+    # through the CLI (one program: the generation graph quantizes with the same function), with
+    # the value projections kept at 8 bits too (test_int8_linears_of_8da4w)
     assert main(["export", str(tiny_llama_2l), "--format", "pte", "--quantize", "8da4w", "--group-size",
-                 "32", "--lm-head", "int8", "--no-etrecord", "--no-generation", "--seq-len", "16",
-                 "--out", str(out)]) == 0
+                 "32", "--lm-head", "int8", "--int8-linears", "v_proj", "--no-etrecord",
+                 "--no-generation", "--seq-len", "16", "--out", str(out)]) == 0
     side = json.loads((out / "model-8da4w.pte.json").read_text())
     assert side["parity"]["passed"], side["parity"]
-    assert side["details"]["quantization"]["lm_head"].endswith("8da8w per channel")
+    plan = side["details"]["quantization"]
+    assert plan["lm_head"].endswith("8da8w per channel")
+    assert [n.split(".")[-3:] for n in plan["int8_linears"]] == [[str(i), "self_attn", "v_proj"]
+                                                                  for i in range(2)]
     bad = main(["export", str(tiny_llama_2l), "--format", "pte", "--quantize", "8da4w", "--lm-head",
                 "int2", "--out", str(tmp_path / "bad")])
     assert bad == 2
+
+
+def test_int8_linears_of_8da4w(tiny_llama_2l, tmp_path, capsys):
+    """--int8-linears PATTERN: the named linears get int8 weights per output channel, the rest
+    stay 4-bit in groups; the named ones' error drops to int8's. A pattern that names nothing,
+    or a scheme without 4-bit weights, is bad input (exit 2) before any work."""
+    from pocketformer.errors import BadInputError
+
+    loaded = load_model(tiny_llama_2l)
+    module = loaded.adapter.export_module(loaded)
+    q4, p4 = quantize_for_executorch(module, "8da4w", group_size=32)
+    q8, p8 = quantize_for_executorch(module, "8da4w", group_size=32, int8_linears=["self_attn.v_proj"])
+    assert [n.split(".")[-3:] for n in p8.int8_linears] == [[str(i), "self_attn", "v_proj"]
+                                                             for i in range(2)]
+    assert p8.quantized == p4.quantized and p8.unquantized_params == 0
+    ref = dict(module.named_modules())
+    for (name, m4), m8 in zip(q4.named_modules(), q8.modules()):
+        if not hasattr(getattr(m8, "weight", None), "qdata"):
+            continue
+        w = ref[name].weight
+        err4 = float((m4.weight.dequantize() - w).pow(2).mean())
+        err8 = float((m8.weight.dequantize() - w).pow(2).mean())
+        if name in p8.int8_linears:
+            assert m8.weight.scale.numel() == w.shape[0] and int(m8.weight.qdata.abs().max()) > 7
+            assert err8 < 0.05 * err4, (name, err8, err4)
+        else:
+            assert torch.equal(m8.weight.qdata, m4.weight.qdata), name
+    with pytest.raises(BadInputError, match="vproj"):
+        quantize_for_executorch(module, "8da4w", group_size=32, int8_linears=["vproj"])
+    for extra in (["--quantize", "int8"], ["--quantize", "8da4w", "--rounding", "grid"]):
+        code = main(["export", str(tiny_llama_2l), "--format", "pte", *extra, "--int8-linears",
+                     "v_proj", "--out", str(tmp_path / "bad")])
+        assert code == 2 and "int8_linears" in capsys.readouterr().err
+    assert main(["export", str(tiny_llama_2l), "--format", "pte", "--quantize", "8da4w",
+                 "--int8-linears", "v_prj", "--no-generation", "--out", str(tmp_path / "bad")]) == 2
+    assert "v_prj" in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad/*.pte"))
 
 
 def _integer_matmul_file(path, a_zero, b, b_zero):
