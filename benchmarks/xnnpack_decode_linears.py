@@ -47,17 +47,12 @@ def lower(model: nn.Module, scheme: str):
     from executorch.exir import to_edge_transform_and_lower
     from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
 
-    if scheme == "8da4w-channel":
-        # not an export scheme (a group must divide every width), so torchao directly
-        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-        from torchao.quantization.granularity import PerAxis
-        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                               weight_granularity=PerAxis(0)))
-    else:
-        # the export's own path (export/quantize.py): "int8" is 8da8w per output channel
-        from pocketformer.export.quantize import quantize_for_executorch
-        model, _ = quantize_for_executorch(model, {"fp32": "fp32", "8da4w-g32": "8da4w",
-                                                   "8da8w": "int8"}[scheme], group_size=32)
+    # the export's own path (export/quantize.py): "int8" is 8da8w per output channel, 8da4w
+    # group 0 one 4-bit scale per output channel (`--group-size 0`)
+    from pocketformer.export.quantize import quantize_for_executorch
+    model, _ = quantize_for_executorch(model, {"fp32": "fp32", "8da4w-g32": "8da4w", "8da4w-channel": "8da4w",
+                                               "8da8w": "int8"}[scheme],
+                                       group_size=0 if scheme == "8da4w-channel" else 32)
     x = torch.randn(1, 1, 576)
     ep = torch.export.export(model, (x,))
     buffer = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer

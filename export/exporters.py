@@ -38,7 +38,8 @@ GREEDY_PROMPT = "The history of the city begins in the early years of the"
 class ExportConfig:
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
     quantize: str = "fp32"              # fp32 | int8 | 8da4w (see export/quantize.py)
-    group_size: int | None = None       # 8da4w weight group; default: largest dividing every width
+    group_size: int | None = None       # 8da4w weight group (0: per output channel); default:
+                                          # one dividing every width (export/quantize.py)
     lm_head: str = "int4"               # 8da4w: the output head's weights, int4 (grouped) or int8
     int8_linears: list[str] = field(default_factory=list)   # 8da4w: name patterns of linears kept
                                           # at 8da8w per channel (export/quantize.py name_matches)
@@ -79,8 +80,11 @@ class ExportConfig:
                                 f"{' or '.join(ONNX_QUANTIZATIONS)}", field="quantize")
         if self.batch < 1 or (self.seq_len is not None and self.seq_len < 2):
             raise BadInputError("batch must be >= 1 and seq_len >= 2", field="seq_len")
-        if self.group_size is not None and self.group_size < 1:
-            raise BadInputError("must be >= 1", field="group_size")
+        if self.group_size is not None and self.group_size < 0:
+            raise BadInputError("must be >= 1, or 0 for one scale per output channel", field="group_size")
+        if self.group_size == 0 and self.rounding == "grid":
+            raise BadInputError("grid rounding keeps the weights' own 4-bit blocks; group 0 (one "
+                                "scale per output channel) is for rtn or gptq", field="group_size")
         if self.lm_head not in HEAD_SCHEMES:
             raise BadInputError(f"expected one of {', '.join(HEAD_SCHEMES)}, got {self.lm_head!r}",
                                 field="lm_head")
@@ -506,7 +510,7 @@ def _calibrated_rounding(loaded: LoadedModel, module, cfg: ExportConfig):
     from pocketformer.export.gptq import gptq_round_model
 
     batches, spec = _calibration_batches(loaded, cfg)
-    say(f"export: gptq rounding for 8da4w group {group} on {cfg.calibration} "
+    say(f"export: gptq rounding for 8da4w {f'group {group}' if group else 'per output channel'} on {cfg.calibration} "
         f"({cfg.calibration_samples} samples)")
     rounded, report = gptq_round_model(loaded, batches, group, include_head=cfg.lm_head == "int4",
                                        keep=_kept_linears(loaded, cfg))
@@ -607,7 +611,8 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
     if fmt == "pte":
         module = CachedLM(model, max_len).eval()
         if cfg.quantize != "fp32":
-            module, plan = quantize_for_executorch(module, cfg.quantize, group_size or cfg.group_size,
+            module, plan = quantize_for_executorch(module, cfg.quantize,
+                                                   cfg.group_size if group_size is None else group_size,
                                                    lm_head=cfg.lm_head,
                                                    int8_linears=cfg.int8_linears)
             plan.gptq, plan.rotation = rounding, rotation

@@ -179,13 +179,14 @@ def _round_set(linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor],
     for name, lin in linears.items():
         w = lin.weight.detach().to(torch.float32)
         H = hessians[name]
-        q, s = gptq_linear(w, H, group, damp=damp, act_order=act_order)
-        wq = dequantize(q, s, group)
-        rq, rs = rtn(w, group)
-        report.rtn_error += _output_error(w, dequantize(rq, rs, group), H)
+        g = group or lin.in_features        # 0: one scale per output channel
+        q, s = gptq_linear(w, H, g, damp=damp, act_order=act_order)
+        wq = dequantize(q, s, g)
+        rq, rs = rtn(w, g)
+        report.rtn_error += _output_error(w, dequantize(rq, rs, g), H)
         report.gptq_error += _output_error(w, wq, H)
         lin.weight = nn.Parameter(wq.to(lin.weight.dtype), requires_grad=False)
-        lin.pf_rounding = (q, s, group)
+        lin.pf_rounding = (q, s, g)
         report.rounded.append(name)
 
 
@@ -193,7 +194,7 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
                      damp: float = 0.01, act_order: bool = True, include_head: bool = True,
                      include_layers: bool = True, keep=()):
     """A copy of `loaded` whose transformer-layer linears (and output head) carry GPTQ-rounded
-    4-bit weights for `group` (see the module docstring), and the report. Linears whose width is
+    4-bit weights for `group` (see the module docstring; 0: one scale per output channel), and the report. Linears whose width is
     not a multiple of `group`, and linears outside the layers and head, are left to RTN.
     include_layers=False rounds the head alone (the layers only carry the features to it): grid
     rounding (export/grid.py) writes the layers' integers itself. `keep`: names in `loaded.model`
@@ -223,7 +224,7 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
         hidden = [t.inputs[0] for t in traces]
         for li, layer in enumerate(layers):
             lins = {f"layers.{li}.{n}": m for n, m in layer.named_modules()
-                    if isinstance(m, nn.Linear) and m.in_features % group == 0
+                    if isinstance(m, nn.Linear) and (group == 0 or m.in_features % group == 0)
                     and id(m) not in kept} if include_layers else {}
             acc = _Hessians(lins)
             try:
@@ -239,7 +240,7 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
             hidden = nxt
             if include_layers:
                 say(f"gptq: layer {li + 1}/{len(layers)} ({len(lins)} linears)")
-        if include_head and head is not None and head.in_features % group == 0:
+        if include_head and head is not None and (group == 0 or head.in_features % group == 0):
             feats = [probe.features(t, h) for t, h in zip(traces, hidden)]
             x = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).to(torch.float64)
             H = 2.0 * (x.T @ x) / x.shape[0]

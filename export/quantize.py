@@ -3,8 +3,8 @@
 ExecuTorch (torchao `quantize_`, lowered to XNNPACK):
     int8   every nn.Linear: int8 weights per output channel, int8 dynamic per-token activations
            (8da8w). Embeddings stay fp32.
-    8da4w  every nn.Linear: int4 weights in groups of `group_size` input channels, int8 dynamic
-           activations; every nn.Embedding (and a tied LM head's table, which is untied first):
+    8da4w  every nn.Linear: int4 weights in groups of `group_size` input channels (0: one scale
+           per output channel over the whole input width), int8 dynamic activations; every nn.Embedding (and a tied LM head's table, which is untied first):
            int8 weights per row. `lm_head="int8"` gives the output head 8da8w (int8 weights per
            output channel) instead, as llama.cpp keeps its output/token table at 8 bits (Q8_0) in
            its 4-bit files: the head is the linear whose rounding error reaches every logit.
@@ -115,9 +115,12 @@ def choose_group_size(widths: list[int], *, size_first: bool = False) -> int:
 
 
 def group_for(module: nn.Module, group_size: int | None = None, *, size_first: bool = False) -> int:
-    """The 8da4w group of `module`: the one asked for, else the first candidate dividing every
-    linear's input width (export and GPTQ rounding must agree on it)."""
-    return group_size or choose_group_size([m.in_features for _, m in _linears(module)],
+    """The 8da4w group of `module`: the one asked for (0: one scale per output channel, the
+    whole input width), else the first candidate dividing every linear's input width (export and
+    GPTQ rounding must agree on it)."""
+    if group_size is not None:
+        return group_size
+    return choose_group_size([m.in_features for _, m in _linears(module)],
                                            size_first=size_first)
 
 
@@ -174,10 +177,8 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
     module = copy.deepcopy(module).eval()
     tied = _untie_head(module) if scheme == "8da4w" else False
     linears = _linears(module)
-    if scheme == "int8":
-        group = None
-    else:
-        group = group_for(module, group_size)
+    # None: one scale per output channel (int8; 8da4w with group 0, XNNPACK's QC4W kernels)
+    group = None if scheme == "int8" else (group_for(module, group_size) or None)
     plan = QuantPlan(scheme, group)
     plan.linear_params = sum(m.weight.numel() for _, m in linears)
     sides8 = {id(m): m for m in module.modules() if getattr(m, "pf_side", False)}

@@ -169,7 +169,7 @@ def cmd_export(args) -> int:
            "greedy_tokens": args.greedy_tokens,
            "max_unquantized_share": args.max_unquantized_share}
     for name in ("seq_len", "group_size", "calibration"):
-        if getattr(args, name):
+        if getattr(args, name) is not None:
             raw[name] = getattr(args, name)
     raw["lm_head"] = args.lm_head
     if args.int8_linears:
@@ -255,7 +255,8 @@ def cmd_bench_llm(args) -> int:
     cfg = from_dict(RaceConfig, {"target": args.target, "threads": args.threads,
                                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                                  "runs": args.runs, "warmup": args.warmup, "data": args.data,
-                                 "ctx": args.ctx, "chunks": args.chunks}, prefix="bench")
+                                 "ctx": args.ctx, "chunks": args.chunks,
+                                 "rounds": args.processes}, prefix="bench")
     result = race(args.artifacts, cfg, against=None if args.against == "none" else args.against)
     print(render(result))
     if args.profile:
@@ -463,8 +464,9 @@ def make_parser():
     e.add_argument("model")
     e.add_argument("--format", default="onnx,pte", help="comma list of onnx, pte")
     e.add_argument("--quantize", default="fp32", help="fp32 | int8 | 8da4w (8da4w: .pte only)")
-    e.add_argument("--group-size", type=int, help="8da4w weight group (default: one that divides "
-                   "every quantized width; 32 first, or the largest when rotated and GPTQ-rounded)")
+    e.add_argument("--group-size", type=int, help="8da4w weight group, 0 for one scale per output "
+                   "channel (default: one that divides every quantized width; 32 first, or the "
+                   "largest when rotated and GPTQ-rounded)")
     e.add_argument("--lm-head", default="int4",
                    help="8da4w: the output head's weights, int4 like the other linears or int8 "
                         "(per output channel; what llama.cpp's 4-bit files keep at 8 bits)")
@@ -512,7 +514,10 @@ def make_parser():
                         "android_demo app's benchmark mode, adb targets), comma-separated")
     n.add_argument("--processes", type=int, default=1,
                    help="host, native runner: repeat the measurement in this many runner "
-                        "processes and pool the latencies (steadier p50 on a shared machine)")
+                        "processes and pool the latencies (steadier p50 on a shared machine); "
+                        "with --llm: rounds, each measuring every engine once, the order "
+                        "alternating; speeds are medians over rounds and each ratio the median "
+                        "of its per-round ratios")
     n.add_argument("--qemu-runs", type=int, default=3,
                    help="inferences in the instruction-counted run under qemu")
     n.add_argument("--profile", action="store_true",

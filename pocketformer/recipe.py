@@ -3,7 +3,8 @@
     [model]            source = "minilm" | HF directory | file.gguf | config.json (ViT)
     [data]             calibration, evaluation (PATH[@START:END]), task, sample/window sizes
     [[compress.steps]] method = "<registered method>", plus that method's parameters
-    [export]           formats, quantize, rounding (8da4w: rtn|gptq|auto), rotation (on|off|auto), batch, seq_len, parity tolerances
+    [export]           formats, quantize, rounding (8da4w: rtn|gptq|grid|auto), rotation (on|off|auto),
+                       lm_head, int8_linears (8da4w: linears kept at 8 bits), batch, seq_len, parity tolerances
     [bench]            targets, warmup, runs, threads
     [budgets]          max_size_mb, max_p50_ms = { host = ... }, max_quality_drop
 

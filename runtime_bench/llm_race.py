@@ -10,6 +10,7 @@ first half as context. Under `qemu:` the comparable figure is instructions per g
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
@@ -41,6 +42,10 @@ class RaceConfig:
     ctx: int = 128                # perplexity chunk length (tokens)
     chunks: int = 16              # perplexity chunks
     qemu_tokens: tuple[int, int] = (8, 24)   # two decode lengths: their difference is per token
+    rounds: int = 1               # host: every engine measured once per round, the order
+                                  # alternating; speeds are medians over rounds, ratios the
+                                  # median of the per-round ratios (a shared machine's slow
+                                  # spells then hit both sides of a ratio alike)
 
     def validate(self) -> None:
         kind, _ = parse_target(self.target)
@@ -51,6 +56,9 @@ class RaceConfig:
         if self.prompt_tokens < 1 or self.new_tokens < 2:
             raise BadInputError("prompt_tokens >= 1 and new_tokens >= 2 are required",
                                 field="new_tokens")
+        if self.rounds < 1 or (self.rounds > 1 and kind != "host"):
+            raise BadInputError("rounds >= 1, and more than one only on the host (instruction "
+                                "counts under qemu do not vary)", field="rounds")
         if self.ctx < 8 or self.ctx % 2 or self.chunks < 1:
             raise BadInputError("ctx must be an even number >= 8 and chunks >= 1", field="ctx")
 
@@ -245,44 +253,88 @@ def race(artifacts, cfg: RaceConfig, *, against: str | None = "llama.cpp") -> di
             text_file.write_text(text, encoding="utf-8")
             ids = _token_ids(str(sides[0].get("source")), text)
 
-        rows: list[RaceRow] = []
-        for artifact, side in zip(artifacts, sides):
-            if kind == "host":
-                row = _ours_host(artifact, side, cfg)
-                if ids is not None:
+        # rounds[i][j]: engine j (our artifacts in order, then llama.cpp) in round i; the first
+        # round also measures perplexity (deterministic, so once)
+        rounds: list[list[RaceRow | None]] = []
+        error = None
+        for r in range(cfg.rounds):
+            got: list[RaceRow | None] = [None] * (len(artifacts) + 1)
+            if cfg.rounds > 1:
+                say(f"race: round {r + 1}/{cfg.rounds}" + (", llama.cpp first" if r % 2 else ""))
+
+            def ours(j):
+                artifact, side = artifacts[j], sides[j]
+                if kind != "host":
+                    got[j] = _ours_qemu(artifact, side, cpu, cfg)
+                    return
+                got[j] = _ours_host(artifact, side, cfg)
+                if ids is not None and r == 0:
                     say(f"race: {artifact.name}: perplexity, ctx {cfg.ctx}, {cfg.chunks} chunks")
                     p = perplexity_like_llamacpp(artifact, ids, cfg.ctx, cfg.chunks)
-                    row.perplexity = p["perplexity"]
-                    row.detail["perplexity"] = p
-            else:
-                row = _ours_qemu(artifact, side, cpu, cfg)
-            rows.append(row)
+                    got[j].perplexity = p["perplexity"]
+                    got[j].detail["perplexity"] = p
 
-        error = None
-        if gguf is not None:
-            start = time.perf_counter()
-            try:
-                rows.append(_llamacpp(gguf, cfg, text_file))
-            except PocketformerError as e:
-                error = e.describe()
-            say(f"race: llama.cpp took {time.perf_counter() - start:.0f} s")
+            def peer():
+                nonlocal error
+                if gguf is None or error is not None:
+                    return
+                start = time.perf_counter()
+                try:
+                    got[-1] = _llamacpp(gguf, cfg, text_file if r == 0 else None)
+                except PocketformerError as e:
+                    error = e.describe()
+                say(f"race: llama.cpp took {time.perf_counter() - start:.0f} s")
+
+            steps = [lambda j=j: ours(j) for j in range(len(artifacts))] + [peer]
+            for step in (steps if r % 2 == 0 else steps[::-1]):
+                step()
+            rounds.append(got)
     finally:
         tmp.cleanup()
 
+    rows = [_pooled([rd[j] for rd in rounds]) for j in range(len(artifacts))]
+    if gguf is not None and error is None:
+        rows.append(_pooled([rd[-1] for rd in rounds]))
     ref = rows[-1] if gguf is not None and error is None else None
     ratios = {}
     if ref is not None:
-        for r in rows[:-1]:
-            ratios[r.file] = {      # keyed by path: two programs may share a file name
-                "decode_vs_llamacpp": _ratio(r.decode_tokens_per_s, ref.decode_tokens_per_s),
-                "prefill_vs_llamacpp": _ratio(r.prefill_tokens_per_s, ref.prefill_tokens_per_s),
+        for j, row in enumerate(rows[:-1]):
+            per_round = {
+                key: [_ratio(getattr(rd[j], key), getattr(rd[-1], key)) for rd in rounds]
+                for key in ("decode_tokens_per_s", "prefill_tokens_per_s")}
+            ratios[row.file] = {      # keyed by path: two programs may share a file name
+                "decode_vs_llamacpp": _median(per_round["decode_tokens_per_s"]),
+                "prefill_vs_llamacpp": _median(per_round["prefill_tokens_per_s"]),
                 # fewer instructions per token is faster: llama.cpp's count over ours
                 "instructions_speedup_vs_llamacpp": _ratio(ref.instructions_per_token,
-                                                           r.instructions_per_token),
-                "perplexity_vs_llamacpp": _ratio(r.perplexity, ref.perplexity),
+                                                           row.instructions_per_token),
+                "perplexity_vs_llamacpp": _ratio(row.perplexity, ref.perplexity),
             }
+            if cfg.rounds > 1:
+                ratios[row.file]["decode_vs_llamacpp_rounds"] = per_round["decode_tokens_per_s"]
+                ratios[row.file]["prefill_vs_llamacpp_rounds"] = per_round["prefill_tokens_per_s"]
     return {"config": asdict(cfg), "against": str(gguf) if gguf else None,
             "rows": [asdict(r) for r in rows], "ratios": ratios, "llamacpp_error": error}
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def _pooled(per_round: list[RaceRow]) -> RaceRow:
+    """One engine's row over the rounds: the first round's (which holds the perplexity), with
+    the speeds and TTFT the medians over rounds and each round's figures in `detail["rounds"]`."""
+    if len(per_round) == 1:
+        return per_round[0]
+    row = copy.deepcopy(per_round[0])      # the rounds' own rows stay as measured
+    keys = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms")
+    row.detail["rounds"] = [{k: getattr(r, k) for k in keys} for r in per_round]
+    for k in keys:
+        setattr(row, k, _median([getattr(r, k) for r in per_round]))
+    row.peak_rss_mb = max(r.peak_rss_mb for r in per_round if r.peak_rss_mb is not None) \
+        if any(r.peak_rss_mb is not None for r in per_round) else None
+    return row
 
 
 def _ratio(a, b):

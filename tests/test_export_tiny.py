@@ -127,6 +127,11 @@ def test_group_size_choice_and_skip_gate(tiny_llama, tmp_path, capsys):
     module = loaded.adapter.export_module(loaded)
     _, plan = quantize_for_executorch(module, "8da4w", group_size=48)   # 64 % 48 != 0
     assert plan.unquantized_share > 0.5 and plan.skipped[0]["in_features"] == 64
+    # group 0: one scale per output channel, whatever the width, so nothing is skipped
+    q, plan = quantize_for_executorch(module, "8da4w", group_size=0)
+    assert plan.group_size is None and plan.skipped == [] and plan.unquantized_params == 0
+    lin = q.model.model.layers[0].mlp.down_proj
+    assert lin.weight.scale.shape == (lin.out_features, 1) and int(lin.weight.qdata.abs().max()) <= 8
     out = tmp_path / "gate"
     rc = main(["export", str(tiny_llama), "--format", "pte", "--quantize", "8da4w", "--group-size",
                "48", "--no-generation", "--out", str(out)])
@@ -224,13 +229,15 @@ def test_int8_lm_head_of_8da4w(tiny_llama_2l, tmp_path):
     assert err8 < err4, (err8, err4)
     out = tmp_path / "h8"
     # through the CLI (one program: the generation graph quantizes with the same function), with
-    # the value projections kept at 8 bits too (test_int8_linears_of_8da4w)
+    # the value projections kept at 8 bits too (test_int8_linears_of_8da4w) and the other
+    # linears' 4-bit weights one scale per output channel (group 0: XNNPACK's QC4W kernels)
     assert main(["export", str(tiny_llama_2l), "--format", "pte", "--quantize", "8da4w", "--group-size",
-                 "32", "--lm-head", "int8", "--int8-linears", "v_proj", "--no-etrecord",
+                 "0", "--lm-head", "int8", "--int8-linears", "v_proj", "--no-etrecord",
                  "--no-generation", "--seq-len", "16", "--out", str(out)]) == 0
     side = json.loads((out / "model-8da4w.pte.json").read_text())
     assert side["parity"]["passed"], side["parity"]
     plan = side["details"]["quantization"]
+    assert plan["group_size"] is None and plan["skipped"] == []
     assert plan["lm_head"].endswith("8da8w per channel")
     assert [n.split(".")[-3:] for n in plan["int8_linears"]] == [[str(i), "self_attn", "v_proj"]
                                                                   for i in range(2)]

@@ -50,25 +50,28 @@ def test_gptq_rejects_a_width_the_group_does_not_divide():
         gptq_linear(torch.randn(4, 40), torch.eye(40), 32)
 
 
-def test_quantized_module_carries_the_gptq_integers(tiny_llama, small_text):
+@pytest.mark.parametrize("group", [32, 0])
+def test_quantized_module_carries_the_gptq_integers(tiny_llama, small_text, group):
+    """Group 32, and group 0 (one scale per output channel: each linear's whole input width)."""
     loaded = load_model(tiny_llama)
     tied = loaded.adapter.tied_head(loaded.model)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     data = load_for("text", DataSpec.parse(str(small_text)))
     batches = loaded.adapter.calibration_inputs(loaded, data, max_samples=8, seq_len=32, batch_size=4)
-    work, report = gptq_round_model(loaded, batches, 32)
+    work, report = gptq_round_model(loaded, batches, group)
     linears = [m for m in loaded.model.modules() if isinstance(m, nn.Linear)]
     assert len(report.rounded) == len(linears) and report.gptq_error < report.rtn_error
     # the user's model is untouched (the head's tie to the embedding too)
     assert not any(hasattr(m, "pf_rounding") for m in linears)
     assert loaded.adapter.tied_head(loaded.model) == tied
     assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())
-    module, plan = quantize_for_executorch(work.adapter.export_module(work), "8da4w", 32)
+    module, plan = quantize_for_executorch(work.adapter.export_module(work), "8da4w", group)
     assert plan.rounding == "gptq" and plan.calibrated == len(linears)
     carried = [m for m in module.modules() if isinstance(m, nn.Linear) and hasattr(m, "pf_rounding")]
     assert len(carried) == len(linears)
     for m in carried:
-        q, s, _ = m.pf_rounding
+        q, s, g = m.pf_rounding
+        assert g == (group or m.in_features) and s.shape == (m.out_features, m.in_features // g)
         assert torch.equal(m.weight.qdata, q) and torch.equal(m.weight.scale, s)
     # through export_model: tests/test_export_tiny.py (the 8da4w variant is GPTQ-rounded)
 

@@ -104,10 +104,12 @@ def test_grid_with_an_int4_head_rounds_the_head_by_gptq(tiny_llama, small_text):
 
 def test_grid_bad_input(tiny_llama):
     for bad in ({"quantize": "int8", "rounding": "grid"},
-                {"quantize": "8da4w", "rounding": "grid", "rotation": "on"}):
+                {"quantize": "8da4w", "rounding": "grid", "rotation": "on"},
+                {"quantize": "8da4w", "rounding": "grid", "group_size": 0},
+                {"quantize": "8da4w", "group_size": -1}):
         with pytest.raises(BadInputError) as e:
             ExportConfig(formats=["pte"], **bad).validate()
-        assert e.value.field in ("rounding", "rotation")
+        assert e.value.field in ("rounding", "rotation", "group_size")
     loaded = load_model(tiny_llama)
     with pytest.raises(BadInputError, match="multiple of group 48") as e:
         grid_model(loaded, 48)

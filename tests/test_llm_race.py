@@ -36,7 +36,7 @@ def test_race_one_table_same_weights_same_perplexity(tiny_race, tmp_path, capsys
     out, gguf = tiny_race
     js = tmp_path / "race.json"
     rc = main(["bench", "--llm", str(out / "model-gen.pte"), "--against", f"llama.cpp:{gguf}",
-               *ARGS, "--profile", "--json", str(js)])
+               *ARGS, "--processes", "2", "--profile", "--json", str(js)])
     captured = capsys.readouterr()
     printed = captured.out
     assert rc == 0, captured.err[-3000:]
@@ -49,8 +49,15 @@ def test_race_one_table_same_weights_same_perplexity(tiny_race, tmp_path, capsys
     # the same f32 weights and the same protocol (second half of each 64-token chunk)
     assert ours["perplexity"] == pytest.approx(peer["perplexity"], rel=0.01)
     assert ours["detail"]["perplexity"]["scored_tokens"] == 6 * 31
-    ratio = res["ratios"][ours["file"]]["decode_vs_llamacpp"]
-    assert ratio == pytest.approx(ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
+    # two rounds (--processes 2): each engine's speed is the median of its rounds, the ratio the
+    # median of the per-round ratios
+    q = res["ratios"][ours["file"]]
+    per_round = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                 for a, b in zip(ours["detail"]["rounds"], peer["detail"]["rounds"])]
+    assert len(per_round) == 2 and q["decode_vs_llamacpp_rounds"] == pytest.approx(per_round)
+    assert q["decode_vs_llamacpp"] == pytest.approx(sum(per_round) / 2)
+    assert ours["decode_tokens_per_s"] == pytest.approx(
+        sum(r["decode_tokens_per_s"] for r in ours["detail"]["rounds"]) / 2)
     assert "| model-gen.pte |" in printed and "| tiny-f32.gguf |" in printed
     # --profile: one decode step of our program, per operator, after the race
     (prof,) = res["profiles"]
@@ -100,3 +107,39 @@ def test_same_named_programs_keep_their_own_ratios():
                     "rows": [asdict(r) for r in rows], "ratios": ratios, "llamacpp_error": None})
     assert "| dense/model-8da4w-gen.pte |" in table and "| pruned/model-8da4w-gen.pte |" in table
     assert "| 1.000 | 4.000 |" in table and "| 1.500 | 5.000 |" in table
+
+
+def test_rounds_alternate_the_engines_and_pool_by_median(monkeypatch, tmp_path):
+    """--processes N with --llm: every engine once per round, llama.cpp first in odd rounds, the
+    row's speeds the medians over rounds and the ratio the median of the per-round ratios (a
+    slow spell of the shared machine in one round then moves both sides of that round's ratio)."""
+    from pocketformer.runtime_bench import llm_race
+    from pocketformer.runtime_bench.llm_race import RaceConfig, RaceRow
+
+    art = tmp_path / "model-gen.pte"
+    art.write_bytes(b"x")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    order, speed = [], {"ours": iter([200.0, 100.0, 150.0]), "peer": iter([100.0, 40.0, 120.0])}
+    monkeypatch.setattr(llm_race, "_check_generation", lambda a: {"source": "x"})
+
+    def ours(artifact, side, cfg):
+        order.append("ours")
+        return RaceRow("model-gen.pte", "ExecuTorch", str(artifact), 1.0,
+                       decode_tokens_per_s=next(speed["ours"]), prefill_tokens_per_s=1.0, ttft_ms=1.0)
+
+    def peer(g, cfg, text_file):
+        order.append("peer")
+        return RaceRow("m.gguf", "llama.cpp", str(g), 1.0, decode_tokens_per_s=next(speed["peer"]),
+                       prefill_tokens_per_s=1.0, ttft_ms=1.0)
+
+    monkeypatch.setattr(llm_race, "_ours_host", ours)
+    monkeypatch.setattr(llm_race, "_llamacpp", peer)
+    res = llm_race.race([art], RaceConfig(rounds=3), against=f"llama.cpp:{gguf}")
+    assert order == ["ours", "peer", "peer", "ours", "ours", "peer"]
+    q = res["ratios"][str(art)]
+    assert q["decode_vs_llamacpp_rounds"] == [2.0, 2.5, 1.25]
+    assert q["decode_vs_llamacpp"] == 2.0               # the ratio of the medians would be 1.5
+    assert [r["decode_tokens_per_s"] for r in res["rows"]] == [150.0, 100.0]
+    with pytest.raises(Exception, match="rounds"):
+        RaceConfig(target="qemu:cortex-a76", rounds=2).validate()
