@@ -194,8 +194,9 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
                      damp: float = 0.01, act_order: bool = True, include_head: bool = True,
                      include_layers: bool = True, keep=()):
     """A copy of `loaded` whose transformer-layer linears (and output head) carry GPTQ-rounded
-    4-bit weights for `group` (see the module docstring; 0: one scale per output channel), and the report. Linears whose width is
-    not a multiple of `group`, and linears outside the layers and head, are left to RTN.
+    4-bit weights for `group` (see the module docstring; 0: one scale per output channel), and
+    the report. Linears whose width is not a multiple of `group`, and linears outside the layers
+    and head, are left to RTN.
     include_layers=False rounds the head alone (the layers only carry the features to it): grid
     rounding (export/grid.py) writes the layers' integers itself. `keep`: names in `loaded.model`
     of linears that stay at 8 bits (export/quantize.py `int8_names`), so they are not rounded; the
@@ -213,9 +214,10 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
     work.model = model
     probe = LayerProbe(work)
     layers = probe.layers
-    kept = {id(m) for n, m in model.named_modules() if n in set(keep)}
-    if len(kept) != len(set(keep)):
-        raise ValueError(f"keep names linears the model does not have: {sorted(set(keep))[:4]}")
+    keep = set(keep)
+    kept = {id(m) for n, m in model.named_modules() if n in keep}
+    if len(kept) != len(keep):
+        raise ValueError(f"keep names linears the model does not have: {sorted(keep)[:4]}")
     tokens = sum(int(b[0].numel()) for b in batches)
     report = GPTQReport(group=group, samples=sum(int(b[0].shape[0]) for b in batches), tokens=tokens,
                         damp=damp, act_order=act_order)

@@ -4,8 +4,9 @@ ExecuTorch (torchao `quantize_`, lowered to XNNPACK):
     int8   every nn.Linear: int8 weights per output channel, int8 dynamic per-token activations
            (8da8w). Embeddings stay fp32.
     8da4w  every nn.Linear: int4 weights in groups of `group_size` input channels (0: one scale
-           per output channel over the whole input width), int8 dynamic activations; every nn.Embedding (and a tied LM head's table, which is untied first):
-           int8 weights per row. `lm_head="int8"` gives the output head 8da8w (int8 weights per
+           per output channel over the whole input width), int8 dynamic activations; every
+           nn.Embedding (and a tied LM head's table, which is untied first): int8 weights per
+           row. `lm_head="int8"` gives the output head 8da8w (int8 weights per
            output channel) instead, as llama.cpp keeps its output/token table at 8 bits (Q8_0) in
            its 4-bit files: the head is the linear whose rounding error reaches every logit.
 ONNX Runtime:
@@ -160,7 +161,7 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
     `lm_head` (8da4w): int4 like every other linear, or int8 (8da8w per output channel).
     `int8_linears` (8da4w): name patterns (`name_matches`) of linears kept at 8da8w per output
     channel, as llama.cpp's Q4_K_M keeps attn_v at 6 bits: the few whose 4-bit rounding costs
-    the most quality for their size (docs/export.md, "Mixed precision")."""
+    the most quality for their size (docs/export.md, "Linears kept at 8 bits")."""
     if lm_head not in HEAD_SCHEMES:
         raise BadInputError(f"expected one of {', '.join(HEAD_SCHEMES)}, got {lm_head!r}", field="lm_head")
     if scheme == "fp32" and not int8_linears:

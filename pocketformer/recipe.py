@@ -119,7 +119,13 @@ def load_recipe(path: str | Path) -> Recipe:
                                 "[data].calibration", file=file, field=where)
         steps.append(Step(method.name, config, dict(step)))
 
-    export = from_dict(ExportConfig, raw.get("export", {}), file=file, prefix="export")
+    export_raw = raw.get("export", {})
+    if isinstance(export_raw, dict) and export_raw.get("rounding") == "gptq" \
+            and "calibration" not in export_raw and "calibration" in specs:
+        # GPTQ asked for by name calibrates on the recipe's calibration split (the pipeline fills
+        # it in for rounding "auto" too); set here so the export table validates
+        export_raw = {**export_raw, "calibration": str(specs["calibration"])}
+    export = from_dict(ExportConfig, export_raw, file=file, prefix="export")
     bench = from_dict(BenchConfig, raw.get("bench", {}), file=file, prefix="bench")
     budgets = from_dict(Budgets, raw.get("budgets", {}), file=file, prefix="budgets")
     for target in budgets.max_p50_ms:

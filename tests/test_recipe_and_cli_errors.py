@@ -56,6 +56,17 @@ def test_good_recipe_parses(tmp_path):
     assert r.steps[0].method == "drop-layers" and r.steps[0].config.remove_layers == 2
     assert r.budgets.max_p50_ms == {"host": 100.0}
     assert r.evaluation.start == 0.5
+    # GPTQ asked for by name calibrates on [data].calibration (never the evaluation split); with
+    # no calibration split it is bad input naming the export field
+    gptq = GOOD.replace('formats = ["onnx"]', 'formats = ["pte"]\nquantize = "8da4w"\n'
+                        'rounding = "gptq"\ngroup_size = 0\nint8_linears = ["query"]')
+    r = load_recipe(write(tmp_path, gptq))
+    assert r.export.calibration == str(r.calibration) and r.export.int8_linears == ["query"]
+    no_cal = gptq.replace(f'calibration = "{STS_DEV}@0:0.5"\n', "").replace(
+        "max_quality_drop = 0.1\n", "").replace('method = "drop-layers"', 'method = "drop-layers"\ncriterion = "last"')
+    with pytest.raises(BadInputError) as e:
+        load_recipe(write(tmp_path, no_cal))
+    assert e.value.field == "export.calibration" and "gptq" in str(e.value)
 
 
 @pytest.mark.parametrize("patch, field, words", [
