@@ -94,14 +94,14 @@ def name_matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
-def int8_names(module: nn.Module, patterns, *, field_name: str = "export.int8_linears") -> list[str]:
+def int8_names(module: nn.Module, patterns) -> list[str]:
     """The linears of `module` that `patterns` keep at 8 bits; a pattern matching none is bad input
     (a typo would otherwise export an all-4-bit program without a word)."""
     names = [n for n, _ in _linears(module)]
     for p in patterns:
         if not any(name_matches(n, [p]) for n in names):
             raise BadInputError(f"pattern {p!r} matches no linear of the model (e.g. "
-                                f"{', '.join(names[:3])})", field=field_name)
+                                f"{', '.join(names[:3])})", field="export.int8_linears")
     return [n for n in names if name_matches(n, patterns)]
 
 
@@ -164,13 +164,13 @@ def quantize_for_executorch(module: nn.Module, scheme: str, group_size: int | No
     the most quality for their size (docs/export.md, "Linears kept at 8 bits")."""
     if lm_head not in HEAD_SCHEMES:
         raise BadInputError(f"expected one of {', '.join(HEAD_SCHEMES)}, got {lm_head!r}", field="lm_head")
-    if scheme == "fp32" and not int8_linears:
-        return module, QuantPlan("fp32", None)
     if scheme not in SCHEMES:
         raise BadInputError(f"expected one of {', '.join(SCHEMES)}, got {scheme!r}", field="quantize")
     if int8_linears and scheme != "8da4w":
         raise BadInputError(f"keeping linears at 8 bits is for 8da4w programs; the scheme is {scheme}",
                             field="export.int8_linears")
+    if scheme == "fp32":
+        return module, QuantPlan("fp32", None)
     from torchao.quantization import (Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig,
                                       quantize_)
     from torchao.quantization.granularity import PerAxis, PerGroup

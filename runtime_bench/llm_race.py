@@ -332,8 +332,8 @@ def _pooled(per_round: list[RaceRow]) -> RaceRow:
     row.detail["rounds"] = [{k: getattr(r, k) for k in keys} for r in per_round]
     for k in keys:
         setattr(row, k, _median([getattr(r, k) for r in per_round]))
-    row.peak_rss_mb = max(r.peak_rss_mb for r in per_round if r.peak_rss_mb is not None) \
-        if any(r.peak_rss_mb is not None for r in per_round) else None
+    rss = [r.peak_rss_mb for r in per_round if r.peak_rss_mb is not None]
+    row.peak_rss_mb = max(rss) if rss else None
     return row
 
 
