@@ -113,6 +113,13 @@ def tiny_llama_2l(tmp_path_factory, small_text) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_1l(tmp_path_factory, small_text) -> Path:
+    """tiny_llama with one layer: for tests of one program's lowering (a generation program, a
+    gate), where a second layer repeats the same graph and only adds lowering time."""
+    return _save_causal(tmp_path_factory, small_text, "llama", layers=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory, small_text) -> Path:
     return _save_causal(tmp_path_factory, small_text, "qwen2")
 
@@ -127,6 +134,29 @@ def tiny_bert(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_bert")
     tok = AutoTokenizer.from_pretrained(builtin_path("minilm"))
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_small_vocab(tmp_path_factory) -> Path:
+    """tiny_bert with the first 6,000 entries of all-MiniLM-L6-v2's WordPiece vocabulary (its
+    special tokens, characters and ~4,000 most frequent words): for SEE tests that exercise the
+    training and the module, not the unit plan of a full vocabulary, whose clustering of 30,522
+    rows is most of such a test's time."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from pocketformer.models import builtin_path
+
+    out = tmp_path_factory.mktemp("tiny_bert_small_vocab")
+    words = (builtin_path("minilm") / "vocab.txt").read_text(encoding="utf-8").splitlines()[:6000]
+    (out / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=4,
                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(out)

@@ -23,11 +23,11 @@ def _calib(loaded, path):
                        max_samples=16, batch_size=4)
 
 
-def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, small_text, tmp_path):
+def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_1l, small_text, tmp_path):
     """SEE with a share of the budget spent on exact rows for the calibration's frequent tokens:
     the entangled head and the exact rows' gather/select both go through save, reload and
     export."""
-    loaded = load_model(tiny_llama_2l)
+    loaded = load_model(tiny_llama_1l)
     E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
     cfg = parse_params(get_method("see"), {"ratio": 4, "reconstruct_steps": 300,
                                            "exact_share": 0.25, **FAST})
@@ -77,11 +77,11 @@ def _reload_and_export(loaded, ids, expected, tmp_path, generation: bool = True)
     return entry
 
 
-def test_see_order_3_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_2l, small_text, tmp_path):
+def test_see_order_3_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_1l, small_text, tmp_path):
     """Order 3 (A (x) B (x) C, in the raw basis 64 = 4 x 4 x 4): three unit tables, C clustered on its own band of
     principal components; stage 1a lowers the row error, the head gathers on one mode and equals
     the dense product, and the model saves, reloads and exports to ONNX and .pte with parity."""
-    loaded = load_model(tiny_llama_2l)
+    loaded = load_model(tiny_llama_1l)
     cfg = parse_params(get_method("see"), {"ratio": 4, "order": 3, "basis": "raw",
                                            "reconstruct_steps": 200, **FAST})
     rec = run_step(loaded, "see", cfg, _calib(loaded, small_text))
@@ -195,12 +195,12 @@ def test_fill_rank_gives_free_slots_data_units_and_keeps_the_senses(tiny_bert):
 
 
 @pytest.mark.parametrize("basis_dim", [None, 16])
-def test_see_in_a_principal_basis(tiny_bert, tmp_path, basis_dim):
+def test_see_in_a_principal_basis(tiny_bert_small_vocab, tmp_path, basis_dim):
     """basis = principal: the Kronecker sum builds the table's coordinates in its top-d'
     principal directions; the basis counts in the budget, its rows start orthonormal, the
     table-space error is the coordinates' error plus the energy outside the basis, and the
     module saves, reloads and exports like the raw one."""
-    loaded = load_model(tiny_bert)
+    loaded = load_model(tiny_bert_small_vocab)
     E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
     V, d = E.shape
     cfg = parse_params(get_method("see"), {"ratio": 4, "basis": "principal", "basis_dim": basis_dim,
@@ -233,8 +233,8 @@ def test_see_in_a_principal_basis(tiny_bert, tmp_path, basis_dim):
 
 
 @pytest.mark.parametrize("exact_share", [0.0, 0.3])
-def test_embed_svd_baseline(tiny_bert, tmp_path, exact_share):
-    loaded = load_model(tiny_bert)
+def test_embed_svd_baseline(tiny_bert_small_vocab, tmp_path, exact_share):
+    loaded = load_model(tiny_bert_small_vocab)
     E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
     cfg = parse_params(get_method("embed-svd"), {"ratio": 4, "exact_share": exact_share,
                                                  "hidden_minutes": 0, "distill_minutes": 0})
@@ -397,13 +397,13 @@ def test_stages_on_cuda_start_from_the_cpu_loss_and_come_back(tiny_llama_2l, sma
     assert not torch.equal(tables["cuda", FAST["distill_minutes"]], tables["cpu", 0.0])   # trained
 
 
-def test_row_anchor_adds_the_whole_vocabulary_row_error(tiny_bert):
+def test_row_anchor_adds_the_whole_vocabulary_row_error(tiny_bert_small_vocab):
     """row_anchor w: stages 1b and 2 add w x the relative error of rows drawn from the whole
     vocabulary (all of them here: anchor_rows >= V), against the original table; the record
     reports that error; a run with the anchor ends closer to the original rows."""
     from pocketformer.compress.see import RowAnchor, _teacher, _train_against_teacher
 
-    loaded = load_model(tiny_bert)
+    loaded = load_model(tiny_bert_small_vocab)
     batches = _calib(loaded, f"{STS_DEV}@0:0.05").inputs(loaded)[:1]
     teacher = _teacher(loaded)
     emb = loaded.adapter.embeddings(loaded.model)
@@ -420,7 +420,7 @@ def test_row_anchor_adds_the_whole_vocabulary_row_error(tiny_bert):
     assert "anchor_rows_error_first" not in plain
 
     def trained(w):
-        m = load_model(tiny_bert)
+        m = load_model(tiny_bert_small_vocab)
         cfg = parse_params(get_method("embed-svd"), {"ratio": 4, **FAST, "row_anchor": w,
                                                      "distill_lr": 3e-2})
         run_step(m, "embed-svd", cfg, _calib(m, f"{STS_DEV}@0:0.05"))
@@ -432,10 +432,10 @@ def test_row_anchor_adds_the_whole_vocabulary_row_error(tiny_bert):
 
 @pytest.mark.parametrize("method, scope", [("see", "embedding"), ("see", "norms"), ("see", "all"),
                                            ("embed-svd", "all")])
-def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_bert):
+def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_bert_small_vocab):
     """train_scope: stages 1b and 2 train the new table alone, plus every norm's gain and bias,
     or plus every other weight; what is outside the scope is bit-identical afterwards."""
-    loaded = load_model(tiny_bert)
+    loaded = load_model(tiny_bert_small_vocab)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()
               if "word_embeddings" not in n}
     flags = {n: p.requires_grad for n, p in loaded.model.named_parameters() if n in before}
