@@ -18,6 +18,7 @@ import torch
 from pocketformer import fsutil
 from pocketformer.errors import BadInputError, BudgetError, RuntimeFailure
 from pocketformer.models import LoadedModel
+from pocketformer.models.xnnpack_form import xnnpack_form
 from pocketformer.progress import say
 from pocketformer.versions import versions
 from pocketformer.export.delegation import delegation_report
@@ -52,6 +53,8 @@ class ExportConfig:
     quant_min_cosine: float = 0.99        # quantized artifacts: cosine vs their reference
     min_delegated_flops: float | None = 0.99   # gate: share of FLOPs inside XNNPACK (.pte)
     etrecord: bool = True                 # write <artifact>.etrecord beside each .pte
+    xnnpack_form: bool = True             # .pte forward programs: norms and attention traced in
+                                          # operators XNNPACK delegates whole (models/xnnpack_form.py)
     ort_format: bool = False              # also write .ort + required_operators.config (ONNX)
     generation: bool | None = None        # decoders: KV-cache generation graph (default: on)
     max_len: int = 256                    # generation: KV cache length (prompt + new tokens)
@@ -288,10 +291,13 @@ def _to_ort_format(path: Path) -> dict:
 
 
 def export_pte(module, inputs, path: Path, cfg: ExportConfig, *, dynamic_shapes=None,
-               plan: QuantPlan | None = None, reinplace: bool = False) -> dict:
+               plan: QuantPlan | None = None, reinplace: bool = False,
+               forward_form: bool = False) -> dict:
     """`reinplace`: run ExecuTorch's re-inplacing pass, which turns a functional `index_put`
     on a mutable buffer into `index_put_` on the planned buffer (the KV-cache writes of a
-    generation program; without it each write copies the whole cache twice)."""
+    generation program; without it each write copies the whole cache twice). `forward_form`:
+    trace a transformers model with its norms and attention in operators XNNPACK delegates
+    whole (models/xnnpack_form.py; the generation programs write theirs by hand)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
@@ -299,7 +305,9 @@ def export_pte(module, inputs, path: Path, cfg: ExportConfig, *, dynamic_shapes=
         import executorch.kernels.quantized  # noqa: F401  (embedding_byte for int8 embeddings)
     try:
         with _quiet_export(), torch.no_grad():
-            ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+            with xnnpack_form(module) if forward_form else contextlib.nullcontext() as form:
+                ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes,
+                                         strict=False)
             edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
             report = delegation_report(edge.exported_program().graph_module)
             share = report.flops_share
@@ -327,6 +335,8 @@ def export_pte(module, inputs, path: Path, cfg: ExportConfig, *, dynamic_shapes=
                "delegated_nodes": report.delegated_nodes, "non_delegated_nodes": report.portable_nodes,
                "delegated_share": _round(report.node_share),
                "non_delegated_ops": sorted(report.portable_ops)}
+    if form:
+        details["forward_form"] = form
     if cfg.etrecord:
         et_path = Path(f"{path}.etrecord")
         from executorch.devtools import generate_etrecord
@@ -430,7 +440,8 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, cfg: ExportConfig | N
                 details["quantization"].update(onnx_prep)
             reference = onnx_module
         else:
-            details = export_pte(pte_module, checks[-1], path, cfg, plan=plan)
+            details = export_pte(pte_module, checks[-1], path, cfg, plan=plan,
+                                 forward_form=cfg.xnnpack_form)
             reference = pte_module
         seconds = time.perf_counter() - start
         runner = open_artifact(path)

@@ -165,6 +165,7 @@ def cmd_export(args) -> int:
 
     raw = {"formats": [f.strip() for f in args.format.split(",") if f.strip()],
            "quantize": args.quantize, "batch": args.batch, "etrecord": not args.no_etrecord,
+           "xnnpack_form": not args.no_xnnpack_form,
            "ort_format": args.ort_format, "max_len": args.max_len,
            "greedy_tokens": args.greedy_tokens,
            "max_unquantized_share": args.max_unquantized_share}
@@ -502,6 +503,9 @@ def make_parser():
     e.add_argument("--ort-format", action="store_true",
                    help="also write the ORT mobile format and its required_operators.config")
     e.add_argument("--no-etrecord", action="store_true", help="do not write <file>.pte.etrecord")
+    e.add_argument("--no-xnnpack-form", action="store_true",
+                   help="trace the .pte forward program with the model's own norms and attention "
+                        "(default: in operators XNNPACK delegates whole; docs/export.md)")
     e.add_argument("--out", required=True)
 
     n = sub.add_parser("bench", help="measure artifacts (latency distribution, load time, memory)")

@@ -3,6 +3,7 @@ generation graphs of a pruned model whose layers differ, ETRecord/sidecars, bad 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -140,12 +141,24 @@ def test_group_size_choice_and_skip_gate(tiny_llama, tmp_path, capsys):
     assert not out.exists() or not list(out.glob("*.pte"))
 
 
-def test_delegation_gate_names_portable_ops(tiny_llama_1l, tmp_path, capsys):
+@pytest.mark.parametrize("form", ["xnnpack", "model"])
+def test_delegation_gate_names_portable_ops(tiny_llama_1l, tmp_path, capsys, form):
     out = tmp_path / "d"
     rc = main(["export", str(tiny_llama_1l), "--format", "pte", "--no-generation", "--no-etrecord",
-               "--min-delegated-flops", "1.0", "--seq-len", "16", "--out", str(out)])
+               "--min-delegated-flops", "1.0", "--seq-len", "16", "--out", str(out),
+               *(["--no-xnnpack-form"] if form == "model" else [])])
     err = capsys.readouterr().err
-    assert rc == 3 and "delegation gate" in err and "mean" in err   # RMSNorm's mean stays portable
+    assert rc == 3 and "delegation gate" in err
+    named = re.findall(r"(\S+) \((\d+)x, ([\d,]+) FLOPs\)", err.split("portable kernels:")[-1])
+    assert named and all(int(n) >= 1 for _, n, _ in named), err[-500:]
+    ops = {op for op, _, _ in named}
+    if form == "xnnpack":
+        # what is left is the causal mask, built once ahead of the layer: RMSNorm's mean and
+        # SDPA's masked-row guards are delegated (models/xnnpack_form.py)
+        assert not ops & {"mean.dim", "any.dim", "logical_not"}, named
+    else:
+        # the model's own forms: RMSNorm's mean (3-D) stays on portable kernels
+        assert "mean.dim" in ops, named
     assert not (out / "model.pte").exists()
 
 

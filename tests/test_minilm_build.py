@@ -60,6 +60,13 @@ def test_report_has_every_field(report, build_out):
         # the process holds at least the weights it runs
         assert b["peak_rss_mb"] > 0.9 * next(a["size_mb"] for a in report["artifacts"]
                                              if a["path"] == b["artifact"])
+    pte = next(a for a in report["artifacts"] if a["format"] == "pte")
+    details = json.loads((build_out / f"{pte['path']}.json").read_text())["details"]
+    # norms and attention in XNNPACK's operators (models/xnnpack_form.py): the 4 kept layers'
+    # 8 LayerNorms and the embeddings' one, and no layer cut on portable kernels
+    assert details["forward_form"]["norms_by_linear"] == 9
+    assert details["delegation"]["partitions"] <= 4
+    assert not {"native_layer_norm", "any.dim", "logical_not"} & set(details["delegation"]["portable_ops"])
     names = {b["name"] for b in report["budgets"]}
     assert names == {"parity", "max_size_mb", "max_p50_ms", "max_quality_drop"}
     assert report["passed"] is True and all(b["passed"] for b in report["budgets"])

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pocketformer.models.xnnpack_form import is_rms_norm, rms_norm
+
 
 def _head_dim(model) -> int:
     cfg = model.config
@@ -60,12 +62,6 @@ def _write_index(cache, pos, new):
     in-place kernel wants equal ranks (a layer with one KV head would lose its head axis)."""
     indices = [None] * (cache.dim() - 2) + [pos]
     torch.ops.aten.index_put_(cache, indices, new.view(new.shape[-cache.dim():]))
-
-
-def _is_rms_norm(norm) -> bool:
-    """transformers' RMSNorm modules (Llama, Qwen2/3, Mistral, ...): y = w * x / rms(x). Gemma's
-    (1 + w) variant keeps its own forward (it names its epsilon `eps`)."""
-    return type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
 
 
 class PlainOps:
@@ -106,12 +102,9 @@ class XnnpackOps(nn.Module):
         self.register_buffer("rotate", rot, persistent=False)
 
     def norm(self, module, x):
-        if not _is_rms_norm(module):
+        if not is_rms_norm(module):
             return module(x)
-        dtype = x.dtype
-        xf = x.to(torch.float32)
-        var = nn.functional.linear(xf * xf, getattr(self, f"mean_{x.shape[-1]}"))
-        return module.weight * (xf * torch.rsqrt(var + module.variance_epsilon)).to(dtype)
+        return rms_norm(x, module.weight, module.variance_epsilon, getattr(self, f"mean_{x.shape[-1]}"))
 
     def rope(self, x, cos, sin):
         return x * cos + nn.functional.linear(x, self.rotate) * sin
