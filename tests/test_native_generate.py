@@ -24,7 +24,10 @@ GEN_FIELDS = {"prompt_tokens", "new_tokens", "ttft_ms", "decode_ms", "prefill_to
 def gen_exports(tiny_llama, tmp_path_factory):
     """The tiny llama cut to 2 layers (export time) with larger random weights (at the default
     init scale greedy decoding repeats one token, which would not show a wrong cache), exported
-    as fp32 (model[-gen].pte/.onnx) and 8da4w (model-8da4w[-gen].pte)."""
+    as fp32 (model[-gen].pte/.onnx), and cut to its first layer as 8da4w (model-8da4w[-gen].pte,
+    checked against the Python loop on the same file: one layer is enough there)."""
+    import copy
+
     from pocketformer.export import ExportConfig
     from pocketformer.export.exporters import _stem, export_generation
     from pocketformer.models import load_model
@@ -40,11 +43,14 @@ def gen_exports(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("native_gen")
     fast = dict(seq_len=16, max_len=MAX_LEN, greedy_tokens=8, etrecord=False)
     # only the -gen programs (the forward programs are not used here)
-    for sub, cfg in (("fp32", ExportConfig(**fast)),
-                     ("q4", ExportConfig(quantize="8da4w", formats=["pte"], **fast))):
+    one = copy.deepcopy(loaded)
+    one.model.model.layers = torch.nn.ModuleList(list(one.model.model.layers)[:1])
+    one.model.config.num_hidden_layers = 1
+    for sub, model, cfg in (("fp32", loaded, ExportConfig(**fast)),
+                            ("q4", one, ExportConfig(quantize="8da4w", formats=["pte"], **fast))):
         (out / sub).mkdir()
         for fmt in cfg.formats:
-            export_generation(loaded, out / sub, fmt, cfg, stem=_stem("model", cfg), extra={})
+            export_generation(model, out / sub, fmt, cfg, stem=_stem("model", cfg), extra={})
     return loaded, out
 
 
