@@ -39,9 +39,10 @@ def main() -> None:
         cfg = ExportConfig(formats=["pte"], quantize=args.quantize, seq_len=args.seq_len,
                            etrecord=False, generation=False, min_delegated_flops=None,
                            xnnpack_form=form)
-        (rec,) = export_model(loaded, out / ("form" if form else "own"), cfg)
+        where = out / ("form" if form else "own")
+        (rec,) = export_model(loaded, where, cfg)
         d = rec.details["delegation"]
-        rows[label] = {"path": str(out / ("form" if form else "own") / rec.path),
+        rows[label] = {"path": str(where / rec.path),
                        "partitions": d["partitions"], "portable_nodes": d["portable_nodes"],
                        "portable_ops": sorted(d["portable_ops"]), "export_s": rec.export_seconds,
                        "size_mb": round(rec.size_bytes / 1e6, 3), "parity": rec.parity}
