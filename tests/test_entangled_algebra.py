@@ -199,30 +199,55 @@ def test_low_rank_metric_is_exact_for_spike_plus_isotropic():
     torch.testing.assert_close(L @ L_inv, torch.eye(d), rtol=1e-4, atol=1e-4)
 
 
-def test_kmeans_stops_at_a_fixed_point_with_the_full_run_s_result():
-    """kmeans returns once an assignment repeats; the centroids and assignment are exactly those
-    of running every sweep (the loop as it was, without the early return)."""
+def _kmeans_full_sweeps(x, k, sweeps, seed):
+    """The loop as it was: every sweep compares every row with every centroid, no early return;
+    returns (centroids, last assignment, first sweep whose assignment repeated the one before)."""
     from torch import nn
 
-    from pocketformer.compress.see import _project, kmeans
+    from pocketformer.compress.see import _project
+
+    g = torch.Generator().manual_seed(seed)
+    y = _project(x, 64)
+    ref = y[torch.randperm(len(y), generator=g)[:k]].clone()
+    repeated, assign = None, None
+    for i in range(sweeps):
+        last, assign = assign, (y @ ref.T).argmax(-1)
+        if repeated is None and last is not None and torch.equal(last, assign):
+            repeated = i
+        sums = torch.zeros_like(ref).index_add_(0, assign, y)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(-1)
+        ref = torch.where((counts == 0), ref, sums / counts.clamp(min=1))
+        ref = nn.functional.normalize(ref, dim=-1)
+    return ref, assign, repeated
+
+
+def test_kmeans_stops_at_a_fixed_point_with_the_full_run_s_result():
+    """kmeans returns once an assignment repeats; the centroids and assignment are exactly those
+    of running every sweep, also when most rows are their own cluster (after the first sweep
+    only moved centroids are compared with every row)."""
+    from pocketformer.compress.see import kmeans
 
     x = torch.randn(3000, 24, generator=torch.Generator().manual_seed(0))
-    for k in (40, 900):
+    for k in (40, 900, 2600):
         cent, assign = kmeans(x, k, iters=60, seed=3)
-        g = torch.Generator().manual_seed(3)
-        y = _project(x, 64)
-        ref = y[torch.randperm(len(y), generator=g)[:k]].clone()
-        repeated = None                 # the sweep whose assignment equals the one before
-        for i in range(60):
-            last, ref_assign = (ref_assign if i else None), (y @ ref.T).argmax(-1)
-            if repeated is None and last is not None and torch.equal(last, ref_assign):
-                repeated = i
-            sums = torch.zeros_like(ref).index_add_(0, ref_assign, y)
-            counts = torch.bincount(ref_assign, minlength=k).unsqueeze(-1)
-            ref = torch.where((counts == 0), ref, sums / counts.clamp(min=1))
-            ref = nn.functional.normalize(ref, dim=-1)
+        ref, ref_assign, repeated = _kmeans_full_sweeps(x, k, 60, seed=3)
         assert repeated is not None and repeated < 59     # the early return was taken
         assert torch.equal(assign, ref_assign) and torch.equal(cent, ref)
+
+
+def test_kmeans_breaks_ties_between_equal_centroids_as_a_full_sweep_does():
+    """Duplicate rows make equal centroids, so rows tie between clusters (argmax takes the first;
+    here two rows swap clusters every sweep, so no sweep repeats): the moved-centroid sweeps
+    pick exactly the clusters full sweeps do."""
+    from pocketformer.compress.see import kmeans
+
+    x = torch.randn(3000, 24, generator=torch.Generator().manual_seed(0))
+    x[2000:] = x[:1000]
+    for k in (900, 2600):
+        for sweeps in (7, 8):                 # both phases of the swap
+            cent, assign = kmeans(x, k, iters=sweeps, seed=3)
+            ref, ref_assign, _ = _kmeans_full_sweeps(x, k, sweeps, seed=3)
+            assert torch.equal(assign, ref_assign) and torch.equal(cent, ref), (k, sweeps)
 
 
 # ---- order 3: e_v = sum_r c A[ia] (x) B[ib] (x) C[ic] ------------------------------------------
