@@ -10,6 +10,12 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 workers="${PF_TEST_WORKERS:-2}"
 start=$(date +%s)
+# artifacts both pytest runs build the same way are built once (tests/conftest.py: built_once)
+if [ -z "${PF_TEST_CACHE:-}" ]; then
+    PF_TEST_CACHE=$(mktemp -d -t pf-test-cache.XXXXXX)
+    trap 'rm -rf "$PF_TEST_CACHE"' EXIT
+fi
+export PF_TEST_CACHE
 
 check() {   # $1 = pytest's exit code, $2 = which part
     if [ "$1" -eq 5 ]; then echo "pytest collected no $2 tests: failing on purpose"; return 1; fi

@@ -56,6 +56,31 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))   # stable
 
 
+def built_once(name: str, tmp_path_factory, build) -> Path:
+    """A folder `build(folder)` fills, made once for the whole suite where scripts/run_tests.sh
+    names a PF_TEST_CACHE folder for its two pytest runs (the parallel workers and the serial
+    run then share it, under a lock; the builder writes to a temporary name, renamed when
+    done), else once per process. For deterministic artifacts that both runs need."""
+    import fcntl
+    import shutil
+
+    root = os.environ.get("PF_TEST_CACHE")
+    if not root:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    done = Path(root) / name
+    with open(Path(root) / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_dir():
+            part = Path(root) / f"{name}.part"
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir()
+            build(part)
+            part.rename(done)
+    return done
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> dict[str, Path]:
     missing = [p for p in (WIKITEXT, STS_DEV) if not p.is_file()]

@@ -13,13 +13,14 @@ from pocketformer.cli import main
 from pocketformer.export import ExportConfig, export_model
 from pocketformer.models import load_model
 
+from conftest import built_once
+
 
 @pytest.fixture(scope="module")
 def arts(tiny_bert, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_arts")
-    export_model(load_model(tiny_bert), out, ExportConfig(seq_len=16, etrecord=False,
-                                                               min_delegated_flops=None))
-    return out
+    """tiny_bert's ONNX and .pte, exported once for the parallel and the serial run."""
+    return built_once("bench_arts", tmp_path_factory, lambda out: export_model(
+        load_model(tiny_bert), out, ExportConfig(seq_len=16, etrecord=False, min_delegated_flops=None)))
 
 
 def _eager(arts, name):
