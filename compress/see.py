@@ -402,7 +402,12 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
     each sweep solves, in closed form, every row of each unit table in turn, then every
     coefficient, each against the residual that leaves its own term out (block coordinate
     descent; the error never rises). With `weights` (V), token v's squared error counts w_v times
-    (the unit updates weight each token's share; a token's own coefficients are unaffected)."""
+    (the unit updates weight each token's share; a token's own coefficients are unaffected).
+
+    No V x R x d tensor of terms is formed: a term's residual is the token's residual D_v plus
+    the term itself, so contracting it with the other factors is D_v contracted with them plus
+    c f_k times their squared norms; and the Gram matrix of a token's terms is, entry by entry,
+    the product of its factors' inner products (Kronecker products multiply inner products)."""
     V, R = emb.index_a.shape
     dims = emb.dims
     M = E.view(V, *dims).float()
@@ -420,12 +425,15 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
         cw = c * w.unsqueeze(-1)                                          # token weights in the sums
         for k, (table, index) in enumerate(zip(emb.tables, emb.indices)):
             f = factors()
-            terms = kron_sum(emb.coef, f, keep_rank=True)                  # V R d1 d2 [d3]
-            Rv = M.unsqueeze(1) - terms.sum(1, keepdim=True) + terms      # own term added back
+            D = M - kron_sum(emb.coef, f)                                 # V d1 d2 [d3]
             others = [x for j, x in enumerate(f) if j != k]
-            spec = (f"vr,vr{letters}," + ",".join(f"vr{x}" for j, x in enumerate(letters) if j != k)
+            spec = (f"v{letters}," + ",".join(f"vr{x}" for j, x in enumerate(letters) if j != k)
                     + f"->vr{letters[k]}")
-            num = torch.einsum(spec, cw, Rv, *others).reshape(-1, dims[k])
+            own = emb.coef.clone()
+            for x in others:
+                own = own * (x ** 2).sum(-1)
+            num = (cw.unsqueeze(-1) * (torch.einsum(spec, D, *others) + own.unsqueeze(-1) * f[k])
+                   ).reshape(-1, dims[k])
             den = cw * c
             for x in others:
                 den = den * (x ** 2).sum(-1)
@@ -434,10 +442,12 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
             used = den_t > 1e-12
             table[used] = num_t[used] / den_t[used].unsqueeze(-1)
         # coefficients: one token at a time is a small R x R least-squares problem
-        K = kron_sum(torch.ones_like(emb.coef), factors(), keep_rank=True).reshape(V, R, -1)
-        K = K * mask.unsqueeze(-1)
-        gram = K @ K.transpose(1, 2) + 1e-6 * torch.eye(R)
-        rhs = (K @ M.reshape(V, -1, 1)).squeeze(-1)
+        f = factors()
+        gram = torch.ones(V, R, R)
+        for x in f:
+            gram = gram * (x @ x.transpose(1, 2))
+        gram = gram * (mask.unsqueeze(-1) * mask.unsqueeze(1)) + 1e-6 * torch.eye(R)
+        rhs = torch.einsum(f"v{letters}," + ",".join(f"vr{x}" for x in letters) + "->vr", M, *f) * mask
         emb.coef.copy_(torch.linalg.solve(gram, rhs) * mask)
         errors.append(float((w.unsqueeze(-1) * (emb.rows(torch.arange(V)) - E) ** 2).sum() / norm))
     return errors
