@@ -1,5 +1,6 @@
 """layered-prune then see in one recipe: steps run in sequence, the report carries the totals,
-and the result exports with parity."""
+and the result exports with parity (forward programs; the generation programs of a SEE decoder
+are exported in tests/test_see_tiny.py)."""
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ distill_minutes = 0.02
 [export]
 formats = ["onnx", "pte"]
 seq_len = 16
+generation = false
 [bench]
 runs = 3
 warmup = 1

@@ -36,7 +36,10 @@ def test_minilm_see_ratio_10(tmp_path, dense_sts):
     dense_mb = sum(p.numel() for p in loaded.model.parameters()) * 4 / 1e6
     # the setting chosen on validation pairs for MiniLM at 10x: every token's 8 coefficient slots
     # used, the senses' WordNet units first, data-driven units in the rest (docs/see.md)
-    cfg = parse_params(get_method("see"), {"ratio": 10, "reconstruct_steps": 60, "fill_rank": True,
+    # 20 Adam steps after the least-squares sweeps: on this table they move the row error by
+    # under 1% (0.6597 -> 0.6609 at 20 steps, -> 0.6562 at 60) and the held-out score not at all
+    # (0.956x dense alone at 20 and at 60), at a third of the time
+    cfg = parse_params(get_method("see"), {"ratio": 10, "reconstruct_steps": 20, "fill_rank": True,
                                            "max_rank": 8, "hidden_minutes": 0.25,
                                            "distill_minutes": 0.5})
     rec = run_step(loaded, "see", cfg, Calibration(cal, seq_len=128, max_samples=750, batch_size=32))
@@ -74,7 +77,7 @@ def test_minilm_see_order_3_ratio_40(dense_sts):
     whole budget, keep a stated share of the dense STS Spearman on held-out pairs."""
     loaded, ev, cal = _minilm_and_sts_halves()
     cfg = parse_params(get_method("see"), {"ratio": 40, "order": 3, "fill_rank": True,
-                                           "reconstruct_steps": 60, "hidden_minutes": 0.1,
+                                           "reconstruct_steps": 20, "hidden_minutes": 0.1,
                                            "distill_minutes": 0.3})
     rec = run_step(loaded, "see", cfg, Calibration(cal, seq_len=128, max_samples=750, batch_size=32))
     d = rec["details"]
