@@ -395,6 +395,21 @@ def _form_units(E: torch.Tensor, is_exact: torch.Tensor, k: int, R: int, seed: i
 
 # ---- training -----------------------------------------------------------------------------------
 
+def solve_unit_rows(table: torch.Tensor, index: torch.Tensor, num: torch.Tensor,
+                    weight: torch.Tensor, others: list[torch.Tensor]) -> None:
+    """ALS's closed-form update of one unit table, in place: each unit row becomes the sum of
+    its terms' numerators (`num`, (V R) x d_k) over the sum of their denominators, each term's
+    `weight` (V x R, c^2 times the token weight) times the squared norms of its `other` factors.
+    Units no active term uses keep their row."""
+    den = weight
+    for x in others:
+        den = den * (x ** 2).sum(-1)
+    num_t = torch.zeros_like(table).index_add_(0, index.reshape(-1), num)
+    den_t = torch.zeros(table.shape[0]).index_add_(0, index.reshape(-1), den.reshape(-1))
+    used = den_t > 1e-12
+    table[used] = num_t[used] / den_t[used].unsqueeze(-1)
+
+
 @torch.no_grad()
 def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: int = 10,
         weights: torch.Tensor | None = None) -> list[float]:
@@ -434,13 +449,7 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
                 own = own * (x ** 2).sum(-1)
             num = (cw.unsqueeze(-1) * (torch.einsum(spec, D, *others) + own.unsqueeze(-1) * f[k])
                    ).reshape(-1, dims[k])
-            den = cw * c
-            for x in others:
-                den = den * (x ** 2).sum(-1)
-            num_t = torch.zeros_like(table).index_add_(0, index.reshape(-1), num)
-            den_t = torch.zeros(table.shape[0]).index_add_(0, index.reshape(-1), den.reshape(-1))
-            used = den_t > 1e-12
-            table[used] = num_t[used] / den_t[used].unsqueeze(-1)
+            solve_unit_rows(table, index, num, cw * c, others)
         # coefficients: one token at a time is a small R x R least-squares problem
         f = factors()
         gram = torch.ones(V, R, R)

@@ -139,7 +139,9 @@ def test_weighted_als_favours_heavy_rows_and_never_rises():
 
 def _als_with_every_term(emb, E, active, iters, weights):
     """ALS as first written: each term's residual formed as a V x R x d tensor, and the
-    coefficients solved against the explicit Kronecker products."""
+    coefficients solved against the explicit Kronecker products (the unit-row division itself,
+    `solve_unit_rows`, is shared)."""
+    from pocketformer.compress.see import solve_unit_rows
     from pocketformer.models.factored import kron_sum
 
     V, R = emb.index_a.shape
@@ -155,14 +157,8 @@ def _als_with_every_term(emb, E, active, iters, weights):
             others = [x for j, x in enumerate(f) if j != k]
             spec = (f"vr,vr{letters}," + ",".join(f"vr{x}" for j, x in enumerate(letters) if j != k)
                     + f"->vr{letters[k]}")
-            num = torch.einsum(spec, cw, Rv, *others).reshape(-1, dims[k])
-            den = cw * c
-            for x in others:
-                den = den * (x ** 2).sum(-1)
-            num_t = torch.zeros_like(table).index_add_(0, index.reshape(-1), num)
-            den_t = torch.zeros(table.shape[0]).index_add_(0, index.reshape(-1), den.reshape(-1))
-            used = den_t > 1e-12
-            table[used] = num_t[used] / den_t[used].unsqueeze(-1)
+            solve_unit_rows(table, index, torch.einsum(spec, cw, Rv, *others).reshape(-1, dims[k]),
+                            cw * c, others)
         f = [t[i] for t, i in zip(emb.tables, emb.indices)]
         K = kron_sum(torch.ones_like(emb.coef), f, keep_rank=True).reshape(V, R, -1) * mask.unsqueeze(-1)
         gram = K @ K.transpose(1, 2) + 1e-6 * torch.eye(R)
