@@ -158,7 +158,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, dim: int = 6
     20k clusters of 30k rows take seconds; stopping once an assignment repeats (MiniLM's table:
     after 4-5 of the 10 sweeps) returns exactly what the remaining sweeps would. After the first
     sweep only the centroids that moved are compared with every row (`_reassign`): the same
-    assignment as a full sweep, at a fraction of its cost once few clusters change."""
+    assignment as a full sweep up to float rounding (a cosine is summed in another GEMM shape,
+    which can flip a tie to the last bit), at a fraction of its cost once few clusters change."""
     g = torch.Generator().manual_seed(seed)
     x = _project(x, dim, skip)
     n = x.shape[0]
