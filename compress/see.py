@@ -166,7 +166,6 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, dim: int = 6
     k = min(k, n)
     cent = x[torch.randperm(n, generator=g)[:k]].clone()
     best, assign = _best_of(x, cent)
-    old = cent
     for sweep in range(iters):
         if sweep:
             moved = (cent != old).any(-1)
@@ -202,8 +201,9 @@ def _reassign(x: torch.Tensor, cent: torch.Tensor, moved: torch.Tensor, best: to
     m, j = _best_of(x, cent[cols])
     j = cols[j]
     own = moved[assign]
-    redo = (own & ~(m > best)).nonzero().squeeze(-1)
-    take = own | (m > best) | ((m == best) & (j < assign))
+    above = m > best
+    redo = (own & ~above).nonzero().squeeze(-1)
+    take = own | above | ((m == best) & (j < assign))
     best, assign = torch.where(take, m, best), torch.where(take, j, assign)
     if len(redo):
         best[redo], assign[redo] = _best_of(x[redo], cent)
@@ -397,14 +397,11 @@ def _form_units(E: torch.Tensor, is_exact: torch.Tensor, k: int, R: int, seed: i
 # ---- training -----------------------------------------------------------------------------------
 
 def solve_unit_rows(table: torch.Tensor, index: torch.Tensor, num: torch.Tensor,
-                    weight: torch.Tensor, others: list[torch.Tensor]) -> None:
+                    den: torch.Tensor) -> None:
     """ALS's closed-form update of one unit table, in place: each unit row becomes the sum of
-    its terms' numerators (`num`, (V R) x d_k) over the sum of their denominators, each term's
-    `weight` (V x R, c^2 times the token weight) times the squared norms of its `other` factors.
-    Units no active term uses keep their row."""
-    den = weight
-    for x in others:
-        den = den * (x ** 2).sum(-1)
+    its terms' numerators (`num`, (V R) x d_k) over the sum of their denominators (`den`, V x R:
+    c^2 times the token weight times the squared norms of the term's other factors). Units no
+    active term uses keep their row."""
     num_t = torch.zeros_like(table).index_add_(0, index.reshape(-1), num)
     den_t = torch.zeros(table.shape[0]).index_add_(0, index.reshape(-1), den.reshape(-1))
     used = den_t > 1e-12
@@ -445,12 +442,12 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
             others = [x for j, x in enumerate(f) if j != k]
             spec = (f"v{letters}," + ",".join(f"vr{x}" for j, x in enumerate(letters) if j != k)
                     + f"->vr{letters[k]}")
-            own = emb.coef.clone()
+            norms = torch.ones_like(c)                                    # prod of others' |f|^2
             for x in others:
-                own = own * (x ** 2).sum(-1)
-            num = (cw.unsqueeze(-1) * (torch.einsum(spec, D, *others) + own.unsqueeze(-1) * f[k])
-                   ).reshape(-1, dims[k])
-            solve_unit_rows(table, index, num, cw * c, others)
+                norms = norms * (x ** 2).sum(-1)
+            own = (emb.coef * norms).unsqueeze(-1) * f[k]
+            num = (cw.unsqueeze(-1) * (torch.einsum(spec, D, *others) + own)).reshape(-1, dims[k])
+            solve_unit_rows(table, index, num, cw * c * norms)
         # coefficients: one token at a time is a small R x R least-squares problem
         f = factors()
         gram = torch.ones(V, R, R)

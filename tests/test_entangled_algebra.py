@@ -157,8 +157,10 @@ def _als_with_every_term(emb, E, active, iters, weights):
             others = [x for j, x in enumerate(f) if j != k]
             spec = (f"vr,vr{letters}," + ",".join(f"vr{x}" for j, x in enumerate(letters) if j != k)
                     + f"->vr{letters[k]}")
-            solve_unit_rows(table, index, torch.einsum(spec, cw, Rv, *others).reshape(-1, dims[k]),
-                            cw * c, others)
+            den = cw * c
+            for x in others:
+                den = den * (x ** 2).sum(-1)
+            solve_unit_rows(table, index, torch.einsum(spec, cw, Rv, *others).reshape(-1, dims[k]), den)
         f = [t[i] for t, i in zip(emb.tables, emb.indices)]
         K = kron_sum(torch.ones_like(emb.coef), f, keep_rank=True).reshape(V, R, -1) * mask.unsqueeze(-1)
         gram = K @ K.transpose(1, 2) + 1e-6 * torch.eye(R)

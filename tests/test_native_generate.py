@@ -33,8 +33,7 @@ def gen_exports(tiny_llama, tmp_path_factory):
     from pocketformer.models import load_model
 
     loaded = load_model(tiny_llama)
-    loaded.model.model.layers = torch.nn.ModuleList(list(loaded.model.model.layers)[:2])
-    loaded.model.config.num_hidden_layers = 2
+    loaded.adapter.keep_layers(loaded.model, [0, 1])
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in loaded.model.parameters():
@@ -44,8 +43,7 @@ def gen_exports(tiny_llama, tmp_path_factory):
     fast = dict(seq_len=16, max_len=MAX_LEN, greedy_tokens=8, etrecord=False)
     # only the -gen programs (the forward programs are not used here)
     one = copy.deepcopy(loaded)
-    one.model.model.layers = torch.nn.ModuleList(list(one.model.model.layers)[:1])
-    one.model.config.num_hidden_layers = 1
+    one.adapter.keep_layers(one.model, [0])
     for sub, model, cfg in (("fp32", loaded, ExportConfig(**fast)),
                             ("q4", one, ExportConfig(quantize="8da4w", formats=["pte"], **fast))):
         (out / sub).mkdir()
