@@ -155,7 +155,7 @@ class EntangledEmbedding(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         factors = [_take_rows(t, _take_rows(i, ids)) for t, i in zip(self.tables, self.indices)]  # ... x R x d_k
-        out = kron_sum(self.coef[ids], factors).reshape(*ids.shape, self.core_dim)
+        out = kron_sum(_take_rows(self.coef, ids), factors).reshape(*ids.shape, self.core_dim)
         return out if self.basis is None else out @ self.basis
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -222,7 +222,7 @@ class EntangledEmbedding(nn.Module):
         lead = H.shape[:-n]
         Hk = H.movedim(len(lead) + k, -1)                                     # ... x others x d_k
         side = F.linear(Hk, table)                                            # ... x others x U_k
-        side = side.reshape(*lead, -1, table.shape[0]).transpose(-1, -2)      # ... x U_k x others
+        side = side.reshape(*lead, -1, table.shape[0]).transpose(-1, -2).contiguous()  # ... x U_k x others
         others = [_take_rows(t, i) for j, (t, i) in enumerate(zip(self.tables, self.indices)) if j != k]
         V, R = index.shape
         kk = side.shape[-1]
