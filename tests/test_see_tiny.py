@@ -76,8 +76,8 @@ def _reload_and_export(loaded, ids, expected, tmp_path, generation: bool = True)
     assert all(r.parity["passed"] for r in records), [r.parity for r in records]
     # the factored embedding's and head's gathers are row copies (index_select), not the generic
     # per-element index.Tensor kernel, and the head's row-wise dots run in XNNPACK (no portable
-    # reduction or matmul). The generation program (the decode path; the forward program keeps
-    # transformers' mask construction, which indexes)
+    # reduction or matmul). Checked on the generation program, the decode path: the forward
+    # program keeps transformers' mask construction, which indexes.
     for r in records:
         if r.path.endswith("-gen.pte"):
             portable = set(r.details["delegation"]["portable_ops"])
