@@ -114,9 +114,8 @@ class EntangledEmbedding(nn.Module):
         self.padding_idx = padding_idx
         # The head sums its row-wise products with a ones vector (`_rowwise_dot`). A buffer, not a
         # tensor made in forward: export then sees a constant weight, which XNNPACK delegates.
-        strategy, R = self.head_strategy(), coef.shape[1]
-        width = R if strategy == "pairs" else R * (self.core_dim // self.dims["abc".index(strategy[-1])])
-        self.register_buffer("dot_ones", torch.ones(1, width), persistent=False)
+        self.register_buffer("dot_ones", torch.ones(1, coef.shape[1] * self._term_width()),
+                             persistent=False)
 
     @property
     def order(self) -> int:
@@ -177,13 +176,19 @@ class EntangledEmbedding(nn.Module):
         costs = self.head_costs()
         return min(costs, key=costs.get)
 
-    def intermediate_per_position(self) -> int:
-        """Floats of the head's largest run-time intermediate for one position."""
+    def _term_width(self) -> int:
+        """Floats the head gathers per rank term: one entry of M for "pairs", else a row of the
+        contracted table, as wide as the product of the other modes' sizes."""
         strategy = self.head_strategy()
         if strategy == "pairs":
+            return 1
+        return self.core_dim // self.dims["abc".index(strategy[-1])]
+
+    def intermediate_per_position(self) -> int:
+        """Floats of the head's largest run-time intermediate for one position."""
+        if self.head_strategy() == "pairs":
             return self.table_a.shape[0] * self.table_b.shape[0]
-        k = "abc".index(strategy[-1])
-        return self.index_a.numel() * (self.core_dim // self.dims[k])
+        return self.index_a.numel() * self._term_width()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> [..., V], equal to hidden @ weight.T without forming weight.
