@@ -50,6 +50,9 @@ def main() -> int:
     p.add_argument("--eval-max-windows", type=int, default=32)
     p.add_argument("--distill-hidden-weight", type=float, default=0.0,
                    help="stage 2 adds this x the last-hidden-state loss (both methods)")
+    p.add_argument("--distill-relation-weight", type=float, default=0.0,
+                   help="stage 2 adds this x the loss between the batch's sentence-to-sentence "
+                        "cosine matrices (encoders; both methods)")
     p.add_argument("--row-anchor", type=float, default=0.0,
                    help="stages 1b and 2 add this x the relative error of rows drawn from the "
                         "whole vocabulary (both methods)")
@@ -103,6 +106,7 @@ def main() -> int:
             params = {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
                       "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
                       "distill_hidden_weight": a.distill_hidden_weight, "row_anchor": a.row_anchor,
+                      "distill_relation_weight": a.distill_relation_weight,
                       "train_scope": a.train_scope, "scope_lr": a.scope_lr, "precision": a.precision,
                       "device": a.device,
                       "exact_share": a.exact_share, "head_metric": a.head_metric, "seed": a.seed,

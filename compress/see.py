@@ -61,6 +61,8 @@ class EmbeddingStages:
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
     distill_hidden_weight: float = 0.0  # stage 2: + this x stage 1b's last-hidden-state loss
+    distill_relation_weight: float = 0.0  # stage 2, encoders: + this x the mean squared difference
+                                     # of the batch's sentence-to-sentence cosine matrices
     row_anchor: float = 0.0          # stages 1b and 2: + this x the relative row error of
                                      # anchor_rows rows drawn at random from the whole vocabulary
     anchor_rows: int = 4096
@@ -85,6 +87,8 @@ class EmbeddingStages:
         _check_exact_share(self.exact_share)
         _check_head_metric(self.head_metric)
         _check_hidden_weight(self.distill_hidden_weight)
+        if not 0 <= self.distill_relation_weight <= 1000:
+            raise BadInputError("must be in [0, 1000]", field="distill_relation_weight")
         _check_anchor(self.row_anchor, self.anchor_rows)
         _check_scope(self.train_scope, self.scope_lr)
         check_precision(self.precision, "precision")
@@ -575,7 +579,21 @@ def _zero_rows(weights: torch.Tensor | None, V: int, exact: torch.Tensor | None)
     return w
 
 
-# ---- stage 1b/2 options: hidden-state weight, row anchor, train scope ---------------------------
+# ---- stage 1b/2 options: hidden-state weight, relations, row anchor, train scope ----------------
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving distillation for sentence embeddings `[B, d]`: the mean squared
+    difference between the student's and the teacher's `B x B` matrices of cosines between the
+    batch's sentences (the diagonal is 1 on both sides). STS scores a pair by exactly such a
+    cosine, so this term weighs the errors that move pair similarities, where 1 - cos per
+    sentence weighs every direction of error alike."""
+    if student.dim() != 2:
+        raise ValueError(f"expected sentence embeddings [B, d], got {tuple(student.shape)}")
+    s = nn.functional.normalize(student.float(), dim=-1)
+    t = nn.functional.normalize(teacher.float(), dim=-1)
+    n = s.shape[0]
+    return ((s @ s.T - t @ t.T) ** 2).sum() / max(1, n * (n - 1))
+
 
 def _check_hidden_weight(w: float) -> None:
     if not 0 <= w <= 100:
@@ -805,11 +823,13 @@ def init_entangled(plan: Plan, dims: tuple[int, ...], E: torch.Tensor, seed: int
 def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: list[dict], batches,
                            minutes: float, seed: int, loss_kind: str, label: str,
                            hidden_weight: float = 0.0, anchor: RowAnchor | None = None,
-                           precision: str = "fp32", device: torch.device | None = None) -> dict:
+                           precision: str = "fp32", device: torch.device | None = None,
+                           relation_weight: float = 0.0) -> dict:
     """Train the Adam parameter `groups` (each with its own "lr", decaying linearly to 0) for
     `minutes` of wall time; every tensor's requires_grad is as it was afterwards. 'hidden'
     matches the last hidden state, 'output' matches the output (KL of next-token distributions,
     or 1 - cos of embeddings), plus `hidden_weight` x the 'hidden' loss when that is > 0, plus
+    `relation_weight` x `relation_loss` of the embeddings when that is > 0, plus
     the `anchor`'s row term when there is one. With `precision` "bf16" the student's forward
     (and so its backward) runs under bf16 autocast; its outputs are taken back to fp32 for
     the losses. Both models and the `batches` are on `device` already (the CPU when None)."""
@@ -860,6 +880,8 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                     loss = _kd_loss(loaded.family, s_out, t_out)
                     if hidden_weight > 0:
                         loss = loss + hidden_weight * hidden_loss
+                    if relation_weight > 0:
+                        loss = loss + relation_weight * relation_loss(s_out, t_out)
                 if anchor is not None:
                     row_loss = anchor.loss()
                     loss = loss + anchor.weight * row_loss
@@ -923,7 +945,8 @@ def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: tor
         output = _train_against_teacher(loaded, teacher, groups, batches, cfg.distill_minutes,
                                         cfg.seed + 1, "output", f"{label} stage 2",
                                         hidden_weight=cfg.distill_hidden_weight, anchor=anchor,
-                                        precision=cfg.precision, device=device)
+                                        precision=cfg.precision, device=device,
+                                        relation_weight=cfg.distill_relation_weight)
     module.requires_grad_(False)          # the new table ships frozen
     extra = sum(p.numel() for g in groups[1:] for p in g["params"])
     return {"stage1_hidden": hidden, "stage2_distill": output,
@@ -937,8 +960,13 @@ def _teacher(loaded: LoadedModel) -> LoadedModel:
                        dict(loaded.extras))
 
 
-def _embedding_table(loaded: LoadedModel) -> torch.Tensor:
-    """A detached copy of the plain token-embedding table the method will replace."""
+def _embedding_table(loaded: LoadedModel, config: EmbeddingStages) -> torch.Tensor:
+    """A detached copy of the plain token-embedding table the method will replace (after the
+    checks of `config` against the model that need the model)."""
+    if config.distill_relation_weight > 0 and loaded.adapter.task != "sts":
+        raise BadInputError(f"relations between sentence embeddings are for sentence encoders; "
+                            f"this {loaded.family} model's task is {loaded.adapter.task}",
+                            field="distill_relation_weight")
     emb = loaded.adapter.embeddings(loaded.model)
     if emb is None:
         raise BadInputError(f"{loaded.family} models have no token embedding table to encode",
@@ -963,7 +991,7 @@ def _replace_and_train(loaded: LoadedModel, module: nn.Module, E: torch.Tensor, 
           summary="Sememe Entanglement Encoding: rebuild the token embedding (and a tied LM head) "
                   "from shared WordNet-guided unit tables by sums of Kronecker products")
 def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> dict:
-    E = _embedding_table(loaded)
+    E = _embedding_table(loaded, config)
     V, d = E.shape
     tokens = loaded.adapter.vocabulary(loaded)
     batches = calib.inputs(loaded) if calib is not None else []
@@ -1041,7 +1069,7 @@ class EmbedSVDConfig(EmbeddingStages):
           summary="baseline: truncated SVD of the embedding (ALBERT-style V x k table + k x d "
                   "projection) at the same ratio, trained with the same stages as see")
 def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | None) -> dict:
-    E = _embedding_table(loaded)
+    E = _embedding_table(loaded, config)
     V, d = E.shape
     batches = calib.inputs(loaded) if calib is not None else []
     counts = calibration_counts(batches, V, config.exact_share)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 import time
@@ -58,6 +57,8 @@ class ExportConfig:
     ort_format: bool = False              # also write .ort + required_operators.config (ONNX)
     generation: bool | None = None        # decoders: KV-cache generation graph (default: on)
     max_len: int = 256                    # generation: KV cache length (prompt + new tokens)
+    gen_logits: str = "last"              # generation: logits of the step's last position (what
+                                          # generating needs) or of all its positions ("all")
     greedy_tokens: int = 32               # generation: greedy tokens compared with eager
     rounding: str = "auto"                # 8da4w weights: rtn | gptq | grid | auto (grid for a model
                                           # with low-rank recovery factors, else gptq when calibrated)
@@ -91,6 +92,11 @@ class ExportConfig:
         if self.lm_head not in HEAD_SCHEMES:
             raise BadInputError(f"expected one of {', '.join(HEAD_SCHEMES)}, got {self.lm_head!r}",
                                 field="lm_head")
+        from pocketformer.models.generation import LOGITS
+
+        if self.gen_logits not in LOGITS:
+            raise BadInputError(f"expected one of {', '.join(LOGITS)}, got {self.gen_logits!r}",
+                                field="gen_logits")
         if self.int8_linears and self.quantize != "8da4w":
             raise BadInputError(f"keeping linears at 8 bits is for 8da4w programs; --quantize is "
                                 f"{self.quantize}", field="int8_linears")
@@ -620,7 +626,7 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
     start = time.perf_counter()
     plan = None
     if fmt == "pte":
-        module = CachedLM(model, max_len).eval()
+        module = CachedLM(model, max_len, logits=cfg.gen_logits).eval()
         if cfg.quantize != "fp32":
             module, plan = quantize_for_executorch(module, cfg.quantize,
                                                    cfg.group_size if group_size is None else group_size,
@@ -633,7 +639,7 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
         details = export_pte(module, inputs, path, cfg, dynamic_shapes=({1: seq}, None), plan=plan,
                              reinplace=True)
     else:
-        module = CacheIOLM(model, max_len).eval()
+        module = CacheIOLM(model, max_len, logits=cfg.gen_logits).eval()
         inputs = example_step_inputs(model, max_len, with_caches=True)
         names, outputs = module.input_names, module.output_names
         details = export_onnx(module, inputs, path, cfg, input_names=names, output_names=outputs,
@@ -669,7 +675,7 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
     if not quantized:
         parity["passed"] = bool(parity["passed"] and match == n)
     details["generation"] = {
-        "max_len": max_len, "prompt": GREEDY_PROMPT if loaded.tokenizer is not None else "random ids",
+        "max_len": max_len, "logits": cfg.gen_logits, "prompt": GREEDY_PROMPT if loaded.tokenizer is not None else "random ids",
         "prompt_tokens": len(prompt), "tokens": tokens, "eager_tokens": eager_tokens,
         "ttft_ms": round(timing["ttft_s"] * 1e3, 3),
         "decode_tokens_per_s": _round(timing["decode_tokens_per_s"]),
@@ -684,10 +690,6 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
         export_seconds=round(seconds, 3), inputs=_input_specs(names, bench_inputs),
         outputs=list(outputs), parity=parity, details=details)
     _write_record(out_dir, path, record, loaded, names, bench_inputs,
-                  {**extra, "kind": "generation", "max_len": max_len})
+                  {**extra, "kind": "generation", "max_len": max_len, "logits": cfg.gen_logits})
     return record
 
-
-def load_sidecar(artifact: str | Path) -> dict | None:
-    side = Path(f"{artifact}.json")
-    return json.loads(side.read_text()) if side.is_file() else None

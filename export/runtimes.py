@@ -5,6 +5,7 @@ benchmark's Python tier. Native runners (C/C++) live in runtime_bench.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -169,12 +170,27 @@ class EtRunner:
 RUNNERS = {".onnx": OrtRunner, ".pte": EtRunner}
 
 
+def load_sidecar(artifact: str | os.PathLike) -> dict | None:
+    """The `<artifact>.json` that `pocketformer export` writes beside each file, or None."""
+    side = Path(f"{artifact}.json")
+    return json.loads(side.read_text()) if side.is_file() else None
+
+
+def _logits_rows(path: Path) -> str:
+    """What a generation program's steps return: "all" positions' logits or the "last" one's.
+    Programs exported before the choice existed return all; with no sidecar the answer is
+    "last", which scoring treats the safe way (one position per call)."""
+    side = load_sidecar(path)
+    return "last" if side is None else str(side.get("logits", "all"))
+
+
 class EtGenerator:
     """A `-gen.pte` step program: the KV cache lives in the Method's planned buffers, so the
     same loaded Method is called for prefill and every decode step."""
 
     def __init__(self, path, threads=None):
         self.runner = EtRunner(path, threads)
+        self.logits = _logits_rows(Path(path))
 
     def reset(self) -> None:
         pass  # positions past the current one are masked; a new prompt overwrites from 0
@@ -189,6 +205,7 @@ class OrtGenerator:
 
     def __init__(self, path, threads=None):
         self.runner = OrtRunner(path, threads)
+        self.logits = _logits_rows(Path(path))
         inputs = self.runner.session.get_inputs()
         self.cache_specs = [(i.name, i.shape) for i in inputs[2:]]
         self.reset()
@@ -205,6 +222,23 @@ class OrtGenerator:
             raise RuntimeFailure(f"ONNX Runtime inference failed: {e}") from e
         self.cache = out[1:]
         return out[0]
+
+
+def score_positions(gen, ids, first: int = 0) -> np.ndarray:
+    """The logits `[len(ids) - first, V]` of positions `first .. len(ids) - 1` of the token ids
+    `ids`, fed from position 0 of an emptied cache, for either kind of generation program: one
+    call when its steps return every position's logits, else one call up to `first` and then
+    one call per position (a last-only program computes the head once per call)."""
+    ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+    if not 0 <= first < len(ids):
+        raise ValueError(f"first position {first} is outside the {len(ids)} ids")
+    gen.reset()
+    if getattr(gen, "logits", "last") == "all":
+        return np.asarray(gen(ids[None], 0))[0, first:]
+    rows = [np.asarray(gen(ids[None, :first + 1], 0))[0, -1]]
+    for pos in range(first + 1, len(ids)):
+        rows.append(np.asarray(gen(ids[None, pos:pos + 1], pos))[0, -1])
+    return np.stack(rows)
 
 
 def open_generator(path: str | os.PathLike, threads: int | None = None):

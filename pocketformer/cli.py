@@ -167,7 +167,7 @@ def cmd_export(args) -> int:
            "quantize": args.quantize, "batch": args.batch, "etrecord": not args.no_etrecord,
            "xnnpack_form": not args.no_xnnpack_form,
            "ort_format": args.ort_format, "max_len": args.max_len,
-           "greedy_tokens": args.greedy_tokens,
+           "greedy_tokens": args.greedy_tokens, "gen_logits": args.gen_logits,
            "max_unquantized_share": args.max_unquantized_share}
     for name in ("seq_len", "group_size", "calibration"):
         if getattr(args, name) is not None:
@@ -496,6 +496,10 @@ def make_parser():
     e.add_argument("--batch", type=int, default=1)
     e.add_argument("--seq-len", type=int)
     e.add_argument("--max-len", type=int, default=256, help="decoders: KV cache length")
+    e.add_argument("--gen-logits", default="last",
+                   help="decoders' generation programs: logits of each call's last position "
+                        "(last, what generating needs: the prompt's other positions skip the "
+                        "output head) or of every position (all, to score a text in one call)")
     e.add_argument("--greedy-tokens", type=int, default=32,
                    help="decoders: greedy tokens compared with eager generation")
     e.add_argument("--no-generation", action="store_true",

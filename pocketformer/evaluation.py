@@ -140,11 +140,12 @@ def artifact_forward(path, opts: EvalOptions) -> tuple[Forward, EvalOptions, dic
     (`.pte` through ExecuTorch, `.onnx` through ONNX Runtime), so quality is measured on the
     file the app ships. Static `.pte` forward graphs are fed one row at a time, with token
     inputs padded (mask 0) to the exported length; decoder windows take the exported length.
-    Generation graphs (`*-gen.*`) score a window as one prefill from position 0."""
+    Generation graphs (`*-gen.*`) score a window from position 0: one call when their steps
+    return every position's logits, one call per position when they return the last one's."""
     from pathlib import Path
 
     from pocketformer.export import load_sidecar, open_artifact
-    from pocketformer.export.runtimes import open_generator
+    from pocketformer.export.runtimes import open_generator, score_positions
 
     path = Path(path)
     side = load_sidecar(path)
@@ -164,8 +165,7 @@ def artifact_forward(path, opts: EvalOptions) -> tuple[Forward, EvalOptions, dic
         def gen_fn(batch):
             outs = []
             for row in _as_tensor(batch):
-                gen.reset()
-                outs.append(gen(row[None].numpy(), 0)[0])
+                outs.append(score_positions(gen, row.numpy(), 0))
             return np.stack(outs)
         return gen_fn, opts, note
 

@@ -112,10 +112,11 @@ def _token_ids(source: str, text: str) -> list[int]:
 
 
 def perplexity_like_llamacpp(artifact: Path, ids: list[int], ctx: int, chunks: int) -> dict:
-    """CTX-token chunks; each chunk is one prefill from position 0 and only its second half is
-    scored (the logits at positions ctx/2 .. ctx-2 predict the next token), as llama-perplexity
-    does. Returns the perplexity and the tokens scored."""
-    from pocketformer.export.runtimes import open_generator
+    """CTX-token chunks, each fed from position 0, and only its second half is scored (the
+    logits at positions ctx/2 .. ctx-2 predict the next token), as llama-perplexity does. A
+    program whose steps return the last position's logits is fed the first half in one call and
+    the rest one token per call (`score_positions`). Returns the perplexity and the tokens scored."""
+    from pocketformer.export.runtimes import open_generator, score_positions
 
     side = load_sidecar(artifact) or {}
     if ctx > int(side.get("max_len", ctx)) - 1:
@@ -130,9 +131,7 @@ def perplexity_like_llamacpp(artifact: Path, ids: list[int], ctx: int, chunks: i
     first = ctx // 2
     for c in range(n):
         toks = np.asarray(ids[c * ctx:(c + 1) * ctx], dtype=np.int64)
-        gen.reset()
-        logits = np.asarray(gen(toks[None], 0), dtype=np.float64)[0]      # [ctx, V]
-        lg = logits[first:ctx - 1]
+        lg = np.asarray(score_positions(gen, toks[:ctx - 1], first), dtype=np.float64)  # [ctx/2 - 1, V]
         target = toks[first + 1:ctx]
         m = lg.max(axis=1, keepdims=True)
         logz = (m[:, 0] + np.log(np.exp(lg - m).sum(axis=1)))

@@ -13,7 +13,7 @@ from pocketformer.cli import main
 from pocketformer.errors import BudgetError
 from pocketformer.export import ExportConfig, export_model
 from pocketformer.export.quantize import choose_group_size, quantize_for_executorch
-from pocketformer.export.runtimes import open_generator
+from pocketformer.export.runtimes import open_generator, score_positions
 from pocketformer.models import load_model, save_model
 from pocketformer.models.generation import greedy_eager, greedy_loop
 
@@ -84,6 +84,75 @@ def test_generation_program_writes_the_cache_in_place_and_refuses_positions_past
             gen(np.array(ids, dtype=np.int64), pos)
     after = gen(np.array([[7]], dtype=np.int64), 5)
     np.testing.assert_array_equal(before, after)
+
+
+def test_generation_programs_return_the_last_positions_logits_and_score_every_position(het_exports):
+    """By default a step of the .pte and of the ONNX graph returns its last position's logits
+    only ([1, 1, V] after a 7-token prompt), the same as eager transformers' there; the sidecar
+    says so, and `score_positions` rebuilds every position's logits from such a program, one
+    call per position, equal to eager's; a program without its sidecar is scored the same way.
+    In the .pte the cut is one row copy before the final norm, outside XNNPACK; the norm and
+    the head stay inside."""
+    tmp_path, loaded, records = het_exports
+    ids = np.array([5, 17, 33, 2, 9, 40, 11], dtype=np.int64)
+    with torch.no_grad():
+        eager = loaded.model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    vocab = eager.shape[-1]
+    for name in ("model-gen.pte", "model-gen.onnx"):
+        side = json.loads((tmp_path / "art" / f"{name}.json").read_text())
+        assert side["logits"] == "last", name
+        gen = open_generator(tmp_path / "art" / name)
+        assert gen.logits == "last"
+        gen.reset()
+        out = gen(ids[None], 0)
+        assert out.shape == (1, 1, vocab), (name, out.shape)
+        np.testing.assert_allclose(out[0, 0], eager[-1], atol=2e-4, rtol=0)
+        rows = score_positions(gen, ids, 3)
+        assert rows.shape == (len(ids) - 3, vocab)
+        np.testing.assert_allclose(rows, eager[3:], atol=2e-4, rtol=0)
+    bare = tmp_path / "bare" / "model-gen.pte"
+    bare.parent.mkdir()
+    bare.write_bytes((tmp_path / "art" / "model-gen.pte").read_bytes())
+    np.testing.assert_allclose(score_positions(open_generator(bare), ids, 0), eager, atol=2e-4, rtol=0)
+    rec = next(r for r in records if r.path == "model-gen.pte")
+    assert rec.details["generation"]["logits"] == "last"
+    dele = rec.details["delegation"]
+    assert dele["portable_ops"]["slice_copy"]["count"] == 1, dele["portable_ops"]
+    assert dele["delegated_flops_share"] >= 0.999, dele
+
+
+def test_score_positions_reads_a_last_only_step_as_an_all_positions_one(tiny_llama_1l):
+    """The two kinds of step (eager CachedLM here, behind the generators' interface) give the
+    same rows through `score_positions`: one call for "all", one call per position for "last"."""
+    from pocketformer.models.generation import CachedLM
+
+    loaded = load_model(tiny_llama_1l)
+
+    class Eager:
+        def __init__(self, logits):
+            self.module, self.logits = CachedLM(loaded.model, 48, logits=logits).eval(), logits
+            self.calls = 0
+
+        def reset(self):
+            for name, buf in self.module.named_buffers():
+                if "cache" in name:
+                    buf.zero_()
+
+        def __call__(self, ids, pos):
+            self.calls += 1
+            with torch.no_grad():
+                return self.module(torch.from_numpy(ids), torch.tensor([pos])).numpy()
+
+    ids = np.array([5, 17, 33, 2, 9, 40, 11, 3], dtype=np.int64)
+    with torch.no_grad():
+        eager = loaded.model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    every, last = Eager("all"), Eager("last")
+    a, b = score_positions(every, ids, 2), score_positions(last, ids, 2)
+    assert (every.calls, last.calls) == (1, len(ids) - 2)
+    np.testing.assert_allclose(a, eager[2:], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(b, eager[2:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="logits"):
+        CachedLM(loaded.model, 48, logits="first")
 
 
 def test_quantized_variants_record_their_plan_and_stay_close(tiny_llama_1l, small_text, tmp_path):
@@ -171,6 +240,8 @@ def test_export_bad_input_exits_2(tiny_llama, tmp_path, capsys):
     assert main(["export", str(tiny_llama), "--format", "onnx", "--quantize", "8da4w",
                  "--out", str(tmp_path / "o")]) == 2
     assert "quantize" in capsys.readouterr().err
+    assert main(["export", str(tiny_llama), "--gen-logits", "first", "--out", str(tmp_path / "o")]) == 2
+    assert "gen_logits" in capsys.readouterr().err and not (tmp_path / "o").exists()
     junk = tmp_path / "junk.pte"
     junk.write_bytes(b"\0" * 64)
     (tmp_path / "junk.pte.json").write_text(json.dumps({"source": str(tiny_llama), "inputs": []}))

@@ -341,6 +341,47 @@ def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_
     assert first_loss("output", 2.0) == pytest.approx(output + 2.0 * hidden, rel=1e-4)
 
 
+def test_stage2_relation_weight_adds_the_cosine_matrix_loss(tiny_bert, tiny_llama_2l, small_text, tmp_path,
+                                                          capsys):
+    """distill_relation_weight w: stage 2's objective is 1 - cos plus w x `relation_loss`, which
+    is 0 for embeddings that keep every pairwise cosine (rotated and rescaled rows) and not for
+    ones that move them; a decoder refuses the option before any work (exit 2)."""
+    from pocketformer.compress.see import _teacher, _train_against_teacher, relation_loss
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(8, 16, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert relation_loss(3.0 * t @ q, t).item() < 1e-10
+    assert relation_loss(t + 0.5 * torch.randn(8, 16, generator=g), t).item() > 1e-3
+    swapped = t.clone()
+    swapped[[0, 1]] = t[[1, 0]]
+    assert relation_loss(swapped, t).item() > 1e-3
+
+    loaded = load_model(tiny_bert)
+    batches = _calib(loaded, f"{STS_DEV}@0:0.05").inputs(loaded)[:1]
+    teacher = _teacher(loaded)
+    emb = loaded.adapter.embeddings(loaded.model)
+    with torch.no_grad():
+        emb.weight.add_(0.5 * torch.randn_like(emb.weight))
+    groups = [{"params": list(emb.parameters()), "lr": 0.0}]
+    with torch.no_grad():
+        module = loaded.adapter.export_module(loaded)
+        rel = relation_loss(module(*batches[0]), teacher.adapter.export_module(teacher)(*batches[0])).item()
+    assert rel > 0
+
+    def first_loss(w):
+        rec = _train_against_teacher(loaded, teacher, groups, batches, 0.02, 0, "output", "t",
+                                     relation_weight=w)
+        assert rec["steps"] >= 1
+        return rec["loss_first"]
+
+    assert first_loss(5.0) == pytest.approx(first_loss(0.0) + 5.0 * rel, rel=1e-4)
+    code = main(["compress", "--model", str(tiny_llama_2l), "--method", "see", "--distill-relation-weight",
+                 "1", "--calibration", str(small_text), "--out", str(tmp_path / "o")])
+    assert code == 2 and "distill_relation_weight" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("family", ["tiny_bert", "tiny_llama_2l"])
 def test_bf16_stages_train_fp32_parameters_on_a_bf16_forward(family, request, small_text):
     """precision = bf16: the student of stages 1b and 2 runs under CPU bf16 autocast, so each
@@ -478,6 +519,7 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--basis", "raw", "--basis-dim", "16"], "basis = principal"),
     (["--basis", "principal", "--basis-dim", "33"], "at most the embedding width"),
     (["--distill-hidden-weight", "-1"], "distill_hidden_weight"),
+    (["--distill-relation-weight", "-1"], "distill_relation_weight"),
     (["--train-scope", "layers"], "train_scope"),
     (["--row-anchor", "-0.5"], "row_anchor"),
     (["--row-anchor", "1", "--anchor-rows", "0"], "anchor_rows"),

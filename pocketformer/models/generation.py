@@ -8,6 +8,16 @@ models whose layers differ in head count or FFN width export the same way as uni
 Attention reads the whole cache under a causal mask row per position, so every shape is
 static except T (1 .. max_len), which the exporters keep dynamic.
 
+Logits: by default (`logits="last"`) a step returns the logits of its last position only,
+`[1, 1, V]`: generation needs no more, and llama.cpp computes no more for a prompt either
+(`llama_batch_get_one` asks for the last token's logits). The output head is a fifth of
+SmolLM2's weights and its widest matmul: over a 128-token prompt, computing it for the last
+position only made the pruned 8da4w program's prefill 1.18x faster and the SEE decoder's, whose
+factored head is slow over many positions, 1.87x (docs/llm_race.md). `logits="all"` keeps
+`[1, T, V]` for callers that score every position of a prompt in one call; scoring a text
+with a last-only program feeds it one position at a time (`score_positions` in
+export/runtimes.py).
+
     CachedLM      the cache lives in registered buffers, updated in place: the ExecuTorch form
                   (ExecuTorch plans mutable buffers in its memory arena; a Method keeps them
                   between calls). Each buffer is [kv_heads, max_len, head_dim] and the new
@@ -110,9 +120,13 @@ class XnnpackOps(nn.Module):
         return x * cos + nn.functional.linear(x, self.rotate) * sin
 
 
-def _step(model, tokens, input_pos, caches, mask_table, *, ops=PlainOps):
+LOGITS = ("last", "all")
+
+
+def _step(model, tokens, input_pos, caches, mask_table, *, ops=PlainOps, last_only: bool = False):
     """Shared body. `caches` is a list of (k, v) tensors updated in place by index assignment
-    at the step's positions (`_write_index`). `ops` computes the normalisations and RoPE. Batch 1:
+    at the step's positions (`_write_index`). `ops` computes the normalisations and RoPE.
+    `last_only`: the final norm and the head see the last position only. Batch 1:
     reshapes name every size but the token axis (XNNPACK reshapes only with one inferred
     dimension and no symbolic one) and attention is a 3-D batched matmul over KV heads."""
     hd = _head_dim(model)
@@ -153,19 +167,29 @@ def _step(model, tokens, input_pos, caches, mask_table, *, ops=PlainOps):
         a = a.view(nkv, -1, groups * hd).transpose(0, 1).reshape(1, -1, nq * hd)
         h = h + sa.o_proj(a)
         h = h + layer.mlp(ops.norm(layer.post_attention_layernorm, h))
+    if last_only:
+        h = h[:, -1:]
     return model.lm_head(ops.norm(model.model.norm, h))
 
 
+def _check_logits(logits: str) -> bool:
+    if logits not in LOGITS:
+        raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+    return logits == "last"
+
+
 class CachedLM(nn.Module):
-    """ExecuTorch form: forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, T, V]."""
+    """ExecuTorch form: forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, 1, V]
+    (the last position; `logits="all"`: [1, T, V])."""
 
     input_names = ("tokens", "input_pos")
     output_names = ("logits",)
 
-    def __init__(self, model: nn.Module, max_len: int):
+    def __init__(self, model: nn.Module, max_len: int, logits: str = "last"):
         super().__init__()
         self.model = model
         self.max_len = max_len
+        self.last_only = _check_logits(logits)
         self.register_buffer("mask_table", causal_table(max_len), persistent=False)
         hd = _head_dim(model)
         self.ops = XnnpackOps([model.config.hidden_size, hd], hd)
@@ -178,17 +202,20 @@ class CachedLM(nn.Module):
         return [(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")) for i in range(n)]
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return _step(self.model, tokens, input_pos, self.caches(), self.mask_table, ops=self.ops)
+        return _step(self.model, tokens, input_pos, self.caches(), self.mask_table, ops=self.ops,
+                     last_only=self.last_only)
 
 
 class CacheIOLM(nn.Module):
     """ONNX form: forward(tokens, input_pos, past_key_0, past_value_0, ...) ->
-    (logits, present_key_0, present_value_0, ...), every cache [1, kv_heads_i, max_len, head_dim]."""
+    (logits, present_key_0, present_value_0, ...), every cache [1, kv_heads_i, max_len, head_dim];
+    logits as CachedLM's."""
 
-    def __init__(self, model: nn.Module, max_len: int):
+    def __init__(self, model: nn.Module, max_len: int, logits: str = "last"):
         super().__init__()
         self.model = model
         self.max_len = max_len
+        self.last_only = _check_logits(logits)
         self.register_buffer("mask_table", causal_table(max_len), persistent=False)
         n = len(model.model.layers)
         self.input_names = ("tokens", "input_pos") + tuple(
@@ -198,7 +225,7 @@ class CacheIOLM(nn.Module):
 
     def forward(self, tokens, input_pos, *past):
         caches = [(past[2 * i].clone(), past[2 * i + 1].clone()) for i in range(len(past) // 2)]
-        logits = _step(self.model, tokens, input_pos, caches, self.mask_table)
+        logits = _step(self.model, tokens, input_pos, caches, self.mask_table, last_only=self.last_only)
         return (logits,) + tuple(t for kv in caches for t in kv)
 
 
@@ -228,7 +255,7 @@ def greedy_eager(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[in
 
 
 def greedy_loop(step, prompt_ids: list[int], new_tokens: int, max_len: int) -> tuple[list[int], dict]:
-    """Drive a step function `step(tokens [1, T] int64 ndarray, pos int) -> logits [1, T, V]`:
+    """Drive a step function `step(tokens [1, T] int64 ndarray, pos int) -> logits [1, T or 1, V]`:
     one prefill call over the prompt, then one call per generated token. Returns the tokens and
     timings (time to first token, decode tokens/s)."""
     if len(prompt_ids) + new_tokens > max_len:

@@ -104,12 +104,15 @@ static const float* et_gen_step(void* c, const int64_t* ids, long t, int64_t pos
            (long long)pos, t, (unsigned)g->out->error());
   const std::vector<EValue>& outs = **g->out;
   if (outs.empty() || !outs[0].isTensor()) pf_die(PF_EXIT_RUNTIME, "forward returned no logits tensor");
+  // [1, t, V] from a program exported with every position's logits, [1, 1, V] (the last
+  // position) from one exported with --gen-logits last, the default
   const auto& logits = outs[0].toTensor();
-  if (logits.scalar_type() != ScalarType::Float || logits.dim() != 3 || logits.size(1) != t)
-    pf_die(PF_EXIT_RUNTIME, "logits are not float32 [1, %ld, V] (dtype %d, %d dims)", t,
+  if (logits.scalar_type() != ScalarType::Float || logits.dim() != 3 ||
+      (logits.size(1) != t && logits.size(1) != 1))
+    pf_die(PF_EXIT_RUNTIME, "logits are not float32 [1, %ld or 1, V] (dtype %d, %d dims)", t,
            (int)logits.scalar_type(), (int)logits.dim());
   *vocab = (long)logits.size(2);
-  return logits.const_data_ptr<float>() + (size_t)(t - 1) * (size_t)*vocab;
+  return logits.const_data_ptr<float>() + (size_t)(logits.size(1) - 1) * (size_t)*vocab;
 }
 
 static void et_generate(PfArgs* a, PfGen* pg, Module& module, PfResult* res) {

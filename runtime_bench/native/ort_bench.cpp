@@ -70,7 +70,9 @@ static void release_values(OrtValue** v, size_t n) {
 // `past` set and writes the `present` set in place (preallocated output OrtValues), then the
 // two sets swap roles, so no cache is copied between steps. Reset zeroes the `past` set (as
 // OrtGenerator starts from zeros). The logits go to preallocated buffers too ([1, P, V] for
-// the prefill, [1, 1, V] for decode) once the probe call has told V.
+// the prefill, [1, 1, V] for decode) once the probe call has told V; a graph exported with the
+// last position's logits only (a static 1 in the logits' second dimension, --gen-logits last)
+// gets [1, 1, V] for the prefill as well.
 struct OrtGen {
   OrtSession* sess;
   OrtRunOptions* ro;
@@ -92,6 +94,7 @@ struct OrtGen {
   OrtValue* v_pos;
   OrtValue* v_prompt;
   long vocab;
+  long prefill_rows;        // logits rows a prefill returns: prompt_tokens, or 1 (last only)
   float* logits_prefill;
   float* logits_decode;
   OrtValue* v_logits_prefill;
@@ -139,14 +142,14 @@ static const float* ort_gen_step(void* c, const int64_t* ids, long t, int64_t po
     if (nd == 3) ort_check(g_ort->GetDimensions(info, dims, nd), "GetDimensions");
     g_ort->ReleaseTensorTypeAndShapeInfo(info);
     if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || nd != 3 || dims[1] != t || dims[2] < 1)
-      pf_die(PF_EXIT_RUNTIME, "logits are not float32 [1, %ld, V]", t);
+      pf_die(PF_EXIT_RUNTIME, "logits are not float32 [1, %ld, V]", t);   // the probe feeds t = 1
     g->vocab = (long)dims[2];
     void* data = NULL;
     ort_check(g_ort->GetTensorMutableData(g->probe_out, &data), "GetTensorMutableData");
     logits = (float*)data;
     // From now on the logits go to preallocated buffers.
-    int64_t shp[3] = {1, g->prompt_tokens, g->vocab};
-    size_t np = (size_t)g->prompt_tokens * (size_t)g->vocab, nd1 = (size_t)g->vocab;
+    int64_t shp[3] = {1, g->prefill_rows, g->vocab};
+    size_t np = (size_t)g->prefill_rows * (size_t)g->vocab, nd1 = (size_t)g->vocab;
     g->logits_prefill = (float*)calloc(np, sizeof(float));
     g->logits_decode = (float*)calloc(nd1, sizeof(float));
     ort_check(g_ort->CreateTensorWithDataAsOrtValue(g->mem, g->logits_prefill, np * sizeof(float), shp, 3,
@@ -163,7 +166,25 @@ static const float* ort_gen_step(void* c, const int64_t* ids, long t, int64_t po
     void* d = g->past_data[i]; g->past_data[i] = g->present_data[i]; g->present_data[i] = d;
   }
   *vocab = g->vocab;
-  return logits + (size_t)(t - 1) * (size_t)g->vocab;
+  long rows = t == 1 ? 1 : g->prefill_rows;
+  return logits + (size_t)(rows - 1) * (size_t)g->vocab;
+}
+
+// 1 when the graph's logits output has a static 1 as its second dimension (the last position
+// only), else the prompt length (every position's logits)
+static long ort_prefill_rows(OrtSession* sess, long prompt_tokens) {
+  OrtTypeInfo* ti = NULL;
+  ort_check(g_ort->SessionGetOutputTypeInfo(sess, 0, &ti), "SessionGetOutputTypeInfo");
+  const OrtTensorTypeAndShapeInfo* tinfo = NULL;
+  ort_check(g_ort->CastTypeInfoToTensorInfo(ti, &tinfo), "CastTypeInfoToTensorInfo");
+  size_t nd = 0;
+  int64_t dims[PF_MAX_DIMS] = {0};
+  if (tinfo) {
+    ort_check(g_ort->GetDimensionsCount(tinfo, &nd), "GetDimensionsCount");
+    if (nd == 3) ort_check(g_ort->GetDimensions(tinfo, dims, nd), "GetDimensions");
+  }
+  g_ort->ReleaseTypeInfo(ti);
+  return nd == 3 && dims[1] == 1 ? 1 : prompt_tokens;
 }
 
 static void ort_generate(PfArgs* a, PfGen* pg, OrtSession* sess, OrtMemoryInfo* mem, OrtAllocator* alloc,
@@ -236,6 +257,7 @@ static void ort_generate(PfArgs* a, PfGen* pg, OrtSession* sess, OrtMemoryInfo* 
 
   g.prompt = pg->prompt;
   g.prompt_tokens = pg->prompt_tokens;
+  g.prefill_rows = ort_prefill_rows(sess, pg->prompt_tokens);
   int64_t shp[2] = {1, pg->prompt_tokens};
   ort_check(g_ort->CreateTensorWithDataAsOrtValue(mem, pg->prompt, (size_t)pg->prompt_tokens * sizeof(int64_t),
                                                   shp, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &g.v_prompt),
