@@ -23,7 +23,7 @@ from pocketformer.versions import versions
 from pocketformer.export.delegation import delegation_report
 from pocketformer.export.parity import compare
 from pocketformer.export.quantize import (HEAD_SCHEMES, SCHEMES, QuantPlan, check_plan, quantize_for_executorch,
-                                          quantize_onnx_dynamic)
+                                          quantize_onnx_dynamic, xnnpack_int4_per_channel)
 from pocketformer.export.runtimes import open_artifact, open_generator
 
 FORMATS = ("onnx", "pte")
@@ -314,7 +314,8 @@ def export_pte(module, inputs, path: Path, cfg: ExportConfig, *, dynamic_shapes=
             with xnnpack_form(module) if forward_form else contextlib.nullcontext() as form:
                 ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes,
                                          strict=False)
-            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+            with xnnpack_int4_per_channel():
+                edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
             report = delegation_report(edge.exported_program().graph_module)
             share = report.flops_share
             if cfg.min_delegated_flops is not None and share is not None and share < cfg.min_delegated_flops:
