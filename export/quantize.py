@@ -168,8 +168,9 @@ def xnnpack_int4_per_channel():
     which moved a tiny 8da4w model's outputs by 1% of their size. The missing fix is to pass the
     per-row scales and zero points as vectors, which this does for blocks that span the row, so
     the weights take ExecuTorch's per-channel path (the one its PT2E quantizer's int4 weights
-    take). Measured on this project's machine: the 4-bit linears of a decode step 0.76x the
-    time, outputs equal to the eager module's to float rounding (docs/export.md)."""
+    take). Measured on this project's machine: the 4-bit linears of a decode step 0.86x the
+    time (benchmarks/xnnpack_decode_linears.py), a 128-token prefill of the pruned SmolLM2
+    1.78x faster, outputs equal to the eager module's to float rounding (docs/llm_race.md)."""
     from executorch.backends.xnnpack.operators import quant_params as qp
 
     original = qp.QuantParams.__init__
