@@ -57,6 +57,30 @@ static ONNXTensorElementDataType to_onnx(int dt) {
   }
 }
 
+// Element type and shape (-1 on a dynamic axis) of input (`output` 0) or output `i` of the
+// session. Returns 0, or 1 when the value is not a tensor, or 2 when it has more than
+// PF_MAX_DIMS dimensions (*nd still says how many); each caller words its own error.
+static int ort_value_info(OrtSession* sess, int output, size_t i, ONNXTensorElementDataType* et,
+                          int64_t* dims, size_t* nd) {
+  OrtTypeInfo* ti = NULL;
+  if (output) ort_check(g_ort->SessionGetOutputTypeInfo(sess, i, &ti), "SessionGetOutputTypeInfo");
+  else ort_check(g_ort->SessionGetInputTypeInfo(sess, i, &ti), "SessionGetInputTypeInfo");
+  const OrtTensorTypeAndShapeInfo* tinfo = NULL;
+  ort_check(g_ort->CastTypeInfoToTensorInfo(ti, &tinfo), "CastTypeInfoToTensorInfo");
+  int status = 0;
+  *nd = 0;
+  if (!tinfo) {
+    status = 1;
+  } else {
+    ort_check(g_ort->GetTensorElementType(tinfo, et), "GetTensorElementType");
+    ort_check(g_ort->GetDimensionsCount(tinfo, nd), "GetDimensionsCount");
+    if (*nd > PF_MAX_DIMS) status = 2;
+    else ort_check(g_ort->GetDimensions(tinfo, dims, *nd), "GetDimensions");
+  }
+  g_ort->ReleaseTypeInfo(ti);
+  return status;
+}
+
 static void release_values(OrtValue** v, size_t n) {
   for (size_t i = 0; i < n; i++) {
     if (v[i]) g_ort->ReleaseValue(v[i]);
@@ -173,18 +197,11 @@ static const float* ort_gen_step(void* c, const int64_t* ids, long t, int64_t po
 // 1 when the graph's logits output has a static 1 as its second dimension (the last position
 // only), else the prompt length (every position's logits)
 static long ort_prefill_rows(OrtSession* sess, long prompt_tokens) {
-  OrtTypeInfo* ti = NULL;
-  ort_check(g_ort->SessionGetOutputTypeInfo(sess, 0, &ti), "SessionGetOutputTypeInfo");
-  const OrtTensorTypeAndShapeInfo* tinfo = NULL;
-  ort_check(g_ort->CastTypeInfoToTensorInfo(ti, &tinfo), "CastTypeInfoToTensorInfo");
-  size_t nd = 0;
+  ONNXTensorElementDataType et;
   int64_t dims[PF_MAX_DIMS] = {0};
-  if (tinfo) {
-    ort_check(g_ort->GetDimensionsCount(tinfo, &nd), "GetDimensionsCount");
-    if (nd == 3) ort_check(g_ort->GetDimensions(tinfo, dims, nd), "GetDimensions");
-  }
-  g_ort->ReleaseTypeInfo(ti);
-  return nd == 3 && dims[1] == 1 ? 1 : prompt_tokens;
+  size_t nd = 0;
+  int ok = ort_value_info(sess, 1, 0, &et, dims, &nd) == 0;
+  return ok && nd == 3 && dims[1] == 1 ? 1 : prompt_tokens;
 }
 
 static void ort_generate(PfArgs* a, PfGen* pg, OrtSession* sess, OrtMemoryInfo* mem, OrtAllocator* alloc,
@@ -215,19 +232,12 @@ static void ort_generate(PfArgs* a, PfGen* pg, OrtSession* sess, OrtMemoryInfo* 
 
   long max_len = -1;
   for (size_t i = 0; i < g.n_in; i++) {
-    OrtTypeInfo* ti = NULL;
-    ort_check(g_ort->SessionGetInputTypeInfo(sess, i, &ti), "SessionGetInputTypeInfo");
-    const OrtTensorTypeAndShapeInfo* tinfo = NULL;
-    ort_check(g_ort->CastTypeInfoToTensorInfo(ti, &tinfo), "CastTypeInfoToTensorInfo");
-    if (!tinfo) pf_die(PF_EXIT_BAD_INPUT, "--generate: input '%s' is not a tensor", g.in_names[i]);
     ONNXTensorElementDataType et;
-    ort_check(g_ort->GetTensorElementType(tinfo, &et), "GetTensorElementType");
     size_t nd = 0;
-    ort_check(g_ort->GetDimensionsCount(tinfo, &nd), "GetDimensionsCount");
-    if (nd > PF_MAX_DIMS) pf_die(PF_EXIT_BAD_INPUT, "--generate: input '%s' has %zu dims", g.in_names[i], nd);
     int64_t dims[PF_MAX_DIMS];
-    ort_check(g_ort->GetDimensions(tinfo, dims, nd), "GetDimensions");
-    g_ort->ReleaseTypeInfo(ti);
+    int info = ort_value_info(sess, 0, i, &et, dims, &nd);
+    if (info == 1) pf_die(PF_EXIT_BAD_INPUT, "--generate: input '%s' is not a tensor", g.in_names[i]);
+    if (info == 2) pf_die(PF_EXIT_BAD_INPUT, "--generate: input '%s' has %zu dims", g.in_names[i], nd);
     if (i < 2) {
       if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)
         pf_die(PF_EXIT_BAD_INPUT, "--generate: input '%s' of '%s' is not int64 (tokens, input_pos come first)",
@@ -345,18 +355,12 @@ int main(int argc, char** argv) {
 
   for (size_t i = 0; i < n_in; i++) {
     ort_check(g_ort->SessionGetInputName(sess, i, alloc, &in_names[i]), "SessionGetInputName");
-    OrtTypeInfo* ti = NULL;
-    ort_check(g_ort->SessionGetInputTypeInfo(sess, i, &ti), "SessionGetInputTypeInfo");
-    const OrtTensorTypeAndShapeInfo* tinfo = NULL;
-    ort_check(g_ort->CastTypeInfoToTensorInfo(ti, &tinfo), "CastTypeInfoToTensorInfo");
-    if (!tinfo) pf_die(PF_EXIT_RUNTIME, "model input %zu ('%s') is not a tensor", i, in_names[i]);
     ONNXTensorElementDataType et;
-    ort_check(g_ort->GetTensorElementType(tinfo, &et), "GetTensorElementType");
     size_t nd = 0;
-    ort_check(g_ort->GetDimensionsCount(tinfo, &nd), "GetDimensionsCount");
-    if (nd > PF_MAX_DIMS) pf_die(PF_EXIT_RUNTIME, "model input '%s' has %zu dims", in_names[i], nd);
     int64_t dims[PF_MAX_DIMS];
-    ort_check(g_ort->GetDimensions(tinfo, dims, nd), "GetDimensions");
+    int info = ort_value_info(sess, 0, i, &et, dims, &nd);
+    if (info == 1) pf_die(PF_EXIT_RUNTIME, "model input %zu ('%s') is not a tensor", i, in_names[i]);
+    if (info == 2) pf_die(PF_EXIT_RUNTIME, "model input '%s' has %zu dims", in_names[i], nd);
     int mdt = from_onnx(et);
     PfInput* in = &a.inputs[i];
     if (a.n_inputs > 0) {
@@ -376,7 +380,6 @@ int main(int argc, char** argv) {
       for (size_t d = 0; d < nd; d++) in->dims[d] = dims[d] < 0 ? 1 : dims[d];   // dynamic dims -> 1
       pf_fill_random(in, a.seed, (int)i);
     }
-    g_ort->ReleaseTypeInfo(ti);
     ort_check(g_ort->CreateTensorWithDataAsOrtValue(mem, in->data, in->nbytes, in->dims, (size_t)in->ndims,
                                                     to_onnx(mdt), &in_vals[i]),
               "CreateTensorWithDataAsOrtValue");
