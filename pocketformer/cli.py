@@ -536,7 +536,7 @@ def make_parser():
                         "table of prefill/decode tok/s, TTFT, RSS, size, perplexity (docs/llm_race.md)")
     n.add_argument("--against", default="llama.cpp", metavar="llama.cpp[:GGUF]",
                    help="with --llm: the peer (default GGUF: the built-in SmolLM2's); 'none' to skip")
-    n.add_argument("--data", help="with --llm: text for perplexity, PATH[@START:END] (held out)")
+    n.add_argument("--data", help="with --llm: text for perplexity, PATH[@START:END] (held out); host target only")
     n.add_argument("--ctx", type=int, default=128, help="with --llm: perplexity chunk length")
     n.add_argument("--chunks", type=int, default=16, help="with --llm: perplexity chunks")
     n.add_argument("--runs", type=int, default=30)

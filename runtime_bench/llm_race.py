@@ -61,6 +61,10 @@ class RaceConfig:
                                 "counts under qemu do not vary)", field="rounds")
         if self.ctx < 8 or self.ctx % 2 or self.chunks < 1:
             raise BadInputError("ctx must be an even number >= 8 and chunks >= 1", field="ctx")
+        if self.data and kind != "host":
+            raise BadInputError("perplexity (--data) is measured on the host only: the program's "
+                                "weights are the same under qemu, so run the host race for it",
+                                field="data")
 
 
 @dataclass
@@ -364,8 +368,9 @@ def render(result: dict) -> str:
     c = result["config"]
     lines.append("")
     lines.append(f"target {c['target']}, {c['threads']} threads, prompt {c['prompt_tokens']} tokens, "
-                 f"{c['new_tokens']} generated; perplexity: llama-perplexity protocol, ctx {c['ctx']}, "
-                 f"{c['chunks']} chunks of {c['data'] or '(no --data)'}"
+                 f"{c['new_tokens']} generated; perplexity: "
+                 + (f"llama-perplexity protocol, ctx {c['ctx']}, {c['chunks']} chunks of {c['data']}"
+                    if c["data"] else "not measured (no --data)")
                  + ("; under qemu the speed ratio is llama.cpp's instructions per token over ours"
                     if c["target"].startswith("qemu:") else ""))
     if result["llamacpp_error"]:

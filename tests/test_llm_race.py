@@ -114,6 +114,7 @@ def test_rounds_alternate_the_engines_and_pool_by_median(monkeypatch, tmp_path):
     row's speeds the medians over rounds and the ratio the median of the per-round ratios (a
     slow spell of the shared machine in one round then moves both sides of that round's ratio)."""
     from pocketformer.runtime_bench import llm_race
+    from pocketformer.errors import BadInputError
     from pocketformer.runtime_bench.llm_race import RaceConfig, RaceRow
 
     art = tmp_path / "model-gen.pte"
@@ -143,3 +144,6 @@ def test_rounds_alternate_the_engines_and_pool_by_median(monkeypatch, tmp_path):
     assert [r["decode_tokens_per_s"] for r in res["rows"]] == [150.0, 100.0]
     with pytest.raises(Exception, match="rounds"):
         RaceConfig(target="qemu:cortex-a76", rounds=2).validate()
+    with pytest.raises(BadInputError, match="host only") as e:   # not silently dropped
+        RaceConfig(target="qemu:cortex-a76", data="x.txt").validate()
+    assert e.value.field == "data"
