@@ -296,6 +296,8 @@ def test_int4_per_channel_weights_lower_to_xnnpack_exactly():
     scales, QC4W kernels); ExecuTorch's own lowering puts the same weights on the block-wise
     kernels with bf16 scales, 1% off. If an ExecuTorch upgrade fixes that, the second assertion
     fails and the workaround can go."""
+    import contextlib
+
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
@@ -317,8 +319,6 @@ def test_int4_per_channel_weights_lower_to_xnnpack_exactly():
         buffer = edge.to_executorch().buffer
         out = _load_for_executorch_from_buffer(buffer).forward((x,))[0]
         return float((out - ref).norm() / ref.norm())
-
-    import contextlib
 
     assert lowered_error(xnnpack_int4_per_channel()) < 1e-5
     assert lowered_error(contextlib.nullcontext()) > 1e-3
