@@ -172,7 +172,10 @@ def test_als_without_the_term_tensor_is_the_same_sweeps(order):
     """`als` never forms the V x R x d terms (residual D_v plus the own term, contracted; the
     Gram matrix as products of the factors' inner products): its tables and coefficients
     equal the explicit formulation's after several weighted, masked sweeps (to float32
-    rounding: the two sum in different orders)."""
+    rounding: the two sum in different orders). A token whose active terms repeat a unit pair
+    has a singular Gram matrix (the 1e-6 ridge picks the split of the repeated term's
+    coefficient, so float32 summation order can move it on another CPU): its row is compared,
+    its coefficients are not."""
     from pocketformer.compress.see import als
 
     g = torch.Generator().manual_seed(4)
@@ -188,8 +191,14 @@ def test_als_without_the_term_tensor_is_the_same_sweeps(order):
         als(emb, E, active, iters=4, weights=w)
     for a, b in zip(emb.tables, ref.tables):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(emb.coef, ref.coef, rtol=1e-4, atol=1e-4)
-    assert float((emb.coef - ref.coef).abs().max()) < 1e-4 < float((emb.coef - 0).abs().max())
+    ids = torch.arange(23)
+    torch.testing.assert_close(emb.rows(ids), ref.rows(ids), rtol=1e-4, atol=1e-4)
+    terms = torch.stack([i for i in emb.indices], -1)                       # V R order
+    repeats = torch.tensor([len({tuple(t) for t, a in zip(terms[v].tolist(), active[v]) if a})
+                            < int(active[v].sum()) for v in range(23)])
+    assert 0 < int((~repeats).sum())
+    torch.testing.assert_close(emb.coef[~repeats], ref.coef[~repeats], rtol=1e-4, atol=1e-4)
+    assert float(emb.coef[~repeats].abs().max()) > 1e-4
 
 
 def test_row_weighted_svd_is_the_weighted_optimum():
