@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -274,9 +275,20 @@ def _run(cmd: list, *, what: str, timeout: float | None = None, log: Path | None
             f.write(f"$ {' '.join(cmd)}\n{res.stdout}\n{res.stderr}\n")
     if res.returncode != 0:
         tail = "\n".join((res.stderr.strip() or res.stdout.strip()).splitlines()[-25:])
-        raise _fail(f"{what} failed (exit {res.returncode}): {' '.join(cmd[:6])}"
+        err = _fail(f"{what} failed ({_exit_words(res.returncode)}): {' '.join(cmd[:6])}"
                     f"{' ...' if len(cmd) > 6 else ''}\n{tail}")
+        err.returncode = res.returncode      # negative: killed by that signal
+        raise err
     return res
+
+
+def _exit_words(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
 
 
 
@@ -591,6 +603,48 @@ def _launch(build: LlamaCppBuild, cmd: list, *, what: str, timeout: float | None
     return res, usage
 
 
+# How each tool turns off ggml's extra CPU buffer types (the AMX one and the repacked-weight one),
+# so that every weight is used from a plain CPU buffer with ggml's generic CPU kernels.
+NO_EXTRA_BUFFERS = {"llama-bench": ["--repack", "0"], "llama-perplexity": ["--no-repack"]}
+# (build folder, tool) -> why this process already runs that tool without them
+_FALLEN_BACK: dict[tuple[str, str], dict] = {}
+
+
+def _launch_with_fallback(build: LlamaCppBuild, cmd: list, *, what: str,
+                          timeout: float | None, prefix: list | None = None):
+    """_launch, and when the run is killed by a signal, once more with NO_EXTRA_BUFFERS[what].
+
+    Why: ggml's AMX buffer type (compiled in by GGML_NATIVE=ON on a CPU with AMX) dies with a
+    general protection fault at its first `ldtilecfg` in some virtual machines, although the kernel
+    grants the tile permission (docs/llamacpp_peer.md, "Known failure: AMX CPUs"). Without the
+    extra buffer types llama.cpp runs; the fallback is recorded, never silent: returns
+    (result, usage, fallback) where fallback is None or {"args", "reason"}. A tool that failed
+    any other way, or that was already given those arguments, raises as before. Later runs of the
+    same tool and build in this process go straight to the fallback."""
+    extra = NO_EXTRA_BUFFERS[what]
+    key = (str(build.build_dir), what)
+    if key in _FALLEN_BACK and extra[0] not in map(str, cmd):
+        res, usage = _launch(build, [*cmd, *extra], what=what, timeout=timeout, prefix=prefix)
+        return res, usage, _FALLEN_BACK[key]
+    try:
+        res, usage = _launch(build, cmd, what=what, timeout=timeout, prefix=prefix)
+        return res, usage, None
+    except RuntimeFailure as e:
+        code = getattr(e, "returncode", 0)
+        if code >= 0 or extra[0] in map(str, cmd):
+            raise
+        first = e.message
+    fallback = {"args": list(extra),
+                "reason": f"{what} with its default buffer types was {_exit_words(code)}; "
+                          f"rerun with {' '.join(extra)} (no AMX or repacked-weight buffers)",
+                "first_error": first[-600:]}
+    from pocketformer.progress import say
+    say(f"llama.cpp: {fallback['reason']}")
+    res, usage = _launch(build, [*cmd, *extra], what=what, timeout=timeout, prefix=prefix)
+    _FALLEN_BACK[key] = fallback
+    return res, usage, fallback
+
+
 def _check_gguf(gguf) -> Path:
     p = Path(gguf)
     if not p.is_file():
@@ -622,7 +676,8 @@ def llama_bench(build: LlamaCppBuild, gguf, *, prompt_tokens: int = 128, new_tok
     cmd = [build.llama_bench, "-m", path, "-p", str(prompt_tokens), "-n", str(new_tokens),
            "-t", str(threads), "-r", str(repetitions), "-o", "json", *(extra_args or [])]
     t0 = time.perf_counter()
-    res, usage = _launch(build, cmd, what="llama-bench", timeout=timeout, prefix=prefix)
+    res, usage, fallback = _launch_with_fallback(build, cmd, what="llama-bench", timeout=timeout,
+                                                 prefix=prefix)
     wall = time.perf_counter() - t0
     rows = _parse_bench(res.stdout)
     out = {"tool": "llama-bench", "llama_cpp_version": f"{build.version} ({build.commit})",
@@ -631,7 +686,8 @@ def llama_bench(build: LlamaCppBuild, gguf, *, prompt_tokens: int = 128, new_tok
            "new_tokens": new_tokens, "wall_s": round(wall, 3),
            "peak_rss_mb": (int(usage["maxrss_kb"]) / 1024.0) if "maxrss_kb" in usage else None,
            "prefill_tokens_per_s": None, "prefill_tokens_per_s_stddev": None,
-           "decode_tokens_per_s": None, "decode_tokens_per_s_stddev": None, "rows": rows}
+           "decode_tokens_per_s": None, "decode_tokens_per_s_stddev": None, "rows": rows,
+           "fallback": fallback}
     for row in rows:
         if row.get("n_prompt", 0) > 0 and row.get("n_gen", 0) == 0:
             out["prefill_tokens_per_s"] = row.get("avg_ts")
@@ -671,7 +727,8 @@ def llama_perplexity(build: LlamaCppBuild, gguf, text_file, *, ctx: int = 256,
     # often on a loaded machine (the suite once lost it three times in a row). Such a run is
     # repeated, at most seven times more.
     for _ in range(8):
-        res, usage = _launch(build, cmd, what="llama-perplexity", timeout=timeout)
+        res, usage, fallback = _launch_with_fallback(build, cmd, what="llama-perplexity",
+                                                     timeout=timeout)
         text = res.stdout + "\n" + res.stderr
         m = _PPL_FINAL.search(text)
         if m:
@@ -686,7 +743,8 @@ def llama_perplexity(build: LlamaCppBuild, gguf, text_file, *, ctx: int = 256,
     return {"perplexity": ppl, "plus_minus": float(m.group(2)), "ctx": ctx,
             "chunks": int(n_chunks.group(1)) if n_chunks else chunks,
             "scored_tokens": (int(n_chunks.group(1)) * (ctx - ctx // 2)) if n_chunks else None,
-            "peak_rss_mb": (int(usage["maxrss_kb"]) / 1024.0) if "maxrss_kb" in usage else None}
+            "peak_rss_mb": (int(usage["maxrss_kb"]) / 1024.0) if "maxrss_kb" in usage else None,
+            "fallback": fallback}
 
 
 def llama_greedy(build: LlamaCppBuild, gguf, prompt, n: int, *, threads: int = 1,

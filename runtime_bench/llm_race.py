@@ -212,13 +212,17 @@ def _llamacpp(gguf: Path, cfg: RaceConfig, text_file: Path | None) -> RaceRow:
         row.peak_rss_mb = b["peak_rss_mb"]
         row.detail = {k: b.get(k) for k in ("prefill_tokens_per_s_stddev",
                                              "decode_tokens_per_s_stddev", "cpu_info", "model_type",
-                                             "backends", "wall_s")}
+                                             "backends", "wall_s", "fallback")}
+        if b["fallback"]:
+            row.engine += f", {' '.join(b['fallback']['args'])}"
         if text_file is not None:
             say(f"race: llama-perplexity {gguf.name}: ctx {cfg.ctx}, {cfg.chunks} chunks")
             p = llamacpp.llama_perplexity(build, gguf, text_file, ctx=cfg.ctx, chunks=cfg.chunks,
                                           threads=cfg.threads, details=True)
             row.perplexity = p["perplexity"]
             row.detail["perplexity"] = p
+            if p["fallback"]:
+                row.engine += f"; llama-perplexity {' '.join(p['fallback']['args'])}"
     else:
         say(f"race: llama-bench {gguf.name} under qemu:{cpu} (emulated)")
         q = llamacpp.llama_bench_instructions(build, gguf, cpu, new_tokens=cfg.qemu_tokens)
@@ -373,6 +377,10 @@ def render(result: dict) -> str:
                     if c["data"] else "not measured (no --data)")
                  + ("; under qemu the speed ratio is llama.cpp's instructions per token over ours"
                     if c["target"].startswith("qemu:") else ""))
+    for r in result["rows"]:
+        for what in (r["detail"], (r["detail"].get("perplexity") or {})):
+            if isinstance(what, dict) and what.get("fallback"):
+                lines.append(f"llama.cpp: {what['fallback']['reason']}")
     if result["llamacpp_error"]:
         lines.append(f"llama.cpp: FAILED: {result['llamacpp_error']}")
     return "\n".join(lines)

@@ -109,3 +109,61 @@ def test_unavailable_release_is_a_clear_exit_4(tmp_path, monkeypatch):
         llamacpp.build_llamacpp("x86_64", version="0.0.999", sha256="0" * 64)
     assert ei.value.exit_code == 4
     assert "llama-cpp-python 0.0.999 source distribution" in str(ei.value)
+
+
+def _crashes_unless(path: Path, real: Path, needed: str) -> Path:
+    """A stand-in for a llama.cpp tool that dies on a real SIGSEGV, as ggml's AMX kernel does in
+    some virtual machines, unless it is given `needed`; then it runs the real tool. It logs its
+    arguments, one call per line."""
+    path.write_text(f"""#!/bin/bash
+echo "$*" >> "{path}.calls"
+case " $* " in *" {needed} "*) exec "{real}" "$@";; esac
+ulimit -c 0
+kill -SEGV $$
+""")
+    path.chmod(0o755)
+    return path
+
+
+def _calls(path: Path) -> list[str]:
+    return Path(f"{path}.calls").read_text().splitlines()
+
+
+def test_a_tool_killed_by_a_signal_is_rerun_without_extra_buffers_and_says_so(build, tiny_gguf,
+                                                                              tmp_path):
+    from dataclasses import replace
+
+    bench = _crashes_unless(tmp_path / "llama-bench", build.llama_bench, "--repack 0")
+    ppl = _crashes_unless(tmp_path / "llama-perplexity", build.llama_perplexity, "--no-repack")
+    fake = replace(build, build_dir=tmp_path, llama_bench=bench, llama_perplexity=ppl)
+
+    r = llamacpp.llama_bench(fake, tiny_gguf, prompt_tokens=16, new_tokens=4, repetitions=1)
+    assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+    assert r["fallback"]["args"] == ["--repack", "0"]
+    assert "killed by SIGSEGV" in r["fallback"]["reason"]
+    first, second = _calls(bench)
+    assert "--repack" not in first and second.endswith("--repack 0")
+    # the same tool and build later in this process: straight to the fallback, still recorded
+    r2 = llamacpp.llama_bench(fake, tiny_gguf, prompt_tokens=16, new_tokens=4, repetitions=1)
+    assert len(_calls(bench)) == 3 and r2["fallback"] == r["fallback"]
+
+    p = llamacpp.llama_perplexity(fake, tiny_gguf, Path(__file__), ctx=32, chunks=2, details=True)
+    assert p["perplexity"] > 1 and p["fallback"]["args"] == ["--no-repack"]
+    assert [c.endswith("--no-repack") for c in _calls(ppl)] == [False, True]
+
+    # the real tool, unwrapped, needs no fallback here
+    assert llamacpp.llama_bench(build, tiny_gguf, prompt_tokens=16, new_tokens=4,
+                                repetitions=1)["fallback"] is None
+
+
+def test_a_tool_that_exits_with_an_error_is_not_retried(build, tiny_gguf, tmp_path):
+    from dataclasses import replace
+
+    bench = tmp_path / "llama-bench"
+    bench.write_text(f'#!/bin/bash\necho "$*" >> "{bench}.calls"\necho "bad model" >&2\nexit 1\n')
+    bench.chmod(0o755)
+    fake = replace(build, build_dir=tmp_path, llama_bench=bench)
+    with pytest.raises(RuntimeFailure) as ei:
+        llamacpp.llama_bench(fake, tiny_gguf, prompt_tokens=16, new_tokens=4, repetitions=1)
+    assert ei.value.exit_code == 4 and "exit 1" in str(ei.value) and "bad model" in str(ei.value)
+    assert len(_calls(bench)) == 1
