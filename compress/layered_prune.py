@@ -48,6 +48,11 @@ class LayeredPruneConfig:
     recovery_holdout: float = 0.0     # distill: this share of the calibration batches is held
                                       # out; each recovery keeps its parameters at the lowest
                                       # loss on them (early stopping)
+    recovery_max_passes: float | None = None  # distill: at most this many passes over the
+                                      # calibration batches in all, split over the steps as the
+                                      # minutes are; whichever of the two ends first ends a
+                                      # recovery (a fast machine would otherwise overfit the
+                                      # user's text: docs/layered_pruning.md, "Passes")
     device: str = "cpu"               # distill: the teacher's targets and every recovery step
                                       # run on this torch device (cpu | cuda | cuda:N); the
                                       # criteria, width cuts and the saved model stay on the CPU
@@ -102,6 +107,9 @@ class LayeredPruneConfig:
         if not 0 <= self.recovery_holdout < 0.5:
             raise BadInputError("must be in [0, 0.5): the share of the calibration batches held "
                                 "out of the recovery", field="recovery_holdout")
+        if self.recovery_max_passes is not None and not self.recovery_max_passes > 0:
+            raise BadInputError("must be > 0: passes over the calibration batches in all the "
+                                "recoveries", field="recovery_max_passes")
         if self.teacher_top_k < 0:
             raise BadInputError("must be >= 0 (0: the whole distribution)", field="teacher_top_k")
         if self.recovery_minutes < 0 or self.lr <= 0:
@@ -126,9 +134,10 @@ class LayeredPruneConfig:
                                 bootstrap=self.bootstrap)
 
 
-def _recovery_minutes(total: float, steps: int, final_share: float | None) -> list[float]:
-    """The distillation budget of each step: even, or `final_share` of it after the last step
-    and the rest split evenly between the others (one step takes it all)."""
+def _recovery_budgets(total: float, steps: int, final_share: float | None) -> list[float]:
+    """Each step's part of a distillation budget (minutes, or passes over the data): even, or
+    `final_share` of it after the last step and the rest split evenly between the others (one
+    step takes it all)."""
     if steps == 1 or final_share is None:
         return [total / steps] * steps
     return [total * (1 - final_share) / (steps - 1)] * (steps - 1) + [total * final_share]
@@ -206,8 +215,10 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
     targets = _teacher_targets(teacher, batches, config.teacher_top_k, device) if distilling else None
     # computing the targets is part of the recovery budget
     spent = targets.seconds / 60 if targets is not None else 0.0
-    minutes = _recovery_minutes(max(0.0, config.recovery_minutes - spent), config.steps,
+    minutes = _recovery_budgets(max(0.0, config.recovery_minutes - spent), config.steps,
                                 config.final_recovery_share)
+    passes = (None if config.recovery_max_passes is None else
+              _recovery_budgets(config.recovery_max_passes, config.steps, config.final_recovery_share))
     kept = list(range(n))            # current layer i is original layer kept[i]
     lowrank = LowRank(config.recovery_rank, config.seed) if distilling and config.recovery_rank else None
     steps = []
@@ -238,7 +249,8 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
                 DistillOptions(minutes=minutes[step - 1], lr=config.lr,
                                ce_weight=config.ce_weight, seed=config.seed + step,
                                rank=config.recovery_rank, precision=config.recovery_precision,
-                               device=config.device, holdout=config.recovery_holdout),
+                               device=config.device, holdout=config.recovery_holdout,
+                               max_passes=None if passes is None else passes[step - 1]),
                 label=f"recovery {step}/{config.steps}", targets=targets, lowrank=lowrank)
         steps.append(record)
     removed = sorted(set(range(n)) - set(kept))

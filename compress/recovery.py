@@ -34,6 +34,9 @@ class DistillOptions:
     holdout: float = 0.0          # > 0: this share of the batches is never trained on; the
                                   # loss on them is taken HOLDOUT_CHECKS times and the trained
                                   # parameters at its lowest are the ones kept (early stopping)
+    max_passes: float | None = None   # > 0: stop after this many passes over the training
+                                  # batches even if time is left; the learning-rate schedule then
+                                  # follows whichever of time and passes is further along
 
 
 HOLDOUT_CHECKS = 10   # held-out losses per recovery (plus one before the first step)
@@ -416,6 +419,11 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
         raise BadInputError("distillation needs calibration data", field="calibration")
     budget = opts.minutes * 60.0
     train, held = _holdout_split(len(batches), opts.holdout)
+    if opts.max_passes is not None and not opts.max_passes > 0:
+        raise BadInputError("must be > 0 (passes over the calibration batches)",
+                            field="recovery_max_passes")
+    max_steps = (max(1, math.ceil(opts.max_passes * len(train))) if opts.max_passes is not None
+                 else None)
     device = torch.device(opts.device)
     precision = resolve_precision(opts.precision, device, label)
     torch.manual_seed(opts.seed)
@@ -491,17 +499,23 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
     start = time.perf_counter()
     model.eval()   # no dropout: recovery is deterministic for a seed
     next_check = 0.0
+    stopped_by = "time"
     try:
         while True:
             order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
             for bi in order:
                 elapsed = time.perf_counter() - start
-                if elapsed >= budget:
+                # progress through the schedule: time spent, or passes made when capped
+                frac = elapsed / budget if budget > 0 else 1.0
+                if max_steps is not None and steps / max_steps > frac:
+                    frac = steps / max_steps
+                    stopped_by = "passes"
+                if frac >= 1.0:
                     raise StopIteration
-                if held and elapsed >= next_check:
+                stopped_by = "time"
+                if held and frac >= next_check:
                     check_held()
-                    next_check += budget / HOLDOUT_CHECKS
-                frac = elapsed / budget
+                    next_check += 1.0 / HOLDOUT_CHECKS
                 for group in opt.param_groups:
                     group["lr"] = opts.lr * min(1.0, frac / 0.05) * (1.0 - frac)
                 loss = batch_loss(bi)
@@ -535,6 +549,8 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
     tail = losses[-max(1, min(5, len(losses))):]
     return {"recovery": "distill", "steps": steps, "tokens": tokens,
             "seconds": round(time.perf_counter() - start, 1), "budget_seconds": budget,
+            "passes": round(steps / len(train), 3), "stopped_by": stopped_by,
+            **({"max_passes": opts.max_passes, "max_steps": max_steps} if max_steps else {}),
             "loss_step1": losses[0] if losses else math.nan,
             "loss_first": float(sum(head) / len(head)) if losses else math.nan,
             "loss_last": float(sum(tail) / len(tail)) if losses else math.nan, "lr": opts.lr,

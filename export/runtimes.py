@@ -241,23 +241,20 @@ def score_positions(gen, ids, first: int = 0) -> np.ndarray:
     return np.stack(rows)
 
 
-def open_generator(path: str | os.PathLike, threads: int | None = None):
+def _open(path: str | os.PathLike, classes: dict, threads: int | None):
     path = Path(path)
     if not path.is_file():
         raise BadInputError("artifact not found", file=str(path))
-    cls = {".onnx": OrtGenerator, ".pte": EtGenerator}.get(path.suffix)
+    cls = classes.get(path.suffix)
     if cls is None:
         raise BadInputError(f"unknown artifact type {path.suffix!r}; expected .onnx or .pte",
                             file=str(path))
     return cls(path, threads)
 
 
+def open_generator(path: str | os.PathLike, threads: int | None = None):
+    return _open(path, {".onnx": OrtGenerator, ".pte": EtGenerator}, threads)
+
+
 def open_artifact(path: str | os.PathLike, threads: int | None = None):
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError("artifact not found", file=str(path))
-    runner = RUNNERS.get(path.suffix)
-    if runner is None:
-        raise BadInputError(f"unknown artifact type {path.suffix!r}; expected .onnx or .pte",
-                            file=str(path))
-    return runner(path, threads)
+    return _open(path, RUNNERS, threads)

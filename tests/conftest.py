@@ -56,6 +56,20 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))   # stable
 
 
+def crashes_unless(path: Path, real: Path, needed: str) -> Path:
+    """A stand-in for a llama.cpp tool that dies on a real SIGSEGV, as ggml's AMX kernel does in
+    some virtual machines, unless it is given `needed`; then it runs the real tool. It logs its
+    arguments, one call per line."""
+    path.write_text(f"""#!/bin/bash
+echo "$*" >> "{path}.calls"
+case " $* " in *" {needed} "*) exec "{real}" "$@";; esac
+ulimit -c 0
+kill -SEGV $$
+""")
+    path.chmod(0o755)
+    return path
+
+
 def built_once(name: str, tmp_path_factory, build) -> Path:
     """A folder `build(folder)` fills, made once for the whole suite where scripts/run_tests.sh
     names a PF_TEST_CACHE folder for its two pytest runs (the parallel workers and the serial

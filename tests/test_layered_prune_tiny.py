@@ -498,6 +498,40 @@ def test_final_recovery_share_gives_the_last_step_its_share(tiny_llama, small_te
                                   "final_recovery_share": bad}).validate()
 
 
+def test_recovery_max_passes_ends_each_recovery_at_its_share_of_the_passes(tiny_llama, small_text):
+    """recovery_max_passes P: with time to spare, each step's recovery stops after its share of
+    P passes over the calibration batches (split as the minutes are) and says so; with a cap it
+    never reaches, time ends it as before; values <= 0 are refused."""
+    from pocketformer.compress.recovery import DistillOptions, distill
+
+    method = get_method("layered-prune")
+    loaded = load_model(tiny_llama)
+    calib = _calib(loaded, small_text)
+    n_batches = len(calib.inputs(loaded))
+    cfg = parse_params(method, {"remove_layers": 3, "steps": 3, "recovery": "distill",
+                                "recovery_minutes": 10, "final_recovery_share": 0.5,
+                                "recovery_max_passes": 4, "lr": 1e-3, "bootstrap": 50,
+                                "teacher_top_k": 8})
+    rec = run_step(loaded, "layered-prune", cfg, calib)["details"]
+    recs = [s["recovery"] for s in rec["steps"]]
+    assert [r["max_passes"] for r in recs] == pytest.approx([1.0, 1.0, 2.0])
+    assert [r["steps"] for r in recs] == [n_batches, n_batches, 2 * n_batches]
+    assert all(r["stopped_by"] == "passes" and r["seconds"] < r["budget_seconds"] / 4 for r in recs)
+    assert [r["passes"] for r in recs] == pytest.approx([1.0, 1.0, 2.0])
+
+    loaded, teacher, batches, targets = _pruned_with_targets(tiny_llama, small_text, 16)
+    r = distill(loaded, teacher, [0, 2, 5], batches,
+                DistillOptions(minutes=0.02, lr=1e-3, seed=0, max_passes=1e6), targets=targets)
+    assert r["stopped_by"] == "time" and 1 <= r["steps"] < r["max_steps"]
+    with pytest.raises(BadInputError, match="recovery_max_passes"):
+        distill(loaded, teacher, [0, 2, 5], batches, DistillOptions(minutes=0.01, max_passes=0),
+                targets=targets)
+    for bad in (0, -1.0):
+        with pytest.raises(BadInputError, match="recovery_max_passes"):
+            parse_params(method, {"remove_layers": 2, "recovery": "distill",
+                                  "recovery_max_passes": bad}).validate()
+
+
 def test_layer_set_search_exchange_reuses_the_prefix_exactly(tiny_llama, small_text, monkeypatch):
     """benchmarks/layer_set_search.py scores an exchange from the current set's recorded prefix;
     that must be the loss of the new set computed from scratch, or its local-optimum claim

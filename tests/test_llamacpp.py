@@ -12,6 +12,8 @@ import pytest
 from pocketformer.errors import EXIT_RUNTIME, RuntimeFailure
 from pocketformer.runtime_bench import llamacpp
 
+from conftest import crashes_unless
+
 PROMPT_TEXT = "The game was released in Japan"
 NEW_TOKENS = 16
 
@@ -111,20 +113,6 @@ def test_unavailable_release_is_a_clear_exit_4(tmp_path, monkeypatch):
     assert "llama-cpp-python 0.0.999 source distribution" in str(ei.value)
 
 
-def _crashes_unless(path: Path, real: Path, needed: str) -> Path:
-    """A stand-in for a llama.cpp tool that dies on a real SIGSEGV, as ggml's AMX kernel does in
-    some virtual machines, unless it is given `needed`; then it runs the real tool. It logs its
-    arguments, one call per line."""
-    path.write_text(f"""#!/bin/bash
-echo "$*" >> "{path}.calls"
-case " $* " in *" {needed} "*) exec "{real}" "$@";; esac
-ulimit -c 0
-kill -SEGV $$
-""")
-    path.chmod(0o755)
-    return path
-
-
 def _calls(path: Path) -> list[str]:
     return Path(f"{path}.calls").read_text().splitlines()
 
@@ -133,8 +121,8 @@ def test_a_tool_killed_by_a_signal_is_rerun_without_extra_buffers_and_says_so(bu
                                                                               tmp_path):
     from dataclasses import replace
 
-    bench = _crashes_unless(tmp_path / "llama-bench", build.llama_bench, "--repack 0")
-    ppl = _crashes_unless(tmp_path / "llama-perplexity", build.llama_perplexity, "--no-repack")
+    bench = crashes_unless(tmp_path / "llama-bench", build.llama_bench, "--repack 0")
+    ppl = crashes_unless(tmp_path / "llama-perplexity", build.llama_perplexity, "--no-repack")
     fake = replace(build, build_dir=tmp_path, llama_bench=bench, llama_perplexity=ppl)
 
     r = llamacpp.llama_bench(fake, tiny_gguf, prompt_tokens=16, new_tokens=4, repetitions=1)

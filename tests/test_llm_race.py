@@ -11,7 +11,7 @@ import pytest
 from pocketformer.cli import main
 from pocketformer.runtime_bench import llamacpp
 
-from conftest import WIKITEXT
+from conftest import WIKITEXT, crashes_unless
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,43 @@ def test_failed_llamacpp_build_is_exit_4_after_our_figures(tiny_race, tmp_path, 
     res = json.loads(js.read_text())
     assert len(res["rows"]) == 1 and res["rows"][0]["decode_tokens_per_s"] > 0
     assert "| model-gen.pte |" in captured.out and "llama.cpp: FAILED" in captured.out
+
+
+def test_a_llamacpp_killed_by_a_signal_races_without_extra_buffers_and_says_so(
+        tiny_race, tmp_path, monkeypatch, capsys):
+    """llama.cpp's tools dying on SIGSEGV (as its AMX kernel does in some VMs) are rerun with
+    their extra buffer types off; the race completes, names the switch in the llama.cpp row and
+    prints why under the table."""
+    from dataclasses import replace
+
+    out, gguf = tiny_race
+    real = llamacpp.build_llamacpp("x86_64")
+    fake = replace(real, build_dir=tmp_path,
+                   llama_bench=crashes_unless(tmp_path / "llama-bench", real.llama_bench,
+                                              "--repack 0"),
+                   llama_perplexity=crashes_unless(tmp_path / "llama-perplexity",
+                                                   real.llama_perplexity, "--no-repack"))
+    monkeypatch.setattr(llamacpp, "build_llamacpp", lambda *a, **k: fake)
+    js = tmp_path / "race.json"
+    rc = main(["bench", "--llm", str(out / "model-gen.pte"), "--against", f"llama.cpp:{gguf}",
+               *ARGS, "--processes", "2", "--json", str(js)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    res = json.loads(js.read_text())
+    ours, peer = res["rows"]
+    assert res["llamacpp_error"] is None and peer["decode_tokens_per_s"] > 0
+    assert peer["engine"].endswith("llama-bench, --repack 0; llama-perplexity --no-repack")
+    assert peer["detail"]["fallback"]["args"] == ["--repack", "0"]
+    assert peer["detail"]["perplexity"]["fallback"]["args"] == ["--no-repack"]
+    # the fallback measures the same weights: perplexity as ours, as in the race above
+    assert ours["perplexity"] == pytest.approx(peer["perplexity"], rel=0.01)
+    for line in ("llama-bench with its default buffer types was killed by SIGSEGV; rerun with "
+                 "--repack 0", "llama-perplexity with its default buffer types was killed by "
+                 "SIGSEGV; rerun with --no-repack"):
+        assert f"llama.cpp: {line}" in captured.out
+    # two rounds: the first crashed once, every later run went straight to the switch
+    bench_calls = (tmp_path / "llama-bench.calls").read_text().splitlines()
+    assert [c.endswith("--repack 0") for c in bench_calls] == [False, True, True]
 
 
 def test_same_named_programs_keep_their_own_ratios():
