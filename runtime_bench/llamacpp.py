@@ -616,9 +616,9 @@ def _launch_with_fallback(build: LlamaCppBuild, cmd: list, *, what: str,
 
     Why: ggml's AMX buffer type (compiled in by GGML_NATIVE=ON on a CPU with AMX) dies with a
     general protection fault at its first `ldtilecfg` in some virtual machines, although the kernel
-    grants the tile permission (docs/llamacpp_peer.md, "Known failure: AMX CPUs"). Without the
-    extra buffer types llama.cpp runs; the fallback is recorded, never silent: returns
-    (result, usage, fallback) where fallback is None or {"args", "reason"}. A tool that failed
+    grants the tile permission (docs/llamacpp_peer.md, "AMX CPUs"). Without the extra buffer
+    types llama.cpp runs; the fallback is recorded, never silent: returns (result, usage,
+    fallback) where fallback is None or {"args", "reason", "first_error"}. A tool that failed
     any other way, or that was already given those arguments, raises as before. Later runs of the
     same tool and build in this process go straight to the fallback."""
     extra = NO_EXTRA_BUFFERS[what]
