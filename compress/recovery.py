@@ -499,20 +499,19 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
     start = time.perf_counter()
     model.eval()   # no dropout: recovery is deterministic for a seed
     next_check = 0.0
-    stopped_by = "time"
+    stopped_by = None
     try:
         while True:
             order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
             for bi in order:
                 elapsed = time.perf_counter() - start
                 # progress through the schedule: time spent, or passes made when capped
-                frac = elapsed / budget if budget > 0 else 1.0
-                if max_steps is not None and steps / max_steps > frac:
-                    frac = steps / max_steps
-                    stopped_by = "passes"
+                time_frac = elapsed / budget if budget > 0 else 1.0
+                pass_frac = steps / max_steps if max_steps is not None else 0.0
+                frac = max(time_frac, pass_frac)
                 if frac >= 1.0:
+                    stopped_by = "passes" if pass_frac > time_frac else "time"
                     raise StopIteration
-                stopped_by = "time"
                 if held and frac >= next_check:
                     check_held()
                     next_check += 1.0 / HOLDOUT_CHECKS

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from pocketformer.errors import BadInputError, RuntimeFailure
 from pocketformer.fsutil import sha256_file
+from pocketformer.progress import say
 
 # ---- the pinned source ----------------------------------------------------------------------------
 # llama-cpp-python 0.3.36 vendors ggml-org/llama.cpp@0c1e57098 (its CHANGELOG). The sdist is fetched
@@ -623,23 +624,21 @@ def _launch_with_fallback(build: LlamaCppBuild, cmd: list, *, what: str,
     same tool and build in this process go straight to the fallback."""
     extra = NO_EXTRA_BUFFERS[what]
     key = (str(build.build_dir), what)
-    if key in _FALLEN_BACK and extra[0] not in map(str, cmd):
-        res, usage = _launch(build, [*cmd, *extra], what=what, timeout=timeout, prefix=prefix)
-        return res, usage, _FALLEN_BACK[key]
-    try:
-        res, usage = _launch(build, cmd, what=what, timeout=timeout, prefix=prefix)
-        return res, usage, None
-    except RuntimeFailure as e:
-        code = getattr(e, "returncode", 0)
-        if code >= 0 or extra[0] in map(str, cmd):
-            raise
-        first = e.message
-    fallback = {"args": list(extra),
-                "reason": f"{what} with its default buffer types was {_exit_words(code)}; "
-                          f"rerun with {' '.join(extra)} (no AMX or repacked-weight buffers)",
-                "first_error": first[-600:]}
-    from pocketformer.progress import say
-    say(f"llama.cpp: {fallback['reason']}")
+    given = extra[0] in map(str, cmd)
+    fallback = None if given else _FALLEN_BACK.get(key)
+    if fallback is None:
+        try:
+            res, usage = _launch(build, cmd, what=what, timeout=timeout, prefix=prefix)
+            return res, usage, None
+        except RuntimeFailure as e:
+            code = getattr(e, "returncode", 0)
+            if code >= 0 or given:
+                raise
+            fallback = {"args": list(extra),
+                        "reason": f"{what} with its default buffer types was {_exit_words(code)}; "
+                                  f"rerun with {' '.join(extra)} (no AMX or repacked-weight buffers)",
+                        "first_error": e.message[-600:]}
+        say(f"llama.cpp: {fallback['reason']}")
     res, usage = _launch(build, [*cmd, *extra], what=what, timeout=timeout, prefix=prefix)
     _FALLEN_BACK[key] = fallback
     return res, usage, fallback

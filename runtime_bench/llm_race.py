@@ -378,8 +378,8 @@ def render(result: dict) -> str:
                  + ("; under qemu the speed ratio is llama.cpp's instructions per token over ours"
                     if c["target"].startswith("qemu:") else ""))
     for r in result["rows"]:
-        for what in (r["detail"], (r["detail"].get("perplexity") or {})):
-            if isinstance(what, dict) and what.get("fallback"):
+        for what in (r["detail"], r["detail"].get("perplexity") or {}):
+            if what.get("fallback"):
                 lines.append(f"llama.cpp: {what['fallback']['reason']}")
     if result["llamacpp_error"]:
         lines.append(f"llama.cpp: FAILED: {result['llamacpp_error']}")

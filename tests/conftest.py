@@ -70,6 +70,11 @@ kill -SEGV $$
     return path
 
 
+def calls_of(stand_in: Path) -> list[str]:
+    """The arguments each call of a `crashes_unless` stand-in was given, in order."""
+    return Path(f"{stand_in}.calls").read_text().splitlines()
+
+
 def built_once(name: str, tmp_path_factory, build) -> Path:
     """A folder `build(folder)` fills, made once for the whole suite where scripts/run_tests.sh
     names a PF_TEST_CACHE folder for its two pytest runs (the parallel workers and the serial

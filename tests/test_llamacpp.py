@@ -12,7 +12,7 @@ import pytest
 from pocketformer.errors import EXIT_RUNTIME, RuntimeFailure
 from pocketformer.runtime_bench import llamacpp
 
-from conftest import crashes_unless
+from conftest import calls_of, crashes_unless
 
 PROMPT_TEXT = "The game was released in Japan"
 NEW_TOKENS = 16
@@ -113,10 +113,6 @@ def test_unavailable_release_is_a_clear_exit_4(tmp_path, monkeypatch):
     assert "llama-cpp-python 0.0.999 source distribution" in str(ei.value)
 
 
-def _calls(path: Path) -> list[str]:
-    return Path(f"{path}.calls").read_text().splitlines()
-
-
 def test_a_tool_killed_by_a_signal_is_rerun_without_extra_buffers_and_says_so(build, tiny_gguf,
                                                                               tmp_path):
     from dataclasses import replace
@@ -129,15 +125,15 @@ def test_a_tool_killed_by_a_signal_is_rerun_without_extra_buffers_and_says_so(bu
     assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
     assert r["fallback"]["args"] == ["--repack", "0"]
     assert "killed by SIGSEGV" in r["fallback"]["reason"]
-    first, second = _calls(bench)
+    first, second = calls_of(bench)
     assert "--repack" not in first and second.endswith("--repack 0")
     # the same tool and build later in this process: straight to the fallback, still recorded
     r2 = llamacpp.llama_bench(fake, tiny_gguf, prompt_tokens=16, new_tokens=4, repetitions=1)
-    assert len(_calls(bench)) == 3 and r2["fallback"] == r["fallback"]
+    assert len(calls_of(bench)) == 3 and r2["fallback"] == r["fallback"]
 
     p = llamacpp.llama_perplexity(fake, tiny_gguf, Path(__file__), ctx=32, chunks=2, details=True)
     assert p["perplexity"] > 1 and p["fallback"]["args"] == ["--no-repack"]
-    assert [c.endswith("--no-repack") for c in _calls(ppl)] == [False, True]
+    assert [c.endswith("--no-repack") for c in calls_of(ppl)] == [False, True]
 
     # the real tool, unwrapped, needs no fallback here
     assert llamacpp.llama_bench(build, tiny_gguf, prompt_tokens=16, new_tokens=4,
@@ -154,4 +150,4 @@ def test_a_tool_that_exits_with_an_error_is_not_retried(build, tiny_gguf, tmp_pa
     with pytest.raises(RuntimeFailure) as ei:
         llamacpp.llama_bench(fake, tiny_gguf, prompt_tokens=16, new_tokens=4, repetitions=1)
     assert ei.value.exit_code == 4 and "exit 1" in str(ei.value) and "bad model" in str(ei.value)
-    assert len(_calls(bench)) == 1
+    assert len(calls_of(bench)) == 1

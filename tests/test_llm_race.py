@@ -11,7 +11,7 @@ import pytest
 from pocketformer.cli import main
 from pocketformer.runtime_bench import llamacpp
 
-from conftest import WIKITEXT, crashes_unless
+from conftest import WIKITEXT, calls_of, crashes_unless
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,7 @@ def test_a_llamacpp_killed_by_a_signal_races_without_extra_buffers_and_says_so(
                  "SIGSEGV; rerun with --no-repack"):
         assert f"llama.cpp: {line}" in captured.out
     # two rounds: the first crashed once, every later run went straight to the switch
-    bench_calls = (tmp_path / "llama-bench.calls").read_text().splitlines()
-    assert [c.endswith("--repack 0") for c in bench_calls] == [False, True, True]
+    assert [c.endswith("--repack 0") for c in calls_of(fake.llama_bench)] == [False, True, True]
 
 
 def test_same_named_programs_keep_their_own_ratios():
