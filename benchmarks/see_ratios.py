@@ -58,6 +58,8 @@ def main() -> int:
                         "whole vocabulary (both methods)")
     p.add_argument("--train-scope", default="embedding",
                    help="stages 1b and 2 train the embedding, + the norms, or all (both methods)")
+    p.add_argument("--distill-lr", type=float, default=1e-3,
+                   help="stages 1b and 2: Adam's rate for the new embedding's parameters")
     p.add_argument("--scope-lr", type=float, default=1e-4,
                    help="learning rate of what --train-scope adds (both methods)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
@@ -79,6 +81,11 @@ def main() -> int:
                         "frequent tokens (see and svd alike)")
     p.add_argument("--head-metric", type=float, default=0.0,
                    help="tied heads: fit the rows in the head-input metric (see and svd alike)")
+    p.add_argument("--input-metric", type=float, default=0.0,
+                   help="fit the rows in the metric of the output's sensitivity to an input row "
+                        "(share beta of it, 0-1)")
+    p.add_argument("--input-metric-batches", type=int, default=16,
+                   help="calibration batches the input metric's probes run on")
     p.add_argument("--seed", type=int, default=0, help="every method's seed (units, init, batches)")
     p.add_argument("--json")
     p.add_argument("--markdown")
@@ -107,9 +114,12 @@ def main() -> int:
                       "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
                       "distill_hidden_weight": a.distill_hidden_weight, "row_anchor": a.row_anchor,
                       "distill_relation_weight": a.distill_relation_weight,
-                      "train_scope": a.train_scope, "scope_lr": a.scope_lr, "precision": a.precision,
+                      "train_scope": a.train_scope, "scope_lr": a.scope_lr, "distill_lr": a.distill_lr,
+                      "precision": a.precision,
                       "device": a.device,
-                      "exact_share": a.exact_share, "head_metric": a.head_metric, "seed": a.seed,
+                      "exact_share": a.exact_share, "head_metric": a.head_metric,
+                      "input_metric": a.input_metric, "input_metric_batches": a.input_metric_batches,
+                      "seed": a.seed,
                       **extra}
             if method == "see":
                 params["b_share"] = a.b_share
@@ -132,8 +142,12 @@ def main() -> int:
                    **({"factors": details["factors"]} if "factors" in details else {}),
                    "row_error": details["stage1_rows"].get("relative_error_with_exact",
                                                           details["stage1_rows"]["relative_error"]), "seconds": seconds,
+                   **({"row_error_input_metric": details["stage1_rows"]["input_metric_relative_error"]}
+                      if "input_metric_relative_error" in details["stage1_rows"] else {}),
                    "stage1b_steps": details["stage1_hidden"]["steps"],
-                   "stage2_steps": details["stage2_distill"]["steps"]}
+                   "stage2_steps": details["stage2_distill"]["steps"],
+                   **{f"stage{k}_loss_{e}": details[s].get(f"loss_{e}") for k, s in
+                      (("1b", "stage1_hidden"), ("2", "stage2_distill")) for e in ("first", "last")}}
             if val is not None:
                 qv = evaluate(loaded, task, val, opts=opts)
                 row.update(validation=qv.value, validation_x_dense=qv.value / dense_val.value)

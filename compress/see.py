@@ -15,7 +15,8 @@ Formulation (docs/see.md): e_v = (sum_r c[v, r] * A[ia[v, r]] (x) B[ib[v, r]]) P
   table's top-d' principal directions and trained with the rest (its parameters count in the
   ratio); basis = "raw" splits the table's own coordinates (no P).
 Training: stage 1 reconstructs the original rows (whole vocabulary; with `head_metric`, in the
-metric of a tied LM head's input) and then the original hidden states on the calibration data;
+metric of a tied LM head's input; with `input_metric`, in the metric of the output's sensitivity
+to an input row, through a basis whitened in it) and then the original hidden states on the calibration data;
 stage 2 distils the original model's outputs.
 """
 from __future__ import annotations
@@ -58,6 +59,11 @@ class EmbeddingStages:
     head_metric: float = 0.0         # tied heads: fit the rows in (1 - this) I + this x the head
                                      # input's second moment (see: its low-rank form; embed-svd:
                                      # the full d x d metric)
+    input_metric: float = 0.0        # fit the rows in (1 - this) I + this x the metric of the
+                                     # model's output's sensitivity to an input row (E[J^T J] on
+                                     # the calibration text, Gaussian probes); see: by whitening
+                                     # its principal basis, embed-svd: exactly
+    input_metric_batches: int = 16   # calibration batches its probes run on (one probe each)
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
     distill_hidden_weight: float = 0.0  # stage 2: + this x stage 1b's last-hidden-state loss
@@ -86,6 +92,9 @@ class EmbeddingStages:
             raise BadInputError("must be >= 0", field="frequency_weight")
         _check_exact_share(self.exact_share)
         _check_head_metric(self.head_metric)
+        _check_input_metric(self.input_metric, self.head_metric)
+        if self.input_metric_batches < 1:
+            raise BadInputError("must be >= 1", field="input_metric_batches")
         _check_hidden_weight(self.distill_hidden_weight)
         if not 0 <= self.distill_relation_weight <= 1000:
             raise BadInputError("must be in [0, 1000]", field="distill_relation_weight")
@@ -96,7 +105,7 @@ class EmbeddingStages:
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
-                or self.head_metric > 0)
+                or self.head_metric > 0 or self.input_metric > 0)
 
 
 @dataclass
@@ -126,6 +135,9 @@ class SEEConfig(EmbeddingStages):
             raise BadInputError(f"expected one of {', '.join(INVENTORIES)}", field="inventory")
         if self.basis not in BASES:
             raise BadInputError(f"expected one of {', '.join(BASES)}", field="basis")
+        if self.input_metric > 0 and self.basis != "principal":
+            raise BadInputError("needs basis = principal: see applies the metric through its basis",
+                                field="input_metric")
         if self.basis_dim is not None and (self.basis != "principal" or self.basis_dim < 1):
             raise BadInputError("a positive width, with basis = principal", field="basis_dim")
         if self.max_rank is not None and not 1 <= self.max_rank <= 16:
@@ -731,6 +743,59 @@ def row_metric(loaded: LoadedModel, batches, beta: float,
     return metric_from_moment(head_moment(loaded, batches, device), beta)
 
 
+# ---- the input-sensitivity metric (input_metric) ----------------------------------------------
+
+def _check_input_metric(beta: float, head_beta: float) -> None:
+    if not 0 <= beta <= 1:
+        raise BadInputError("must be in [0, 1]", field="input_metric")
+    if beta > 0 and head_beta > 0:
+        raise BadInputError("the rows are fitted in one metric: set head_metric or input_metric, "
+                            "not both", field="input_metric")
+
+
+def input_moment(loaded: LoadedModel, batches, seed: int, device: torch.device | str = "cpu",
+                 max_batches: int = 16) -> torch.Tensor:
+    """C = E[J^T J] (d x d), J the Jacobian of the model's output (the sentence embedding of an
+    encoder, the logits of a decoder) with respect to the vector the token table feeds in at one
+    position: a row error D there moves the output by J D to first order, whose squared size is
+    D J^T J D^T. Estimated with Gaussian probes: for z ~ N(0, I) over the output, g = J^T z (one
+    backward pass per batch) has E[g g^T] = J^T J; averaged over every position of the first
+    `max_batches` calibration batches (positions the output does not read, such as padding,
+    give g = 0)."""
+    adapter = loaded.adapter
+    module = adapter.export_module(loaded)
+    taken: dict = {}
+
+    def take(mod, args, output):
+        taken["x"] = output.detach().requires_grad_(True)
+        return taken["x"]
+
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    handle = adapter.embeddings(loaded.model).register_forward_hook(take)
+    try:
+        with on_device([loaded.model], list(batches)[:max_batches], device) as placed:
+            for batch in progress(placed, "input metric", total=len(placed)):
+                out = module(*batch)
+                z = torch.randn(out.shape, generator=gen).to(out.device)
+                (g,) = torch.autograd.grad((out.float() * z).sum(), taken.pop("x"))
+                grads.append(g.reshape(-1, g.shape[-1]).cpu())
+    finally:
+        handle.remove()
+    return second_moment(grads)
+
+
+def input_metric(loaded: LoadedModel, batches, config: EmbeddingStages) -> torch.Tensor | None:
+    """M = (1 - beta) I + beta C d / tr C with C = input_moment (None when beta is 0)."""
+    if config.input_metric <= 0:
+        return None
+    if not batches:
+        raise BadInputError("the input metric is measured on the calibration text: give --calibration",
+                            field="input_metric")
+    C = input_moment(loaded, batches, config.seed, config.device, config.input_metric_batches)
+    return metric_from_moment(C, config.input_metric)
+
+
 def metric_from_moment(C: torch.Tensor, beta: float) -> torch.Tensor:
     d = C.shape[0]
     return (1 - beta) * torch.eye(d) + beta * C * (d / torch.trace(C))
@@ -783,17 +848,27 @@ def basis_width(V: int, d: int, cfg: SEEConfig, exact_rows: int = 0) -> int:
                         "basis = raw", field="ratio")
 
 
-def principal_basis(E: torch.Tensor, width: int) -> torch.Tensor:
-    """The table's top-`width` principal directions (right singular vectors of the uncentred
-    table, width x d, orthonormal rows): the basis that keeps the most of ||E||^2 at that width."""
-    _, _, Vh = torch.linalg.svd(E.double(), full_matrices=False)
-    return Vh[:width].float()
+def principal_basis(E: torch.Tensor, width: int, root: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, X): the table's top-`width` principal directions (right singular vectors of the
+    uncentred table, width x d, orthonormal rows: the basis that keeps the most of ||E||^2 at that
+    width) and the coordinates X = E P^T. With a metric M = L L^T (`root` = (L, L^-1)) the same in
+    the metric: Vh, the top right singular vectors of E L, give P = Vh L^-1 and X = E L Vh^T, so
+    that P M P^T = I and an error in the coordinates is an error of the same size in M."""
+    target = E if root is None else E @ root[0]
+    _, _, Vh = torch.linalg.svd(target.double(), full_matrices=False)
+    Vh = Vh[:width].float()
+    if root is None:
+        return Vh, E @ Vh.T
+    return Vh @ root[1], target @ Vh.T
 
 
-def split_coordinates(E: torch.Tensor, config: SEEConfig, exact_rows: int = 0
+def split_coordinates(E: torch.Tensor, config: SEEConfig, exact_rows: int = 0,
+                      root: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
-    """(P, X, dims): the principal basis (None for the raw one), the coordinates X = E P^T
-    (E itself) that the Kronecker sum builds, and its split d' = d1 x d2 [x d3]."""
+    """(P, X, dims): the principal basis (None for the raw one; in the metric L L^T when `root`
+    = (L, L^-1) is given), the coordinates X that the Kronecker sum builds (E itself for the raw
+    basis; X P rebuilds E), and its split d' = d1 x d2 [x d3]."""
     width = basis_width(*E.shape, config, exact_rows)
     try:
         dims = factor_dims(width, config.order, config.d1)
@@ -802,8 +877,9 @@ def split_coordinates(E: torch.Tensor, config: SEEConfig, exact_rows: int = 0
         raise BadInputError(f"{e}: the width {width} the Kronecker sum builds does not factor so "
                             f"(order {config.order}" + (f", d1 {config.d1})" if config.d1 else ")"),
                             field=field) from None
-    P = principal_basis(E, width) if config.basis == "principal" else None
-    return P, (E if P is None else E @ P.T), dims
+    if config.basis != "principal":
+        return None, E, dims
+    return (*principal_basis(E, width, root), dims)
 
 
 def init_entangled(plan: Plan, dims: tuple[int, ...], E: torch.Tensor, seed: int) -> EntangledEmbedding:
@@ -997,7 +1073,9 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     batches = calib.inputs(loaded) if calib is not None else []
     counts = calibration_counts(batches, V, config.exact_share)
     exact = exact_tokens(counts, d, config.ratio, config.exact_share)
-    P, X, dims = split_coordinates(E, config, 0 if exact is None else exact.numel())
+    M_in = input_metric(loaded, batches, config)
+    root = metric_root(M_in) if M_in is not None else None
+    P, X, dims = split_coordinates(E, config, 0 if exact is None else exact.numel(), root)
     width = X.shape[1]
     say(f"see: planning units for {V} tokens ({config.basis} basis, d' = "
         f"{' x '.join(map(str, dims))}, ratio {config.ratio:g})")
@@ -1019,12 +1097,16 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     base = core if P is None else with_basis(core, P)
     if P is not None:
         with torch.no_grad():
+            ref = E if root is None else E @ root[0]       # the table in the basis's metric
             rows.update({"basis": "principal", "basis_dim": width,
-                         "basis_energy": float((X ** 2).sum() / (E ** 2).sum()),
+                         "basis_energy": float((X ** 2).sum() / (ref ** 2).sum()),
                          "coordinates_relative_error": rows["relative_error"],
                          "relative_error": float(((base.weight - E) ** 2).sum() / (E ** 2).sum())})
             if "weighted_relative_error" in rows:        # measured on the coordinates too
                 rows["coordinates_weighted_relative_error"] = rows.pop("weighted_relative_error")
+            if root is not None:                          # the error in the input metric
+                err = float((((base.weight - E) @ root[0]) ** 2).sum() / (ref ** 2).sum())
+                rows.update({"input_metric": config.input_metric, "input_metric_relative_error": err})
     module = with_exact_rows(base, E, exact)
     rows.update(_exact_summary(module, E, counts, exact))
     allowed = int(V * d / config.ratio)
@@ -1080,7 +1162,9 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
                             + (" after the exact rows" if exact is not None else ""), field="ratio")
     weights = row_weights(batches, V, config.frequency_weight)
     M = row_metric(loaded, batches, config.head_metric, config.device)
-    # in the head metric M = L L^T: the rank-k optimum of E L, mapped back by L^-1 (exact)
+    if M is None:
+        M = input_metric(loaded, batches, config)
+    # in the metric M = L L^T (head or input): the rank-k optimum of E L, mapped back by L^-1 (exact)
     L, L_inv = metric_root(M) if M is not None else (None, None)
     target = E if L is None else E @ L
     rest = torch.ones(V, dtype=torch.bool)
@@ -1094,7 +1178,8 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     with torch.no_grad():
         rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
     rows = {"relative_error": rel, **_exact_summary(module, E, counts, exact),
-            **({"head_metric": config.head_metric} if M is not None else {})}
+            **({"head_metric": config.head_metric} if config.head_metric > 0 else {}),
+            **({"input_metric": config.input_metric} if config.input_metric > 0 else {})}
     tied, stages = _replace_and_train(loaded, module, E, batches, config, "embed-svd")
     return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,
             "params_after": module.param_count(), "ratio": V * d / module.param_count(),

@@ -314,6 +314,76 @@ def test_head_metric_fits_rows_in_the_head_input_metric(tiny_llama_2l, small_tex
         assert in_m(W) < in_m(W0)
 
 
+def test_input_moment_estimates_the_jacobian_second_moment(tiny_bert_small_vocab):
+    """input_moment's Gaussian probes estimate E[J^T J], J the Jacobian of the sentence embedding
+    with respect to the token table's output at a position: on one batch probed many times it
+    comes close to the exact one, and padding positions add nothing."""
+    from pocketformer.compress.see import input_moment
+
+    loaded = load_model(tiny_bert_small_vocab)
+    ids, mask = loaded.adapter.example_inputs(loaded, batch=2, seq_len=12)
+    batch = (ids, mask)
+    module = loaded.adapter.export_module(loaded)
+    x0 = loaded.adapter.embeddings(loaded.model)(ids).detach()
+
+    def out_of(x):
+        hidden = loaded.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        return loaded.adapter.output_features(loaded, hidden, batch)
+
+    J = torch.autograd.functional.jacobian(out_of, x0)           # [2, d, 2, 12, d]
+    d = x0.shape[-1]
+    Jp = J.permute(2, 3, 0, 1, 4).reshape(2 * 12, 2 * d, d)       # per position: output x input
+    assert float(Jp.reshape(2, 12, 2 * d, d)[mask == 0].abs().max()) == 0.0
+    exact = torch.einsum("pod,poe->de", Jp.double(), Jp.double()) / Jp.shape[0]
+    probes = 2400
+    est = input_moment(loaded, [batch] * probes, seed=0, max_batches=probes).double()
+    assert float((est - exact).norm() / exact.norm()) < 0.12
+    assert module(*batch).shape == (2, d)                          # the hook is gone
+
+
+@pytest.mark.parametrize("method", ["embed-svd", "see"])
+def test_input_metric_fits_rows_in_the_input_metric(tiny_bert_small_vocab, small_text, method):
+    """input_metric: embed-svd's table is the rank-k optimum in M = (1 - beta) I + beta C d / tr C
+    (C: input_moment on the calibration text); SEE's principal basis is whitened in M (P M P^T =
+    I), so its coordinates' fit is a fit in M: its rows end closer in M than the plain fit's, and
+    the record gives that error."""
+    from pocketformer.compress.see import input_moment, metric_from_moment, metric_root
+
+    beta = 0.7               # below 1: M >= 0.3 I, so L L^T = M exactly (no floored direction)
+    loaded = load_model(tiny_bert_small_vocab)
+    E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
+    calib = _calib(loaded, small_text)
+    M = metric_from_moment(input_moment(loaded, calib.inputs(loaded), seed=0), beta)
+    L, _ = metric_root(M)
+    in_m = lambda X: float((((X - E) @ L) ** 2).sum())
+
+    def fitted(b):
+        model = load_model(tiny_bert_small_vocab)
+        params = {"ratio": 8, "input_metric": b, "hidden_minutes": 0, "distill_minutes": 0}
+        if method == "see":
+            params.update(ratio=4, reconstruct_steps=100)
+        rec = run_step(model, method, parse_params(get_method(method), params), calib)
+        emb = model.adapter.embeddings(model.model)
+        return emb.weight.detach(), {**rec["details"], "module": emb}
+
+    W, details = fitted(beta)
+    W0, _ = fitted(0.0)
+    assert in_m(W) < 0.95 * in_m(W0)
+    assert float(((W0 - E) ** 2).sum()) < float(((W - E) ** 2).sum())
+    if method == "embed-svd":
+        S = torch.linalg.svd((E @ L).double(), full_matrices=False).S
+        assert in_m(W) == pytest.approx(float((S[details["rank"]:] ** 2).sum()), rel=1e-3)
+        assert details["stage1_rows"]["input_metric"] == beta
+    else:
+        rows = details["stage1_rows"]
+        assert rows["input_metric"] == beta
+        assert rows["input_metric_relative_error"] == pytest.approx(in_m(W) / in_m(torch.zeros_like(E)),
+                                                                    rel=1e-3)
+        P = details["module"].basis.detach().double()
+        torch.testing.assert_close(P @ M.double() @ P.T, torch.eye(P.shape[0], dtype=torch.float64),
+                                   rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("family", ["tiny_bert", "tiny_llama_2l"])
 def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_text):
     """distill_hidden_weight w: stage 2's objective is the output loss plus w x stage 1b's
@@ -515,6 +585,10 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--ratio", "50000", "--exact-share", "0.5"], "buys no"),
     (["--head-metric", "1.5"], "head_metric"),
     (["--head-metric", "0.5"], "tied LM head"),
+    (["--input-metric", "1.5"], "input_metric"),
+    (["--input-metric", "0.5", "--basis", "raw"], "basis = principal"),
+    (["--input-metric", "0.5", "--head-metric", "0.5"], "not both"),
+    (["--input-metric", "0.5", "--input-metric-batches", "0"], "input_metric_batches"),
     (["--basis", "pca"], "principal"),
     (["--basis", "raw", "--basis-dim", "16"], "basis = principal"),
     (["--basis", "principal", "--basis-dim", "33"], "at most the embedding width"),
