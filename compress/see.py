@@ -762,6 +762,14 @@ def input_moment(loaded: LoadedModel, batches, seed: int, device: torch.device |
     backward pass per batch) has E[g g^T] = J^T J; averaged over every position of the first
     `max_batches` calibration batches (positions the output does not read, such as padding,
     give g = 0)."""
+    with on_device([loaded.model], list(batches)[:max_batches], device) as placed:
+        return second_moment(input_gradients(loaded, placed, seed)).cpu()
+
+
+def input_gradients(loaded: LoadedModel, batches, seed: int):
+    """Yield, batch by batch, g = J^T z at every position (one row per position) for a fresh
+    Gaussian probe z over the batch's output (input_moment); the hook that lets the backward
+    pass stop at the table's output is removed afterwards."""
     adapter = loaded.adapter
     module = adapter.export_module(loaded)
     taken: dict = {}
@@ -771,18 +779,15 @@ def input_moment(loaded: LoadedModel, batches, seed: int, device: torch.device |
         return taken["x"]
 
     gen = torch.Generator().manual_seed(seed)
-    grads = []
     handle = adapter.embeddings(loaded.model).register_forward_hook(take)
     try:
-        with on_device([loaded.model], list(batches)[:max_batches], device) as placed:
-            for batch in progress(placed, "input metric", total=len(placed)):
-                out = module(*batch)
-                z = torch.randn(out.shape, generator=gen).to(out.device)
-                (g,) = torch.autograd.grad((out.float() * z).sum(), taken.pop("x"))
-                grads.append(g.reshape(-1, g.shape[-1]).cpu())
+        for batch in progress(batches, "input metric", total=len(batches)):
+            out = module(*batch)
+            z = torch.randn(out.shape, generator=gen).to(out.device)
+            (g,) = torch.autograd.grad((out.float() * z).sum(), taken.pop("x"))
+            yield g.reshape(-1, g.shape[-1])
     finally:
         handle.remove()
-    return second_moment(grads)
 
 
 def input_metric(loaded: LoadedModel, batches, config: EmbeddingStages) -> torch.Tensor | None:
