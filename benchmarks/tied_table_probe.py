@@ -3,7 +3,9 @@ no training, installed as the input table only, as the LM head only, or as both,
 exact rows for the calibration text's most frequent tokens (the `exact_share` option of `see` and
 `embed-svd`, docs/see.md), and fitted in the head-input metric (their `head_metric` option): the
 full d x d metric as `embed-svd` uses it, its low-rank-plus-isotropic form as `see` uses it
-("rank 64"), and with --kron its nearest Kronecker product M1 (x) M2 (which would let SEE's units
+("rank 64"), with --input-weights mixed with the input side's metric (`input_metric`'s moment,
+its probe over the logits Gaussian or, with --input-probe fisher, drawn from the softmax's Fisher
+matrix; a tried and rejected design, docs/see.md), and with --kron its nearest Kronecker product M1 (x) M2 (which would let SEE's units
 absorb the metric exactly; a tried and rejected design, docs/see.md). With --corrections each fit
 is scored a second time with a per-token correction of V numbers on each side: as the input table
 only, the approximate rows rescaled to their original norms; as the head only, a logit bias b_v
@@ -46,6 +48,17 @@ def kron_metric(M, d1: int, d2: int):
     return M1.float(), M2.float(), err
 
 
+def fisher_probe(out, gen):
+    """z = onehot(y) - p over each position's logits, y drawn from p = softmax(logits): E[z z^T]
+    = diag(p) - p p^T, the softmax's Fisher matrix, so input_moment measures E[J^T F J], the
+    second-order size of the change a row error makes to the predicted distributions."""
+    import torch
+
+    p = torch.softmax(out.detach().float(), dim=-1).reshape(-1, out.shape[-1])
+    y = torch.multinomial(p.cpu(), 1, generator=gen).to(out.device)
+    return (torch.zeros_like(p).scatter_(1, y, 1.0) - p).reshape(out.shape)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -54,6 +67,13 @@ def main() -> int:
     p.add_argument("--evaluation", required=True)
     p.add_argument("--shares", default="0,0.85")
     p.add_argument("--metrics", default="0", help="head_metric values (0: plain rows)")
+    p.add_argument("--input-weights", default="",
+                   help="also fit in a mix of the two doors' metrics: for each weight w, the "
+                        "head_metric's C replaced by (1 - w) C_head d / tr C_head + w C_in d / tr C_in, "
+                        "C_in the input metric's moment (see's input_moment)")
+    p.add_argument("--input-probe", default="gaussian", choices=["gaussian", "fisher"],
+                   help="input_moment's probe over the logits")
+    p.add_argument("--input-batches", type=int, default=16, help="calibration batches C_in is measured on")
     p.add_argument("--kron", action="store_true", help="also fit in the nearest Kronecker product")
     p.add_argument("--corrections", action="store_true",
                    help="also score each fit with row norms restored and a per-token logit bias")
@@ -70,6 +90,7 @@ def main() -> int:
 
     from pocketformer.compress import Calibration
     from pocketformer.compress.see import (calibration_counts, exact_tokens, head_inputs, head_moment,
+                                           input_moment,
                                            metric_from_moment, metric_lowrank, metric_root,
                                            second_moment, svd_rank, weighted_svd)
     from pocketformer.models.factored import factor_dim
@@ -113,6 +134,14 @@ def main() -> int:
     elif any(betas):
         C = head_moment(loaded, batches)
 
+    weights = [float(x) for x in args.input_weights.split(",") if x]
+    C_in = None
+    if weights:
+        C_in = input_moment(loaded, batches, seed=0, max_batches=args.input_batches,
+                            probe=fisher_probe if args.input_probe == "fisher" else None)
+        if C is None:
+            C = head_moment(loaded, batches)
+
     def corrections(approx, rest):
         """Rows with their original norms; per-token logit bias matching the exact rows' mass."""
         normed = approx.clone()
@@ -145,6 +174,10 @@ def main() -> int:
                 c, W, held = metric_lowrank(M)
                 variants = [("", *metric_root(M)),
                             (f" rank {W.shape[1]} ({held:.0%} of trace)", *metric_root(c * torch.eye(d) + W @ W.T))]
+                for w in weights:
+                    mixed = (1 - w) * C * (d / torch.trace(C)) + w * C_in * (d / torch.trace(C_in))
+                    variants.append((f" mixed, input weight {w:g} ({args.input_probe})",
+                                     *metric_root(metric_from_moment(mixed, beta))))
                 if args.kron:
                     M1, M2, err = kron_metric(M, d1, d2)
                     (L1, L1i), (L2, L2i) = metric_root(M1), metric_root(M2)

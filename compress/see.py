@@ -754,19 +754,24 @@ def _check_input_metric(beta: float, head_beta: float) -> None:
 
 
 def input_moment(loaded: LoadedModel, batches, seed: int, device: torch.device | str = "cpu",
-                 max_batches: int = 16) -> torch.Tensor:
+                 max_batches: int = 16, probe=None) -> torch.Tensor:
     """C = E[J^T J] (d x d), J the Jacobian of the model's output (the sentence embedding of an
     encoder, the logits of a decoder) with respect to the vector the token table feeds in at one
     position: a row error D there moves the output by J D to first order, whose squared size is
     D J^T J D^T. Estimated with Gaussian probes: for z ~ N(0, I) over the output, g = J^T z (one
     backward pass per batch) has E[g g^T] = J^T J; averaged over every position of the first
     `max_batches` calibration batches (positions the output does not read, such as padding,
-    give g = 0)."""
+    give g = 0). `probe(out, generator) -> z` replaces the Gaussian probe: with E[z z^T] = F the
+    estimate is E[J^T F J] (benchmarks/tied_table_probe.py tries the softmax's Fisher matrix)."""
     with on_device([loaded.model], list(batches)[:max_batches], device) as placed:
-        return second_moment(input_gradients(loaded, placed, seed)).cpu()
+        return second_moment(input_gradients(loaded, placed, seed, probe)).cpu()
 
 
-def input_gradients(loaded: LoadedModel, batches, seed: int):
+def gaussian_probe(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(out.shape, generator=gen).to(out.device)
+
+
+def input_gradients(loaded: LoadedModel, batches, seed: int, probe=None):
     """Yield, batch by batch, g = J^T z at every position (one row per position) for a fresh
     Gaussian probe z over the batch's output (input_moment); the hook that lets the backward
     pass stop at the table's output is removed afterwards."""
@@ -783,7 +788,7 @@ def input_gradients(loaded: LoadedModel, batches, seed: int):
     try:
         for batch in progress(batches, "input metric", total=len(batches)):
             out = module(*batch)
-            z = torch.randn(out.shape, generator=gen).to(out.device)
+            z = (probe or gaussian_probe)(out, gen)
             (g,) = torch.autograd.grad((out.float() * z).sum(), taken.pop("x"))
             yield g.reshape(-1, g.shape[-1])
     finally:
