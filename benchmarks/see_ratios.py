@@ -71,6 +71,8 @@ def main() -> int:
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
     p.add_argument("--fill-rank", action="store_true",
                    help="see: slots a token's senses leave free take data-driven units")
+    p.add_argument("--no-balance-units", action="store_true",
+                   help="see: leave the units in the gauge stage 1a's fit left them in (balance_units off)")
     p.add_argument("--order", type=int, default=2, choices=[2, 3],
                    help="see: Kronecker factors per term (3: A (x) B (x) C)")
     p.add_argument("--basis-dim", type=int, help="see with a principal basis: its width d' (default: see's)")
@@ -128,6 +130,8 @@ def main() -> int:
                     params["max_rank"] = a.max_rank
                 if a.fill_rank:
                     params["fill_rank"] = True
+                if a.no_balance_units:
+                    params["balance_units"] = False
                 if a.basis_dim and extra.get("basis") == "principal":
                     params["basis_dim"] = a.basis_dim
             cfg = parse_params(get_method(method), params)
@@ -142,8 +146,10 @@ def main() -> int:
                    **({"factors": details["factors"]} if "factors" in details else {}),
                    "row_error": details["stage1_rows"].get("relative_error_with_exact",
                                                           details["stage1_rows"]["relative_error"]), "seconds": seconds,
-                   **({"row_error_input_metric": details["stage1_rows"]["input_metric_relative_error"]}
-                      if "input_metric_relative_error" in details["stage1_rows"] else {}),
+                   **{f"row_error_{m}": details["stage1_rows"][f"{m}_relative_error"]
+                      for m in ("input_metric", "head_metric") if f"{m}_relative_error" in details["stage1_rows"]},
+                   **({"gauge_after_sweeps": details["stage1_rows"]["gauge_after_sweeps"]}
+                      if "gauge_after_sweeps" in details["stage1_rows"] else {}),
                    "stage1b_steps": details["stage1_hidden"]["steps"],
                    "stage2_steps": details["stage2_distill"]["steps"],
                    **{f"stage{k}_loss_{e}": details[s].get(f"loss_{e}") for k, s in

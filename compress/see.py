@@ -124,6 +124,8 @@ class SEEConfig(EmbeddingStages):
                                      # rest from its nearest data-driven A units (its coefficient
                                      # slots are in the budget either way)
     b_share: float = 0.5             # share of the unit-table parameters that goes to B
+    balance_units: bool = True       # stage 1a puts the units in one gauge (balance_units): every
+                                     # unit at its table's median norm, the scale in the coefficients
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
     lr: float = 3e-3                 # stage 1a
 
@@ -476,16 +478,44 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
     return errors
 
 
+@torch.no_grad()
+def balance_units(emb: EntangledEmbedding) -> dict:
+    """Fix the Kronecker sum's gauge. Scaling unit i of a table by s and every coefficient that
+    uses it by 1 / s leaves every row unchanged, so least squares is free to let a unit drift to
+    a huge norm while its partners or coefficients shrink (seen on SmolLM2: unit entries up to
+    2e4, coefficients up to 440). Adam is not invariant to that gauge: its steps are about `lr`
+    per entry, so a tiny factor of a large product moves by a large relative amount, and stages
+    1b and 2 blew up. Every used unit is rescaled to its table's median unit norm and the scale
+    goes into the coefficients: the rows are the same up to rounding. Returns the largest unit
+    and coefficient entries before and after."""
+    before = (max(float(t.abs().max()) for t in emb.tables), float(emb.coef.abs().max()))
+    for table, index in zip(emb.tables, emb.indices):
+        norms = table.norm(dim=1)
+        used = norms > 0
+        if not bool(used.any()):
+            continue
+        s = torch.where(used, norms[used].median() / norms.clamp_min(torch.finfo(norms.dtype).tiny),
+                        torch.ones_like(norms))
+        table.mul_(s.unsqueeze(-1))
+        emb.coef.div_(s[index])
+    after = (max(float(t.abs().max()) for t in emb.tables), float(emb.coef.abs().max()))
+    return {"unit_max_before": before[0], "coef_max_before": before[1],
+            "unit_max_after": after[0], "coef_max_after": after[1]}
+
+
 def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, seed: int,
              active: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-             metric: tuple[float, torch.Tensor] | None = None) -> dict:
+             metric: tuple[float, torch.Tensor] | None = None, balance: bool = True) -> dict:
     """Stage 1a: minimise ||E_see - E||_F^2 / ||E||_F^2 over the whole vocabulary (each row's
     error counted `weights[v]` times when given): alternating least squares first, then
     full-batch Adam on all parameters jointly. With `metric` (c, W) the Adam phase measures a
-    row error D as c ||D||^2 + ||D W||^2 (metric_lowrank; the least-squares sweeps stay plain)."""
+    row error D as c ||D||^2 + ||D W||^2 (metric_lowrank; the least-squares sweeps stay plain).
+    With `balance` the units are put in one gauge (balance_units) after the sweeps and again at
+    the end, so the Adam steps here and in stages 1b and 2 are of comparable relative size."""
     torch.manual_seed(seed)
     als_errors = als(emb, E, active if active is not None else emb.coef.detach() != 0,
                      weights=weights)
+    gauge = {"gauge_after_sweeps": balance_units(emb)} if balance else {}
     opt = torch.optim.Adam([*emb.tables, emb.coef], lr=lr)
     w = (torch.ones(E.shape[0]) if weights is None else weights.float()).unsqueeze(-1)
 
@@ -512,7 +542,10 @@ def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, se
         D = emb.rows(ids) - E
         rel = float((D ** 2).sum() / (E ** 2).sum())
         weighted = float((w * sq(D)).sum() / norm)
+    if balance:
+        gauge["gauge_at_end"] = balance_units(emb)
     return {"als_errors": [round(e, 4) for e in als_errors], "steps": steps, "loss_first": first,
+            **gauge,
             "loss_last": last, "relative_error": rel,
             **({"weighted_relative_error": weighted} if weights is not None or metric is not None else {})}
 
@@ -858,28 +891,31 @@ def basis_width(V: int, d: int, cfg: SEEConfig, exact_rows: int = 0) -> int:
                         "basis = raw", field="ratio")
 
 
-def principal_basis(E: torch.Tensor, width: int, root: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def principal_basis(E: torch.Tensor, width: int, root: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, X): the table's top-`width` principal directions (right singular vectors of the
     uncentred table, width x d, orthonormal rows: the basis that keeps the most of ||E||^2 at that
     width) and the coordinates X = E P^T. With a metric M = L L^T (`root` = (L, L^-1)) the same in
     the metric: Vh, the top right singular vectors of E L, give P = Vh L^-1 and X = E L Vh^T, so
-    that P M P^T = I and an error in the coordinates is an error of the same size in M."""
+    that P M P^T = I and an error in the coordinates is an error of the same size in M. `rows`
+    (a mask) names the rows the Kronecker sum will fit (the others keep exact rows): the
+    directions are theirs, the coordinates every row's."""
     target = E if root is None else E @ root[0]
-    _, _, Vh = torch.linalg.svd(target.double(), full_matrices=False)
+    _, _, Vh = torch.linalg.svd((target if rows is None else target[rows]).double(), full_matrices=False)
     Vh = Vh[:width].float()
     if root is None:
         return Vh, E @ Vh.T
     return Vh @ root[1], target @ Vh.T
 
 
-def split_coordinates(E: torch.Tensor, config: SEEConfig, exact_rows: int = 0,
+def split_coordinates(E: torch.Tensor, config: SEEConfig, exact: torch.Tensor | None = None,
                       root: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
     """(P, X, dims): the principal basis (None for the raw one; in the metric L L^T when `root`
-    = (L, L^-1) is given), the coordinates X that the Kronecker sum builds (E itself for the raw
-    basis; X P rebuilds E), and its split d' = d1 x d2 [x d3]."""
-    width = basis_width(*E.shape, config, exact_rows)
+    = (L, L^-1) is given; fitted to the rows outside `exact`, the ids that keep exact rows), the
+    coordinates X that the Kronecker sum builds (E itself for the raw basis; X P rebuilds E), and
+    its split d' = d1 x d2 [x d3]."""
+    width = basis_width(*E.shape, config, 0 if exact is None else exact.numel())
     try:
         dims = factor_dims(width, config.order, config.d1)
     except ValueError as e:
@@ -889,7 +925,11 @@ def split_coordinates(E: torch.Tensor, config: SEEConfig, exact_rows: int = 0,
                             field=field) from None
     if config.basis != "principal":
         return None, E, dims
-    return (*principal_basis(E, width, root), dims)
+    rows = None
+    if exact is not None:
+        rows = torch.ones(E.shape[0], dtype=torch.bool)
+        rows[exact] = False
+    return (*principal_basis(E, width, root, rows), dims)
 
 
 def init_entangled(plan: Plan, dims: tuple[int, ...], E: torch.Tensor, seed: int) -> EntangledEmbedding:
@@ -1083,25 +1123,28 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     batches = calib.inputs(loaded) if calib is not None else []
     counts = calibration_counts(batches, V, config.exact_share)
     exact = exact_tokens(counts, d, config.ratio, config.exact_share)
-    M_in = input_metric(loaded, batches, config)
-    root = metric_root(M_in) if M_in is not None else None
-    P, X, dims = split_coordinates(E, config, 0 if exact is None else exact.numel(), root)
+    # the rows are fitted in one metric (input or head side); the principal basis whitens it
+    # (every stage-1a step then runs in it), the raw basis keeps its low-rank form for the Adam phase
+    M = input_metric(loaded, batches, config)
+    which = "input_metric" if M is not None else "head_metric"
+    if M is None:
+        M = row_metric(loaded, batches, config.head_metric, config.device)
+    root = metric_root(M) if M is not None and config.basis == "principal" else None
+    P, X, dims = split_coordinates(E, config, exact, root)
     width = X.shape[1]
     say(f"see: planning units for {V} tokens ({config.basis} basis, d' = "
         f"{' x '.join(map(str, dims))}, ratio {config.ratio:g})")
-    M = row_metric(loaded, batches, config.head_metric, config.device)
     plan = plan_units(tokens, loaded.family, X, dims, config, exact=exact, width=d,
                       reserved=0 if P is None else P.numel())
     lowrank = None
-    if M is not None:
-        # an error D in the coordinates is D P in the table (P's rows orthonormal): metric P M P^T
-        c, W, share = metric_lowrank(M if P is None else P @ M @ P.T)
+    if M is not None and root is None:
+        c, W, share = metric_lowrank(M)
         lowrank = (c, W)
     core = init_entangled(plan, dims, X, config.seed)
     weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
     rows = fit_rows(core, X, config.reconstruct_steps, config.lr, config.seed, plan.active, weights,
-                    metric=lowrank)
-    if M is not None:
+                    metric=lowrank, balance=config.balance_units)
+    if lowrank is not None:
         rows.update({"head_metric": config.head_metric, "metric_rank": W.shape[1],
                      "metric_trace_share": share})
     base = core if P is None else with_basis(core, P)
@@ -1114,9 +1157,9 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
                          "relative_error": float(((base.weight - E) ** 2).sum() / (E ** 2).sum())})
             if "weighted_relative_error" in rows:        # measured on the coordinates too
                 rows["coordinates_weighted_relative_error"] = rows.pop("weighted_relative_error")
-            if root is not None:                          # the error in the input metric
+            if root is not None:                          # the error in the metric
                 err = float((((base.weight - E) @ root[0]) ** 2).sum() / (ref ** 2).sum())
-                rows.update({"input_metric": config.input_metric, "input_metric_relative_error": err})
+                rows.update({which: getattr(config, which), f"{which}_relative_error": err})
     module = with_exact_rows(base, E, exact)
     rows.update(_exact_summary(module, E, counts, exact))
     allowed = int(V * d / config.ratio)

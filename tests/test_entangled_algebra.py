@@ -395,3 +395,28 @@ def test_factor_dims():
     for bad in [(14, 3, None), (91, 3, None), (384, 3, 5), (384, 4, None)]:
         with pytest.raises(ValueError):
             factor_dims(*bad)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_balance_units_fixes_the_gauge_and_keeps_every_row(order):
+    """balance_units: units drifted to wildly different norms (one 1e4 times its partners) come
+    back to their table's median norm, the coefficients take the scale, unused units and
+    inactive (zero) coefficients are left alone, and every row is the same as before."""
+    from pocketformer.compress.see import balance_units
+
+    emb = _random(V=30, Ua=6, Ub=5) if order == 2 else _random3(V=30)
+    with torch.no_grad():
+        emb.table_a[0] *= 1e4
+        emb.table_b[1] *= 1e-3
+        emb.coef[0, 0] = 0.0
+        emb.table_a[5 if order == 2 else 4] = 0.0        # an unused (all-zero) unit
+    before = emb.weight.detach().clone()
+    rec = balance_units(emb)
+    assert rec["unit_max_before"] > 1e3 and rec["unit_max_after"] < 10
+    torch.testing.assert_close(emb.weight.detach(), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+    for table in emb.tables:
+        norms = table.detach().norm(dim=1)
+        used = norms > 0
+        torch.testing.assert_close(norms[used], torch.full_like(norms[used], float(norms[used].median())))
+    assert float(emb.coef[0, 0]) == 0.0
+    assert int((emb.table_a.detach().norm(dim=1) == 0).sum()) == 1

@@ -386,6 +386,49 @@ def test_input_metric_fits_rows_in_the_input_metric(tiny_bert_small_vocab, small
                                    rtol=0, atol=1e-3)
 
 
+def test_see_head_metric_whitens_a_principal_basis_fitted_to_the_other_rows(tiny_llama_2l, small_text):
+    """head_metric with the principal basis (and exact rows): the basis is whitened in the head's
+    metric M (P M P^T = I) and spans the top directions of the rows the Kronecker sum fits (the
+    ones without exact rows), in M; the fit ends closer in M than the plain one, and the record
+    gives that error."""
+    from pocketformer.compress.see import head_moment, metric_from_moment, metric_root
+
+    beta = 0.7
+    loaded = load_model(tiny_llama_2l)
+    E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
+    calib = _calib(loaded, small_text)
+    M = metric_from_moment(head_moment(loaded, calib.inputs(loaded)), beta)
+    L, _ = metric_root(M)
+    in_m = lambda X: float((((X - E) @ L) ** 2).sum())
+
+    def fitted(b):
+        model = load_model(tiny_llama_2l)
+        params = {"ratio": 4, "head_metric": b, "exact_share": 0.3, "reconstruct_steps": 100,
+                  "hidden_minutes": 0, "distill_minutes": 0}
+        rec = run_step(model, "see", parse_params(get_method("see"), params), calib)
+        return model.adapter.embeddings(model.model), rec["details"]
+
+    module, details = fitted(beta)
+    module0, _ = fitted(0.0)
+    rest = module.slot == module.rows_kept
+    assert 0 < int((~rest).sum()) < E.shape[0]
+    W, W0 = module.weight.detach(), module0.weight.detach()
+    assert in_m(W) < in_m(W0)
+    rows = details["stage1_rows"]
+    assert rows["head_metric"] == beta and "metric_rank" not in rows
+    base = module.base.weight.detach()     # the record measures the Kronecker part on every row
+    assert rows["head_metric_relative_error"] == pytest.approx(in_m(base) / in_m(torch.zeros_like(E)),
+                                                               rel=1e-3)
+    P = module.base.basis.detach().double()
+    torch.testing.assert_close(P @ M.double() @ P.T, torch.eye(P.shape[0], dtype=torch.float64),
+                               rtol=0, atol=1e-3)
+    # P L spans the top right singular vectors of (E L) on the fitted rows
+    PL = P @ L.double()
+    _, _, Vh = torch.linalg.svd((E @ L)[rest].double(), full_matrices=False)
+    Vh = Vh[:P.shape[0]]
+    torch.testing.assert_close(PL.T @ PL, Vh.T @ Vh, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["tiny_bert", "tiny_llama_2l"])
 def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_text):
     """distill_hidden_weight w: stage 2's objective is the output loss plus w x stage 1b's
