@@ -801,12 +801,13 @@ def input_moment(loaded: LoadedModel, batches, seed: int, device: torch.device |
 
 
 def gaussian_probe(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """z ~ N(0, I) over the output: E[z z^T] = I."""
     return torch.randn(out.shape, generator=gen).to(out.device)
 
 
 def input_gradients(loaded: LoadedModel, batches, seed: int, probe=None):
     """Yield, batch by batch, g = J^T z at every position (one row per position) for a fresh
-    Gaussian probe z over the batch's output (input_moment); the hook that lets the backward
+    probe z over the batch's output (Gaussian unless `probe` says otherwise; input_moment); the hook that lets the backward
     pass stop at the table's output is removed afterwards."""
     adapter = loaded.adapter
     module = adapter.export_module(loaded)
