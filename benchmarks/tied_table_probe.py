@@ -89,8 +89,8 @@ def main() -> int:
     import torch
 
     from pocketformer.compress import Calibration
-    from pocketformer.compress.see import (calibration_counts, exact_tokens, head_inputs, head_moment,
-                                           input_moment,
+    from pocketformer.compress.see import (calibration_counts, exact_tokens, fitted_rows, head_inputs,
+                                           head_moment, input_moment,
                                            metric_from_moment, metric_lowrank, metric_root,
                                            second_moment, svd_rank, weighted_svd)
     from pocketformer.models.factored import factor_dim
@@ -163,9 +163,7 @@ def main() -> int:
         exact = exact_tokens(counts, d, args.ratio, share)
         K = 0 if exact is None else exact.numel()
         k = svd_rank(V, d, args.ratio, exact)
-        rest = torch.ones(V, dtype=torch.bool)
-        if exact is not None:
-            rest[exact] = False
+        rest = fitted_rows(V, exact)
         covered = 0.0 if counts is None else float(counts[~rest].sum() / counts.sum())
         for beta in betas:
             variants = [("", torch.eye(d), torch.eye(d))]

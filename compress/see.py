@@ -615,6 +615,14 @@ def with_exact_rows(base: nn.Module, E: torch.Tensor, exact: torch.Tensor | None
     return base if exact is None else ExactRows(base, exact, E[exact])
 
 
+def fitted_rows(V: int, exact: torch.Tensor | None) -> torch.Tensor:
+    """Mask of the rows the factored part fits: every row but the exact tokens'."""
+    rest = torch.ones(V, dtype=torch.bool)
+    if exact is not None:
+        rest[exact] = False
+    return rest
+
+
 def _zero_rows(weights: torch.Tensor | None, V: int, exact: torch.Tensor | None) -> torch.Tensor | None:
     """Row weights with the exact tokens' rows left out of the fit of the factored part."""
     if exact is None:
@@ -840,6 +848,17 @@ def input_metric(loaded: LoadedModel, batches, config: EmbeddingStages) -> torch
     return metric_from_moment(C, config.input_metric)
 
 
+def fit_metric(loaded: LoadedModel, batches, config: EmbeddingStages
+               ) -> tuple[str | None, torch.Tensor | None]:
+    """The metric the rows are fitted in and the option that asked for it ("head_metric" or
+    "input_metric", which are exclusive), or (None, None) for plain rows."""
+    M = row_metric(loaded, batches, config.head_metric, config.device)
+    if M is not None:
+        return "head_metric", M
+    M = input_metric(loaded, batches, config)
+    return ("input_metric", M) if M is not None else (None, None)
+
+
 def metric_from_moment(C: torch.Tensor, beta: float) -> torch.Tensor:
     d = C.shape[0]
     return (1 - beta) * torch.eye(d) + beta * C * (d / torch.trace(C))
@@ -926,11 +945,7 @@ def split_coordinates(E: torch.Tensor, config: SEEConfig, exact: torch.Tensor | 
                             field=field) from None
     if config.basis != "principal":
         return None, E, dims
-    rows = None
-    if exact is not None:
-        rows = torch.ones(E.shape[0], dtype=torch.bool)
-        rows[exact] = False
-    return (*principal_basis(E, width, root, rows), dims)
+    return (*principal_basis(E, width, root, fitted_rows(E.shape[0], exact)), dims)
 
 
 def init_entangled(plan: Plan, dims: tuple[int, ...], E: torch.Tensor, seed: int) -> EntangledEmbedding:
@@ -1126,10 +1141,7 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     exact = exact_tokens(counts, d, config.ratio, config.exact_share)
     # the rows are fitted in one metric (input or head side); the principal basis whitens it
     # (every stage-1a step then runs in it), the raw basis keeps its low-rank form for the Adam phase
-    M = input_metric(loaded, batches, config)
-    which = "input_metric" if M is not None else "head_metric"
-    if M is None:
-        M = row_metric(loaded, batches, config.head_metric, config.device)
+    which, M = fit_metric(loaded, batches, config)
     root = metric_root(M) if M is not None and config.basis == "principal" else None
     P, X, dims = split_coordinates(E, config, exact, root)
     width = X.shape[1]
@@ -1215,15 +1227,11 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
         raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table"
                             + (" after the exact rows" if exact is not None else ""), field="ratio")
     weights = row_weights(batches, V, config.frequency_weight)
-    M = row_metric(loaded, batches, config.head_metric, config.device)
-    if M is None:
-        M = input_metric(loaded, batches, config)
+    _, M = fit_metric(loaded, batches, config)
     # in the metric M = L L^T (head or input): the rank-k optimum of E L, mapped back by L^-1 (exact)
     L, L_inv = metric_root(M) if M is not None else (None, None)
     target = E if L is None else E @ L
-    rest = torch.ones(V, dtype=torch.bool)
-    if exact is not None:
-        rest[exact] = False
+    rest = fitted_rows(V, exact)
     P = torch.zeros(V, k)
     P[rest], Q = weighted_svd(target[rest], k, None if weights is None else weights[rest])
     if L_inv is not None:
