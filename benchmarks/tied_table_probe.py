@@ -11,7 +11,9 @@ is scored a second time with a per-token correction of V numbers on each side: a
 only, the approximate rows rescaled to their original norms; as the head only, a logit bias b_v
 that gives each approximate row the softmax mass its exact row has over sampled calibration head
 inputs h, b_v = logsumexp_h(h e_v) - logsumexp_h(h e_hat_v) (a tried and rejected design,
-docs/see.md). A probe, not a test.
+docs/see.md). With --table DIR the same three placements score a trained table instead: the
+rows the compressed model saved in DIR (`pocketformer compress ... --out DIR`) rebuild, so the
+figures say which door a trained table's perplexity comes through. A probe, not a test.
 
     .venv/bin/python benchmarks/tied_table_probe.py --model smollm2 --ratio 10 \
         --calibration ../shared/data/wikitext-2/valid.txt@0:0.5 \
@@ -65,7 +67,8 @@ def main() -> int:
     p.add_argument("--ratio", type=float, default=10.0)
     p.add_argument("--calibration", required=True)
     p.add_argument("--evaluation", required=True)
-    p.add_argument("--shares", default="0,0.85")
+    p.add_argument("--shares", default="0,0.85", help="exact_share values of the SVD fits ('' for none)")
+    p.add_argument("--table", help="also score the rebuilt table of the compressed model saved here")
     p.add_argument("--metrics", default="0", help="head_metric values (0: plain rows)")
     p.add_argument("--input-weights", default="",
                    help="also fit in a mix of the two doors' metrics: for each weight w, the "
@@ -155,10 +158,26 @@ def main() -> int:
         return normed, bias
 
     print(f"dense: perplexity {perplexity(E, E):.2f}")
+    if args.table:
+        trained = load_model(args.table)
+        if trained.adapter.embeddings(trained.model).weight.shape != E.shape:
+            print(f"{args.table}: its table is not {V} x {d}: not a compression of {args.model}'s "
+                  "table alone (layers pruned too?)", file=sys.stderr)
+            return 2
+        with torch.no_grad():
+            T = trained.adapter.embeddings(trained.model).weight.detach().clone()
+        del trained
+        rel = float(((T - E) ** 2).sum() / (E ** 2).sum())
+        print(f"| {args.table} (row rel. error {rel:.3f}) | tied | input only | head only |")
+        print("|---|---|---|---|")
+        print(f"| trained table | {perplexity(T, T):.1f} | {perplexity(T, E):.1f} | "
+              f"{perplexity(E, T):.1f} |", flush=True)
     d1, d2 = factor_dim(d)
-    print("| exact_share | exact rows | calibration tokens covered | rank | head_metric | tied | input only | head only |")
-    print("|---|---|---|---|---|---|---|---|")
-    for share in [float(x) for x in args.shares.split(",")]:
+    shares = [float(x) for x in args.shares.split(",") if x]
+    if shares:
+        print("| exact_share | exact rows | calibration tokens covered | rank | head_metric | tied | input only | head only |")
+        print("|---|---|---|---|---|---|---|---|")
+    for share in shares:
         counts = calibration_counts(batches, V, share)
         exact = exact_tokens(counts, d, args.ratio, share)
         K = 0 if exact is None else exact.numel()
