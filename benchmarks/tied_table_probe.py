@@ -110,6 +110,7 @@ def main() -> int:
         return 2
     E = emb.weight.detach().clone()
     V, d = E.shape
+    others = sum(p.numel() for p in model.parameters()) - E.numel()   # before perplexity() unties them
     calib = Calibration(load_text(DataSpec.parse(args.calibration)), seq_len=args.seq_len,
                         max_samples=args.samples)
     batches = calib.inputs(loaded)
@@ -160,12 +161,17 @@ def main() -> int:
     print(f"dense: perplexity {perplexity(E, E):.2f}")
     if args.table:
         trained = load_model(args.table)
-        if trained.adapter.embeddings(trained.model).weight.shape != E.shape:
-            print(f"{args.table}: its table is not {V} x {d}: not a compression of {args.model}'s "
-                  "table alone (layers pruned too?)", file=sys.stderr)
+        table = trained.adapter.embeddings(trained.model)
+        rest_params = (sum(p.numel() for p in trained.model.parameters())
+                       - sum(p.numel() for p in table.parameters()))
+        if table.weight.shape != E.shape or rest_params != others:
+            print(f"{args.table}: not {args.model} with only its table compressed (table "
+                  f"{tuple(table.weight.shape)}, {rest_params:,} other parameters): the probe puts "
+                  f"the table into {args.model} as it is", file=sys.stderr)
             return 2
         with torch.no_grad():
-            T = trained.adapter.embeddings(trained.model).weight.detach().clone()
+            T = table.weight.detach().clone()
+        del table
         del trained
         rel = float(((T - E) ** 2).sum() / (E ** 2).sum())
         print(f"| {args.table} (row rel. error {rel:.3f}) | tied | input only | head only |")
