@@ -164,15 +164,14 @@ def main() -> int:
         table = trained.adapter.embeddings(trained.model)
         rest_params = (sum(p.numel() for p in trained.model.parameters())
                        - sum(p.numel() for p in table.parameters()))
-        if table.weight.shape != E.shape or rest_params != others:
+        with torch.no_grad():                 # a factored table rebuilds its rows on each .weight
+            T = table.weight.detach().clone()
+        del table, trained
+        if T.shape != E.shape or rest_params != others:
             print(f"{args.table}: not {args.model} with only its table compressed (table "
-                  f"{tuple(table.weight.shape)}, {rest_params:,} other parameters): the probe puts "
+                  f"{tuple(T.shape)}, {rest_params:,} other parameters): the probe puts "
                   f"the table into {args.model} as it is", file=sys.stderr)
             return 2
-        with torch.no_grad():
-            T = table.weight.detach().clone()
-        del table
-        del trained
         rel = float(((T - E) ** 2).sum() / (E ** 2).sum())
         print(f"| {args.table} (row rel. error {rel:.3f}) | tied | input only | head only |")
         print("|---|---|---|---|")
