@@ -71,6 +71,8 @@ def main() -> int:
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
     p.add_argument("--fill-rank", action="store_true",
                    help="see: slots a token's senses leave free take data-driven units")
+    p.add_argument("--reassign-rounds", type=int, default=0,
+                   help="see: stage-1a rounds choosing units by the fit (reassign_rounds)")
     p.add_argument("--no-balance-units", action="store_true",
                    help="see: leave the units in the gauge stage 1a's fit left them in (balance_units off)")
     p.add_argument("--order", type=int, default=2, choices=[2, 3],
@@ -132,6 +134,8 @@ def main() -> int:
                     params["fill_rank"] = True
                 if a.no_balance_units:
                     params["balance_units"] = False
+                if a.reassign_rounds:
+                    params["reassign_rounds"] = a.reassign_rounds
                 if a.basis_dim and extra.get("basis") == "principal":
                     params["basis_dim"] = a.basis_dim
             cfg = parse_params(get_method(method), params)

@@ -124,6 +124,8 @@ class SEEConfig(EmbeddingStages):
                                      # rest from its nearest data-driven A units (its coefficient
                                      # slots are in the budget either way)
     b_share: float = 0.5             # share of the unit-table parameters that goes to B
+    reassign_rounds: int = 0         # stage 1a: rounds of choosing each term's form (B, C) and
+                                     # data-driven A unit by the fit after the sweeps (reassign_units)
     balance_units: bool = True       # stage 1a puts the units in one gauge (balance_units): every
                                      # unit at its table's median norm, the scale in the coefficients
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
@@ -142,6 +144,8 @@ class SEEConfig(EmbeddingStages):
                                 field="input_metric")
         if self.basis_dim is not None and (self.basis != "principal" or self.basis_dim < 1):
             raise BadInputError("a positive width, with basis = principal", field="basis_dim")
+        if not 0 <= self.reassign_rounds <= 20:
+            raise BadInputError("must be in 0..20", field="reassign_rounds")
         if self.max_rank is not None and not 1 <= self.max_rank <= 16:
             raise BadInputError("must be in 1..16", field="max_rank")
         if not 0 <= self.knowledge_share < 1:
@@ -254,6 +258,8 @@ class Plan:
     stats: dict
     index_c: torch.Tensor | None = None    # V x R, order 3
     units_c: int = 0
+    knowledge: torch.Tensor | None = None  # V x R bool: the terms whose A unit is a WordNet unit
+                                           # (for the random inventory, the same terms)
 
 
 def budget(V: int, d: int, dims: tuple[int, ...], ratio: float, R: int, b_share: float = 0.5,
@@ -340,6 +346,7 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, dims: tuple[int,
             active[v, r] = True
         covered += bool(units)
     knowledge_units = len(unit_of)
+    knowledge = active.clone()
     # Data-driven A units for everything else: k-means of the original rows.
     rest = [v for v in range(V) if not active[v, 0] and not is_exact[v]]
     n_data = max(1, Ua - knowledge_units)
@@ -398,7 +405,8 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, dims: tuple[int,
              "mean_rank": float(ranks.mean()),
              "rank_histogram": torch.bincount(ranks.long(), minlength=R + 1).tolist(),
              "exact_rows": n_exact, "filled_terms": filled}
-    return Plan(index_a, index_b, active, units_a, n_b, knowledge_units, covered, stats, index_c, n_c)
+    return Plan(index_a, index_b, active, units_a, n_b, knowledge_units, covered, stats, index_c, n_c,
+                knowledge)
 
 
 def _form_units(E: torch.Tensor, is_exact: torch.Tensor, k: int, R: int, seed: int, skip: int = 0,
@@ -479,6 +487,62 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
 
 
 @torch.no_grad()
+def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor,
+                   fixed_a: torch.Tensor | None = None, data_from: int = 0, chunk: int = 4096) -> int:
+    """One round of choosing units by the fit (the encoding step of additive quantisation, here
+    for Kronecker terms): for each term r and each factor k in turn, every token's unit in table k
+    becomes the one that, with the term's other factors kept and its coefficient re-solved, best
+    fits the token's residual without that term. With D_r the residual plus the term, f_j its
+    other factors and y = D_r contracted with them, unit u leaves ||D_r||^2 - (y . u)^2 /
+    (|u|^2 prod_j |f_j|^2), so the best unit maximises (y . u)^2 / |u|^2 and its coefficient is
+    y . u / (|u|^2 prod_j |f_j|^2). A term moves only when that beats its own unit (so the error
+    never rises), only if it is active, and its A unit only if it is a data-driven one (not in
+    `fixed_a`, the WordNet terms) and only to a data-driven unit (index >= `data_from`): the
+    knowledge assignment stays as WordNet gave it. Returns how many (term, factor) units moved."""
+    V, R = emb.index_a.shape
+    dims = emb.dims
+    M = E.reshape(V, *dims).float()
+    tables, indices = emb.tables, emb.indices
+    letters = "ijk"[:len(dims)]
+    mask = active.float()
+    D = M - kron_sum(emb.coef * mask, [t[i] for t, i in zip(tables, indices)])
+    moved = 0
+    for r in range(R):
+        for k, (table, index) in enumerate(zip(tables, indices)):
+            f = [t[i[:, r]] for t, i in zip(tables, indices)]                     # V d_j each
+            c = emb.coef[:, r] * mask[:, r]
+            D_r = D + kron_sum(c.unsqueeze(-1), [x.unsqueeze(1) for x in f])
+            others = [x for j, x in enumerate(f) if j != k]
+            spec = (f"v{letters}," + ",".join(f"v{x}" for j, x in enumerate(letters) if j != k)
+                    + f"->v{letters[k]}")
+            y = torch.einsum(spec, D_r, *others)                                  # V d_k
+            rest = torch.ones(V)
+            for x in others:
+                rest = rest * (x ** 2).sum(-1)
+            norms = (table ** 2).sum(-1).clamp_min(1e-12)
+            lo = data_from if k == 0 else 0
+            best = torch.empty(V, dtype=torch.long)
+            score = torch.empty(V)
+            for i in range(0, V, chunk):
+                s = (y[i:i + chunk] @ table[lo:].T) ** 2 / norms[lo:]
+                score[i:i + chunk], best[i:i + chunk] = s.max(-1)
+            best += lo
+            own = (y * table[index[:, r]]).sum(-1) ** 2 / norms[index[:, r]]
+            move = active[:, r] & (score > own * (1 + 1e-6)) & (rest > 1e-12)
+            if k == 0:
+                move &= ~fixed_a[:, r] if fixed_a is not None else index[:, r] >= data_from
+            if bool(move.any()):
+                index[move, r] = best[move]
+                u = table[best[move]]
+                emb.coef[move, r] = (y[move] * u).sum(-1) / (norms[best[move]] * rest[move])
+                moved += int(move.sum())
+            f = [t[i[:, r]] for t, i in zip(tables, indices)]
+            c = emb.coef[:, r] * mask[:, r]
+            D = D_r - kron_sum(c.unsqueeze(-1), [x.unsqueeze(1) for x in f])
+    return moved
+
+
+@torch.no_grad()
 def balance_units(emb: EntangledEmbedding) -> dict:
     """Fix the Kronecker sum's gauge. Scaling unit i of a table by s and every coefficient that
     uses it by 1 / s leaves every row unchanged, so least squares is free to let a unit drift to
@@ -505,16 +569,24 @@ def balance_units(emb: EntangledEmbedding) -> dict:
 
 def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, seed: int,
              active: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-             metric: tuple[float, torch.Tensor] | None = None, balance: bool = True) -> dict:
+             metric: tuple[float, torch.Tensor] | None = None, balance: bool = True,
+             reassign: int = 0, fixed_a: torch.Tensor | None = None, data_from: int = 0) -> dict:
     """Stage 1a: minimise ||E_see - E||_F^2 / ||E||_F^2 over the whole vocabulary (each row's
     error counted `weights[v]` times when given): alternating least squares first, then
     full-batch Adam on all parameters jointly. With `metric` (c, W) the Adam phase measures a
     row error D as c ||D||^2 + ||D W||^2 (metric_lowrank; the least-squares sweeps stay plain).
     With `balance` the units are put in one gauge (balance_units) after the sweeps and again at
-    the end, so the Adam steps here and in stages 1b and 2 are of comparable relative size."""
+    the end, so the Adam steps here and in stages 1b and 2 are of comparable relative size. With
+    `reassign` > 0 that many rounds follow the sweeps, each choosing the units by the fit
+    (reassign_units; `fixed_a`, `data_from` as there) and then three more sweeps."""
     torch.manual_seed(seed)
-    als_errors = als(emb, E, active if active is not None else emb.coef.detach() != 0,
-                     weights=weights)
+    active = active if active is not None else emb.coef.detach() != 0
+    als_errors = als(emb, E, active, weights=weights)
+    moves = []
+    for _ in progress(range(reassign), "SEE units", total=reassign) if reassign else ():
+        moves.append(reassign_units(emb, E, active, fixed_a, data_from))
+        als_errors += als(emb, E, active, iters=3, weights=weights)
+    reassigned = {"reassigned_terms": moves} if reassign else {}
     gauge = {"gauge_after_sweeps": balance_units(emb)} if balance else {}
     opt = torch.optim.Adam([*emb.tables, emb.coef], lr=lr)
     w = (torch.ones(E.shape[0]) if weights is None else weights.float()).unsqueeze(-1)
@@ -544,8 +616,8 @@ def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, se
         weighted = float((w * sq(D)).sum() / norm)
     if balance:
         gauge["gauge_at_end"] = balance_units(emb)
-    return {"als_errors": [round(e, 4) for e in als_errors], "steps": steps, "loss_first": first,
-            **gauge,
+    return {"als_errors": [round(e, 4) for e in als_errors], **reassigned, "steps": steps,
+            "loss_first": first, **gauge,
             "loss_last": last, "relative_error": rel,
             **({"weighted_relative_error": weighted} if weights is not None or metric is not None else {})}
 
@@ -1156,7 +1228,8 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     core = init_entangled(plan, dims, X, config.seed)
     weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
     rows = fit_rows(core, X, config.reconstruct_steps, config.lr, config.seed, plan.active, weights,
-                    metric=lowrank, balance=config.balance_units)
+                    metric=lowrank, balance=config.balance_units, reassign=config.reassign_rounds,
+                    fixed_a=plan.knowledge, data_from=plan.knowledge_units)
     if lowrank is not None:
         rows.update({"head_metric": config.head_metric, "metric_rank": W.shape[1],
                      "metric_trace_share": share})

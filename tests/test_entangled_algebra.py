@@ -420,3 +420,79 @@ def test_balance_units_fixes_the_gauge_and_keeps_every_row(order):
         torch.testing.assert_close(norms[used], torch.full_like(norms[used], float(norms[used].median())))
     assert float(emb.coef[0, 0]) == 0.0
     assert int((emb.table_a.detach().norm(dim=1) == 0).sum()) == 1
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_reassign_units_finds_the_true_units_and_never_raises_the_error(order):
+    """reassign_units: with the true unit tables, one wrong unit per token (a form unit B of a
+    token whose A unit is a WordNet one, or a data-driven A unit) and wrong coefficients, one
+    round puts every term back on its true unit with its true coefficient (the error falls to
+    ~0). On a table no Kronecker sum holds, the error never rises over rounds, the A units of
+    the terms marked as WordNet ones (`fixed_a`) never move, moved A units stay among the
+    data-driven ones (index >= data_from) and inactive terms keep their indices."""
+    from pocketformer.compress.see import als, reassign_units
+
+    truth = _random(V=80, R=1, Ua=12, Ub=9) if order == 2 else _random3(V=80, R=1, units=(12, 6, 7), seed=5)
+    with torch.no_grad():
+        truth.index_a[40:] = 4 + truth.index_a[40:] % 8      # the second half's A units: data units
+        truth.coef.abs_().add_(0.5)
+    E = truth.weight.detach().clone()
+    V = E.shape[0]
+    active = torch.ones(V, 1, dtype=torch.bool)
+    fixed = torch.zeros(V, 1, dtype=torch.bool)
+    fixed[:40] = True                                # the first half's A units are "knowledge"
+    g = torch.Generator().manual_seed(1)
+    fit = copy.deepcopy(truth)
+    with torch.no_grad():                            # one wrong unit per token, the rest true
+        Ub = fit.table_b.shape[0]
+        fit.index_b[:40] = (fit.index_b[:40] + torch.randint(1, Ub, (40, 1), generator=g)) % Ub
+        fit.index_a[40:] = 4 + (fit.index_a[40:] - 4 + torch.randint(1, 8, (40, 1), generator=g)) % 8
+        fit.coef.mul_(torch.rand(V, 1, generator=g) + 0.5)
+
+    def err(m):
+        return float(((m.weight.detach() - E) ** 2).sum() / (E ** 2).sum())
+
+    start = err(fit)
+    moved = reassign_units(fit, E, active, fixed, data_from=4)
+    assert start > 0.3 and err(fit) < 1e-8, (start, err(fit))
+    assert moved == 80
+    for index, true in zip(fit.indices, truth.indices):
+        assert torch.equal(index, true)
+    torch.testing.assert_close(fit.coef.detach(), truth.coef.detach())
+
+    # a table no sum of shared Kronecker terms holds: every round (and sweep) only lowers the error
+    truth = _random(V=80, R=2, Ua=12, Ub=9) if order == 2 else _random3(V=80, R=2, units=(12, 6, 7), seed=5)
+    E = torch.randn(V, truth.embedding_dim, generator=g)
+    active = torch.ones(V, 2, dtype=torch.bool)
+    active[::3, 1] = False
+    fixed = torch.zeros(V, 2, dtype=torch.bool)
+    fixed[:, 0] = True
+    fit = copy.deepcopy(truth)
+    with torch.no_grad():
+        fit.coef[~active] = 0.0
+    als(fit, E, active, iters=3)
+    before_a, before_idx = fit.index_a.clone(), [i.clone() for i in fit.indices]
+    errors = [err(fit)]
+    for _ in range(3):
+        assert reassign_units(fit, E, active, fixed, data_from=4) > 0
+        errors.append(err(fit))
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.95 * errors[0], errors
+    assert torch.equal(fit.index_a[:, 0], before_a[:, 0])
+    moved = fit.index_a != before_a
+    assert bool(moved.any()) and bool((fit.index_a[moved] >= 4).all())
+    for index, before in zip(fit.indices, before_idx):
+        assert torch.equal(index[~active], before[~active])
+
+
+def test_reassign_units_with_no_data_driven_a_units_moves_only_the_form_units():
+    """Every A unit a WordNet one (data_from = the table's size, as when WordNet covers every
+    token): the A side has no candidates and is skipped, the form units still move."""
+    from pocketformer.compress.see import reassign_units
+
+    fit = _random(V=40, R=2, Ua=6, Ub=5)
+    E = torch.randn(40, fit.embedding_dim, generator=torch.Generator().manual_seed(2))
+    before_a, before_b = fit.index_a.clone(), fit.index_b.clone()
+    moved = reassign_units(fit, E, torch.ones(40, 2, dtype=torch.bool), None, data_from=6)
+    assert torch.equal(fit.index_a, before_a)
+    assert moved > 0 and moved == int((fit.index_b != before_b).sum())
