@@ -71,8 +71,8 @@ def main() -> int:
     p.add_argument("--max-rank", type=int, help="see: rank terms per token (default: see's)")
     p.add_argument("--fill-rank", action="store_true",
                    help="see: slots a token's senses leave free take data-driven units")
-    p.add_argument("--reassign-rounds", type=int, default=0,
-                   help="see: stage-1a rounds choosing units by the fit (reassign_rounds)")
+    p.add_argument("--reassign-rounds", type=int,
+                   help="see: stage-1a rounds choosing units by the fit (default: see's reassign_rounds)")
     p.add_argument("--no-balance-units", action="store_true",
                    help="see: leave the units in the gauge stage 1a's fit left them in (balance_units off)")
     p.add_argument("--order", type=int, default=2, choices=[2, 3],
@@ -134,7 +134,7 @@ def main() -> int:
                     params["fill_rank"] = True
                 if a.no_balance_units:
                     params["balance_units"] = False
-                if a.reassign_rounds:
+                if a.reassign_rounds is not None:
                     params["reassign_rounds"] = a.reassign_rounds
                 if a.basis_dim and extra.get("basis") == "principal":
                     params["basis_dim"] = a.basis_dim
@@ -152,8 +152,8 @@ def main() -> int:
                                                           details["stage1_rows"]["relative_error"]), "seconds": seconds,
                    **{f"row_error_{m}": details["stage1_rows"][f"{m}_relative_error"]
                       for m in ("input_metric", "head_metric") if f"{m}_relative_error" in details["stage1_rows"]},
-                   **({"gauge_after_sweeps": details["stage1_rows"]["gauge_after_sweeps"]}
-                      if "gauge_after_sweeps" in details["stage1_rows"] else {}),
+                   **{k: details["stage1_rows"][k] for k in ("reassigned_terms", "gauge_after_sweeps")
+                      if k in details["stage1_rows"]},
                    "stage1b_steps": details["stage1_hidden"]["steps"],
                    "stage2_steps": details["stage2_distill"]["steps"],
                    **{f"stage{k}_loss_{e}": details[s].get(f"loss_{e}") for k, s in

@@ -271,7 +271,7 @@ def budget(V: int, d: int, dims: tuple[int, ...], ratio: float, R: int, b_share:
     if total <= sum(dims):
         raise BadInputError(f"ratio {ratio:g} cannot be met: the {V} x {R} coefficients alone need "
                             f"{V * R:,} of the {int(V * d / ratio):,} parameters allowed"
-                            + (f" ({reserved:,} already go to exact rows)" if reserved else "") + "; "
+                            + (f" ({reserved:,} already go to exact rows or a principal basis)" if reserved else "") + "; "
                             "lower the ratio or max_rank", field="ratio")
     form = len(dims) - 1
     return (max(1, int(total * (1 - b_share) / dims[0])),
@@ -509,6 +509,9 @@ def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tenso
     moved = 0
     for r in range(R):
         for k, (table, index) in enumerate(zip(tables, indices)):
+            lo = data_from if k == 0 else 0
+            if lo >= table.shape[0]:          # no data-driven A units: every A unit is WordNet's
+                continue
             f = [t[i[:, r]] for t, i in zip(tables, indices)]                     # V d_j each
             c = emb.coef[:, r] * mask[:, r]
             D_r = D + kron_sum(c.unsqueeze(-1), [x.unsqueeze(1) for x in f])
@@ -520,7 +523,6 @@ def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tenso
             for x in others:
                 rest = rest * (x ** 2).sum(-1)
             norms = (table ** 2).sum(-1).clamp_min(1e-12)
-            lo = data_from if k == 0 else 0
             best = torch.empty(V, dtype=torch.long)
             score = torch.empty(V)
             for i in range(0, V, chunk):
