@@ -124,7 +124,7 @@ class SEEConfig(EmbeddingStages):
                                      # rest from its nearest data-driven A units (its coefficient
                                      # slots are in the budget either way)
     b_share: float = 0.5             # share of the unit-table parameters that goes to B
-    reassign_rounds: int = 0         # stage 1a: rounds of choosing each term's form (B, C) and
+    reassign_rounds: int = 3         # stage 1a: rounds of choosing each term's form (B, C) and
                                      # data-driven A unit by the fit after the sweeps (reassign_units)
     balance_units: bool = True       # stage 1a puts the units in one gauge (balance_units): every
                                      # unit at its table's median norm, the scale in the coefficients
