@@ -40,7 +40,7 @@ def main() -> int:
     import torch
 
     from pocketformer.compress import Calibration
-    from pocketformer.compress.see import token_counts
+    from pocketformer.compress.see import token_counts, token_mask
     from pocketformer.data import DataSpec, load_text
     from pocketformer.models import load_model
     from pocketformer.models.factored import ExactRows
@@ -92,7 +92,7 @@ def main() -> int:
     soft = torch.zeros(V, dtype=torch.float64)
     with torch.no_grad():
         for b in batches:
-            mask = b[1].bool() if len(b) > 1 and b[1].shape == b[0].shape else torch.ones_like(b[0], dtype=torch.bool)
+            mask = token_mask(b)
             out = dense.model(input_ids=b[0]).logits.float()
             soft += torch.softmax(out[mask], -1).sum(0).double()
     held = torch.bincount(windows[:, 1:].reshape(-1), minlength=V).double()

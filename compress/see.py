@@ -508,13 +508,14 @@ def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tenso
     D = M - kron_sum(emb.coef * mask, [t[i] for t, i in zip(tables, indices)])
     moved = 0
     for r in range(R):
+        # the residual without term r: the same for every factor of the term, since a move
+        # changes only the term itself
+        f = [t[i[:, r]] for t, i in zip(tables, indices)]                         # V d_j each
+        D_r = D + kron_sum((emb.coef[:, r] * mask[:, r]).unsqueeze(-1), [x.unsqueeze(1) for x in f])
         for k, (table, index) in enumerate(zip(tables, indices)):
             lo = data_from if k == 0 else 0
             if lo >= table.shape[0]:          # no data-driven A units: every A unit is WordNet's
                 continue
-            f = [t[i[:, r]] for t, i in zip(tables, indices)]                     # V d_j each
-            c = emb.coef[:, r] * mask[:, r]
-            D_r = D + kron_sum(c.unsqueeze(-1), [x.unsqueeze(1) for x in f])
             others = [x for j, x in enumerate(f) if j != k]
             spec = (f"v{letters}," + ",".join(f"v{x}" for j, x in enumerate(letters) if j != k)
                     + f"->v{letters[k]}")
@@ -538,9 +539,8 @@ def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tenso
                 u = table[best[move]]
                 emb.coef[move, r] = (y[move] * u).sum(-1) / (norms[best[move]] * rest[move])
                 moved += int(move.sum())
-            f = [t[i[:, r]] for t, i in zip(tables, indices)]
-            c = emb.coef[:, r] * mask[:, r]
-            D = D_r - kron_sum(c.unsqueeze(-1), [x.unsqueeze(1) for x in f])
+                f[k] = table[index[:, r]]
+        D = D_r - kron_sum((emb.coef[:, r] * mask[:, r]).unsqueeze(-1), [x.unsqueeze(1) for x in f])
     return moved
 
 
@@ -624,13 +624,18 @@ def fit_rows(emb: EntangledEmbedding, E: torch.Tensor, steps: int, lr: float, se
             **({"weighted_relative_error": weighted} if weights is not None or metric is not None else {})}
 
 
+def token_mask(batch) -> torch.Tensor:
+    """Which positions of a calibration batch hold tokens (its attention mask where it has one)."""
+    ids = batch[0]
+    return batch[1].bool() if len(batch) > 1 and batch[1].shape == ids.shape else torch.ones_like(ids, dtype=torch.bool)
+
+
 def token_counts(batches, V: int) -> torch.Tensor:
     """How often each token occurs in the calibration batches (padding excluded)."""
     n = torch.zeros(V)
     for batch in batches:
-        ids = batch[0]
-        mask = batch[1].bool() if len(batch) > 1 and batch[1].shape == ids.shape else torch.ones_like(ids, dtype=torch.bool)
-        n.index_add_(0, ids[mask].reshape(-1), torch.ones(int(mask.sum())))
+        mask = token_mask(batch)
+        n.index_add_(0, batch[0][mask].reshape(-1), torch.ones(int(mask.sum())))
     return n
 
 
