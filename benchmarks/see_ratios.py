@@ -73,6 +73,9 @@ def main() -> int:
                    help="see: slots a token's senses leave free take data-driven units")
     p.add_argument("--reassign-rounds", type=int,
                    help="see: stage-1a rounds choosing units by the fit (default: see's reassign_rounds)")
+    p.add_argument("--knowledge-role", choices=["fixed", "init"],
+                   help="see: init lets the rounds move WordNet's A units, fixed keeps them "
+                        "(default: see's knowledge_role)")
     p.add_argument("--no-balance-units", action="store_true",
                    help="see: leave the units in the gauge stage 1a's fit left them in (balance_units off)")
     p.add_argument("--order", type=int, default=2, choices=[2, 3],
@@ -136,6 +139,8 @@ def main() -> int:
                     params["balance_units"] = False
                 if a.reassign_rounds is not None:
                     params["reassign_rounds"] = a.reassign_rounds
+                if a.knowledge_role:
+                    params["knowledge_role"] = a.knowledge_role
                 if a.basis_dim and extra.get("basis") == "principal":
                     params["basis_dim"] = a.basis_dim
             cfg = parse_params(get_method(method), params)

@@ -40,6 +40,7 @@ from pocketformer.models import LoadedModel
 from pocketformer.progress import progress, say
 
 INVENTORIES = ("wordnet", "random")
+KNOWLEDGE_ROLES = ("fixed", "init")
 BASES = ("principal", "raw")
 BASIS_BUDGET_SHARE = 1 / 8           # a default principal basis takes at most this share of the budget
 FORM_BAND = 64                       # principal components a form inventory is clustered on
@@ -126,6 +127,10 @@ class SEEConfig(EmbeddingStages):
     b_share: float = 0.5             # share of the unit-table parameters that goes to B
     reassign_rounds: int = 3         # stage 1a: rounds of choosing each term's form (B, C) and
                                      # data-driven A unit by the fit after the sweeps (reassign_units)
+    knowledge_role: str = "init"     # init: WordNet gives the starting assignment and the rounds
+                                     # may move any A unit to any unit; fixed: they never move a
+                                     # WordNet term's A unit (docs/see.md "WordNet as the starting
+                                     # assignment only")
     balance_units: bool = True       # stage 1a puts the units in one gauge (balance_units): every
                                      # unit at its table's median norm, the scale in the coefficients
     reconstruct_steps: int = 500     # stage 1a: Adam steps after the least-squares sweeps
@@ -146,6 +151,8 @@ class SEEConfig(EmbeddingStages):
             raise BadInputError("a positive width, with basis = principal", field="basis_dim")
         if not 0 <= self.reassign_rounds <= 20:
             raise BadInputError("must be in 0..20", field="reassign_rounds")
+        if self.knowledge_role not in KNOWLEDGE_ROLES:
+            raise BadInputError(f"expected one of {', '.join(KNOWLEDGE_ROLES)}", field="knowledge_role")
         if self.max_rank is not None and not 1 <= self.max_rank <= 16:
             raise BadInputError("must be in 1..16", field="max_rank")
         if not 0 <= self.knowledge_share < 1:
@@ -1236,7 +1243,8 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
     rows = fit_rows(core, X, config.reconstruct_steps, config.lr, config.seed, plan.active, weights,
                     metric=lowrank, balance=config.balance_units, reassign=config.reassign_rounds,
-                    fixed_a=plan.knowledge, data_from=plan.knowledge_units)
+                    **({"fixed_a": plan.knowledge, "data_from": plan.knowledge_units}
+                       if config.knowledge_role == "fixed" else {}))
     if lowrank is not None:
         rows.update({"head_metric": config.head_metric, "metric_rank": W.shape[1],
                      "metric_trace_share": share})

@@ -199,7 +199,10 @@ def tiny_bert_small_vocab(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_bert_small_vocab")
     words = (builtin_path("minilm") / "vocab.txt").read_text(encoding="utf-8").splitlines()[:6000]
     (out / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    # the vocabulary as a dict: transformers 5's BertTokenizer takes `vocab`, and an unknown
+    # `vocab_file` keyword left it with the 5 special tokens only
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    assert len(tok) == len(words)
     config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=4,
                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
     torch.manual_seed(0)

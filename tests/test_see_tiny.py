@@ -645,6 +645,7 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--train-scope", "all", "--scope-lr", "0"], "scope_lr"),
     (["--precision", "fp16"], "precision"),
     (["--reassign-rounds", "21"], "reassign_rounds"),
+    (["--knowledge-role", "always"], "knowledge_role"),
     (["--device", "tpu"], "cpu, cuda or cuda:N"),
     pytest.param(["--device", "cuda"], "sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(),
@@ -728,3 +729,24 @@ def test_reassign_rounds_choose_units_by_the_fit_in_stage_1a(tiny_bert_small_voc
     e = errors[2]
     assert all(b <= a + 1e-4 for a, b in zip(e, e[1:])), e
     assert e[-1] < errors[0][-1] - 0.01, (e, errors[0])
+
+
+def test_knowledge_role_init_lets_the_rounds_move_wordnet_terms(tiny_bert_small_vocab):
+    """knowledge_role: fixed keeps every WordNet term on its sense's unit through the rounds, so
+    as many terms point at WordNet units as the plan gave; init (the default) lets the rounds
+    move any A unit to any unit, so that count changes and more units move."""
+    loaded = {}
+    for role, rounds in (("fixed", 0), ("fixed", 1), ("init", 1)):
+        m = load_model(tiny_bert_small_vocab)
+        cfg = parse_params(get_method("see"), {"ratio": 4, "max_rank": 2, "reassign_rounds": rounds,
+                                               "knowledge_role": role, "reconstruct_steps": 0,
+                                               "hidden_minutes": 0, "distill_minutes": 0})
+        details = run_step(m, "see", cfg, _calib(m, f"{STS_DEV}@0:0.05"))["details"]
+        K = details["plan"]["knowledge_units"]
+        assert K > 0
+        emb = m.adapter.embeddings(m.model)
+        loaded[role, rounds] = (int((emb.index_a < K).sum()), details["stage1_rows"])
+    planned = loaded["fixed", 0][0]
+    assert loaded["fixed", 1][0] == planned
+    assert loaded["init", 1][0] != planned
+    assert loaded["init", 1][1]["reassigned_terms"][0] > loaded["fixed", 1][1]["reassigned_terms"][0]
