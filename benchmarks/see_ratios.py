@@ -20,6 +20,7 @@ import time
 from pocketformer import fsutil
 from pocketformer.compress import Calibration, get_method, parse_params, run_step
 from pocketformer.compress.recovery import PRECISIONS
+from pocketformer.compress.see import KNOWLEDGE_ROLES
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
 from pocketformer.models import load_model
@@ -73,7 +74,7 @@ def main() -> int:
                    help="see: slots a token's senses leave free take data-driven units")
     p.add_argument("--reassign-rounds", type=int,
                    help="see: stage-1a rounds choosing units by the fit (default: see's reassign_rounds)")
-    p.add_argument("--knowledge-role", choices=["fixed", "init"],
+    p.add_argument("--knowledge-role", choices=KNOWLEDGE_ROLES,
                    help="see: init lets the rounds move WordNet's A units, fixed keeps them "
                         "(default: see's knowledge_role)")
     p.add_argument("--no-balance-units", action="store_true",

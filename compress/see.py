@@ -125,8 +125,8 @@ class SEEConfig(EmbeddingStages):
                                      # rest from its nearest data-driven A units (its coefficient
                                      # slots are in the budget either way)
     b_share: float = 0.5             # share of the unit-table parameters that goes to B
-    reassign_rounds: int = 3         # stage 1a: rounds of choosing each term's form (B, C) and
-                                     # data-driven A unit by the fit after the sweeps (reassign_units)
+    reassign_rounds: int = 3         # stage 1a: rounds of choosing each term's form (B, C) and A
+                                     # units by the fit after the sweeps (reassign_units)
     knowledge_role: str = "init"     # init: WordNet gives the starting assignment and the rounds
                                      # may move any A unit to any unit; fixed: they never move a
                                      # WordNet term's A unit (docs/see.md "WordNet as the starting
@@ -503,9 +503,11 @@ def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tenso
     other factors and y = D_r contracted with them, unit u leaves ||D_r||^2 - (y . u)^2 /
     (|u|^2 prod_j |f_j|^2), so the best unit maximises (y . u)^2 / |u|^2 and its coefficient is
     y . u / (|u|^2 prod_j |f_j|^2). A term moves only when that beats its own unit (so the error
-    never rises), only if it is active, and its A unit only if it is a data-driven one (not in
-    `fixed_a`, the WordNet terms) and only to a data-driven unit (index >= `data_from`): the
-    knowledge assignment stays as WordNet gave it. Returns how many (term, factor) units moved."""
+    never rises) and only if it is active. Given `fixed_a` (the WordNet terms) and `data_from`
+    (the first data-driven A unit), an A unit moves only if it is data-driven and only to a
+    data-driven unit, so the knowledge assignment stays as WordNet gave it (knowledge_role
+    fixed); without them any A unit may move to any unit (knowledge_role init). Returns how many
+    (term, factor) units moved."""
     V, R = emb.index_a.shape
     dims = emb.dims
     M = E.reshape(V, *dims).float()
@@ -1241,10 +1243,10 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
         lowrank = (c, W)
     core = init_entangled(plan, dims, X, config.seed)
     weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
+    fixed = config.knowledge_role == "fixed"          # the rounds keep WordNet's A units
     rows = fit_rows(core, X, config.reconstruct_steps, config.lr, config.seed, plan.active, weights,
                     metric=lowrank, balance=config.balance_units, reassign=config.reassign_rounds,
-                    **({"fixed_a": plan.knowledge, "data_from": plan.knowledge_units}
-                       if config.knowledge_role == "fixed" else {}))
+                    fixed_a=plan.knowledge if fixed else None, data_from=plan.knowledge_units if fixed else 0)
     if lowrank is not None:
         rows.update({"head_metric": config.head_metric, "metric_rank": W.shape[1],
                      "metric_trace_share": share})
