@@ -87,6 +87,10 @@ def main() -> int:
     p.add_argument("--exact-share", type=float, default=0.0,
                    help="share of the budget spent on exact rows of the calibration's most "
                         "frequent tokens (see and svd alike)")
+    p.add_argument("--tier-share", type=float, default=0.0,
+                   help="share of the budget spent on a low-rank tier for the next most frequent "
+                        "tokens after the exact rows (see and svd alike)")
+    p.add_argument("--tier-rank", type=int, default=192, help="the tier's rank (see and svd alike)")
     p.add_argument("--head-metric", type=float, default=0.0,
                    help="tied heads: fit the rows in the head-input metric (see and svd alike)")
     p.add_argument("--input-metric", type=float, default=0.0,
@@ -126,6 +130,7 @@ def main() -> int:
                       "precision": a.precision,
                       "device": a.device,
                       "exact_share": a.exact_share, "head_metric": a.head_metric,
+                      "tier_share": a.tier_share, "tier_rank": a.tier_rank,
                       "input_metric": a.input_metric, "input_metric_batches": a.input_metric_batches,
                       "seed": a.seed,
                       **extra}

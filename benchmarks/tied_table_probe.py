@@ -13,7 +13,9 @@ that gives each approximate row the softmax mass its exact row has over sampled 
 inputs h, b_v = logsumexp_h(h e_v) - logsumexp_h(h e_hat_v) (a tried and rejected design,
 docs/see.md). With --table DIR the same three placements score a trained table instead: the
 rows the compressed model saved in DIR (`pocketformer compress ... --out DIR`) rebuild, so the
-figures say which door a trained table's perplexity comes through. A probe, not a test.
+figures say which door a trained table's perplexity comes through. With --tiers the table is
+split by calibration frequency into tiers of their own rank (exact rows, low-rank tiers, the
+rest), the design behind the `tier_share` option. A probe, not a test.
 
     .venv/bin/python benchmarks/tied_table_probe.py --model smollm2 --ratio 10 \
         --calibration ../shared/data/wikitext-2/valid.txt@0:0.5 \
@@ -82,6 +84,12 @@ def main() -> int:
                    help="also score each fit with row norms restored and a per-token logit bias")
     p.add_argument("--bias-positions", type=int, default=8192,
                    help="calibration head inputs sampled for the logit bias")
+    p.add_argument("--tiers", default="",
+                   help="also score frequency tiers, ';'-separated configs of 'K1:r1,K2:r2,...': the "
+                        "K1 most frequent calibration tokens at rank r1 (r1 = d: exact rows), the next "
+                        "K2 at rank r2, each tier its own truncated SVD, the rest one SVD at the rank "
+                        "the budget leaves; fitted in the metric of the first --metrics value, tied "
+                        "only (the design behind see's tier_share, docs/see.md)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--samples", type=int, default=480, help="calibration windows counted")
@@ -186,7 +194,7 @@ def main() -> int:
         counts = calibration_counts(batches, V, share)
         exact = exact_tokens(counts, d, args.ratio, share)
         K = 0 if exact is None else exact.numel()
-        k = svd_rank(V, d, args.ratio, exact)
+        k = svd_rank(V, d, args.ratio, 0 if exact is None else (K + 1) * d)
         rest = fitted_rows(V, exact)
         covered = 0.0 if counts is None else float(counts[~rest].sum() / counts.sum())
         for beta in betas:
@@ -216,6 +224,38 @@ def main() -> int:
                     print(f"| {share:g} | {K} | {covered:.1%} | {k} | {beta:g}{label}: input rows at "
                           f"their norms, head with bias | | {perplexity(normed, E):.1f} | "
                           f"{perplexity(E, approx, bias):.1f} |", flush=True)
+    if args.tiers:
+        n = calibration_counts(batches, V, 1.0)
+        order = torch.sort(-n, stable=True).indices            # ties: lower token id first
+        beta = betas[0]
+        if beta and C is None:
+            C = head_moment(loaded, batches)
+        L, L_inv = metric_root(metric_from_moment(C, beta)) if beta else (torch.eye(d), torch.eye(d))
+        print(f"| tiers (head_metric {beta:g}) | parameters | calibration tokens in the tiers | tied |")
+        print("|---|---|---|---|")
+        for config in args.tiers.split(";"):
+            approx, used, start, parts = E.clone(), 0, 0, []
+            for K, r in (tuple(int(x) for x in t.split(":")) for t in config.split(",")):
+                ids = order[start:start + K]
+                start += K
+                if r >= d:
+                    used += (K + 1) * d
+                else:
+                    P, Q = weighted_svd(E[ids] @ L, r)
+                    approx[ids] = P @ Q @ L_inv
+                    used += (K + 1 + d) * r
+                parts.append(f"{K} at {'d' if r >= d else r}")
+            ids = order[start:]
+            r = int((V * d / args.ratio - used) / (ids.numel() + d))
+            if r < 1:
+                print(f"| {' + '.join(parts)}: over the budget |", flush=True)
+                continue
+            P, Q = weighted_svd(E[ids] @ L, r)
+            approx[ids] = P @ Q @ L_inv
+            used += ids.numel() * r + r * d
+            covered = float(n[order[:start]].sum() / n.sum())
+            print(f"| {' + '.join(parts)} + rest at {r} | {used:,} ({V * d / used:.2f}x) | "
+                  f"{covered:.1%} | {perplexity(approx, approx):.1f} |", flush=True)
     return 0
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding,
-                                          factor_dims, head_for, kron_sum)
+                                          LowRankRows, factor_dims, head_for, kron_sum)
 from pocketformer.compress.recovery import (_kd_loss, check_device, check_precision, device_name,
                                              on_device, resolve_precision, student_autocast)
 from pocketformer.compress.registry import Calibration, register
@@ -57,6 +57,9 @@ class EmbeddingStages:
                                      # row-weighted truncated SVD
     exact_share: float = 0.0         # share of the parameter budget spent on exact rows for the
                                      # calibration text's most frequent tokens (ExactRows)
+    tier_share: float = 0.0          # share of the budget spent on a rank-tier_rank table for the
+                                     # next most frequent tokens (LowRankRows), fitted in the metric
+    tier_rank: int = 192             # the rank of that tier's rows (below d)
     head_metric: float = 0.0         # tied heads: fit the rows in (1 - this) I + this x the head
                                      # input's second moment (see: its low-rank form; embed-svd:
                                      # the full d x d metric)
@@ -92,6 +95,7 @@ class EmbeddingStages:
         if self.frequency_weight < 0:
             raise BadInputError("must be >= 0", field="frequency_weight")
         _check_exact_share(self.exact_share)
+        _check_tier(self.exact_share, self.tier_share, self.tier_rank)
         _check_head_metric(self.head_metric)
         _check_input_metric(self.input_metric, self.head_metric)
         if self.input_metric_batches < 1:
@@ -106,6 +110,7 @@ class EmbeddingStages:
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
+                or self.tier_share > 0
                 or self.head_metric > 0 or self.input_metric > 0)
 
 
@@ -287,12 +292,13 @@ def budget(V: int, d: int, dims: tuple[int, ...], ratio: float, R: int, b_share:
 
 def plan_units(tokens: list[str], family: str, E: torch.Tensor, dims: tuple[int, ...], cfg: SEEConfig,
                wordnet=None, exact: torch.Tensor | None = None, width: int | None = None,
-               reserved: int = 0) -> Plan:
-    """Units and terms for every token; tokens in `exact` (kept as exact rows) get no terms and
-    their rows' parameters are taken from the budget first. `E` holds the rows to encode (a
-    principal basis' coordinates, d1 d2 [d3] wide, `dims` the factors); `width` is the table's own
-    width d that the ratio and the exact rows refer to (default: E's), `reserved` parameters
-    already spent (the basis)."""
+               reserved: int = 0, kept_params: int | None = None) -> Plan:
+    """Units and terms for every token; tokens in `exact` (kept as exact rows, or in a low-rank
+    tier) get no terms and their rows' parameters are taken from the budget first (`kept_params`;
+    default: (K + 1) d for K exact rows). `E` holds the rows to encode (a principal basis'
+    coordinates, d1 d2 [d3] wide, `dims` the factors); `width` is the table's own width d that
+    the ratio and the exact rows refer to (default: E's), `reserved` parameters already spent
+    (the basis)."""
     V = E.shape[0]
     d = width or E.shape[1]
     R = cfg.rank()
@@ -301,7 +307,8 @@ def plan_units(tokens: list[str], family: str, E: torch.Tensor, dims: tuple[int,
     if n_exact:
         is_exact[exact] = True
     table_units = budget(V, d, dims, cfg.ratio, R, cfg.b_share,
-                         reserved=((n_exact + 1) * d if n_exact else 0) + reserved)
+                         reserved=(kept_params if kept_params is not None
+                                   else (n_exact + 1) * d if n_exact else 0) + reserved)
     Ua = table_units[0]
     index_a = torch.zeros(V, R, dtype=torch.long)
     active = torch.zeros(V, R, dtype=torch.bool)
@@ -666,13 +673,24 @@ def _check_exact_share(share: float) -> None:
         raise BadInputError("must be in [0, 1)", field="exact_share")
 
 
-def calibration_counts(batches, V: int, share: float) -> torch.Tensor | None:
-    """The token counts exact rows are chosen by (None when share is 0: no exact rows)."""
+def _check_tier(exact_share: float, share: float, rank: int) -> None:
+    if not 0 <= share < 1:
+        raise BadInputError("must be in [0, 1)", field="tier_share")
+    if exact_share + share >= 1:
+        raise BadInputError(f"exact_share {exact_share:g} + tier_share {share:g} leave nothing for "
+                            "the factored rows: their sum must be below 1", field="tier_share")
+    if rank < 1:
+        raise BadInputError("must be >= 1", field="tier_rank")
+
+
+def calibration_counts(batches, V: int, share: float, field: str = "exact_share") -> torch.Tensor | None:
+    """The token counts exact rows (and a low-rank tier) are chosen by (None when share is 0:
+    no such rows)."""
     if share <= 0:
         return None
     if not batches:
         raise BadInputError("exact rows are chosen from the calibration text: give --calibration",
-                            field="exact_share")
+                            field=field)
     return token_counts(batches, V)
 
 
@@ -691,6 +709,63 @@ def exact_tokens(n: torch.Tensor | None, d: int, ratio: float, share: float) -> 
     return order[:K].sort().values
 
 
+@dataclass
+class KeptRows:
+    """The rows the factored part does not fit: exact rows for the calibration text's most
+    frequent tokens (`exact`), then rank-`rank` rows for the next most frequent (`tier`)."""
+    exact: torch.Tensor | None = None
+    tier: torch.Tensor | None = None
+    rank: int = 0
+
+    @property
+    def ids(self) -> torch.Tensor | None:
+        parts = [t for t in (self.exact, self.tier) if t is not None]
+        return torch.cat(parts).sort().values if parts else None
+
+    def params(self, d: int) -> int:
+        """What they cost: (K + 1) d for K exact rows, (M + 1) r + r d for an M-row tier."""
+        n = 0 if self.exact is None else (self.exact.numel() + 1) * d
+        return n + (0 if self.tier is None else (self.tier.numel() + 1 + d) * self.rank)
+
+
+def kept_rows(batches, V: int, d: int, config: EmbeddingStages) -> tuple[torch.Tensor | None, KeptRows]:
+    """(counts, kept): the calibration token counts (None without exact rows or a tier) and the
+    tokens that keep exact rows (exact_share) or join the low-rank tier (tier_share): the most
+    frequent first, then, after them, the next most frequent ones, as many rank-r rows as
+    tier_share of the V d / ratio budget pays for once its r x d basis is paid (never more than
+    the tokens the text uses)."""
+    counts = calibration_counts(batches, V, config.exact_share + config.tier_share,
+                                "exact_share" if config.exact_share > 0 else "tier_share")
+    exact = exact_tokens(counts, d, config.ratio, config.exact_share) if config.exact_share > 0 else None
+    if config.tier_share <= 0:
+        return counts, KeptRows(exact)
+    r = config.tier_rank
+    if r >= d:
+        raise BadInputError(f"must be below the embedding width {d} (a rank-{d} row is an exact row: "
+                            "use exact_share)", field="tier_rank")
+    order = torch.sort(-counts, stable=True).indices          # ties: lower token id first
+    taken = torch.zeros(V, dtype=torch.bool)
+    if exact is not None:
+        taken[exact] = True
+    order = order[~taken[order] & (counts[order] > 0)]
+    M = min(int(config.tier_share * V * d / config.ratio / r) - d - 1, order.numel())
+    if M < 1:
+        raise BadInputError(f"share {config.tier_share:g} of a {V * d / config.ratio:,.0f}-parameter "
+                            f"budget buys no rank-{r} row beyond its {r} x {d} basis"
+                            + ("" if order.numel() else " (the calibration text has no token left)"),
+                            field="tier_share")
+    return counts, KeptRows(exact, order[:M].sort().values, r)
+
+
+def tier_fit(rows: torch.Tensor, rank: int, root: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coef, basis), M x r and r x d: the rank-r optimum of the tier's rows, in the metric
+    M = L L^T when `root` = (L, L^-1) is given (the truncated SVD of rows L, its basis mapped
+    back by L^-1)."""
+    coef, basis = weighted_svd(rows if root is None else rows @ root[0], rank)
+    return coef, (basis if root is None else basis @ root[1])
+
+
 def with_basis(core: EntangledEmbedding, P: torch.Tensor) -> EntangledEmbedding:
     """`core` (fitted to the coordinates E P^T) as a module whose rows are its rows times P."""
     return EntangledEmbedding(core.table_a.detach(), core.table_b.detach(), core.index_a,
@@ -699,8 +774,14 @@ def with_basis(core: EntangledEmbedding, P: torch.Tensor) -> EntangledEmbedding:
                               index_c=core.index_c)
 
 
-def with_exact_rows(base: nn.Module, E: torch.Tensor, exact: torch.Tensor | None) -> nn.Module:
-    return base if exact is None else ExactRows(base, exact, E[exact])
+def with_kept_rows(base: nn.Module, E: torch.Tensor, kept: KeptRows,
+                   root: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """`base` (the factored rows) with the tier's low-rank rows (fitted by tier_fit in the metric
+    `root`) and the exact rows on top: ExactRows(LowRankRows(base))."""
+    module = base
+    if kept.tier is not None:
+        module = LowRankRows(module, kept.tier, *tier_fit(E[kept.tier], kept.rank, root))
+    return module if kept.exact is None else ExactRows(module, kept.exact, E[kept.exact])
 
 
 def fitted_rows(V: int, exact: torch.Tensor | None) -> torch.Tensor:
@@ -972,10 +1053,10 @@ def metric_lowrank(M: torch.Tensor, k: int = 64) -> tuple[float, torch.Tensor, f
     return c, (U[:, -k:] * top.sqrt()).float(), float(lam[-k:].sum() / lam.sum())
 
 
-def basis_width(V: int, d: int, cfg: SEEConfig, exact_rows: int = 0) -> int:
+def basis_width(V: int, d: int, cfg: SEEConfig, kept_params: int = 0) -> int:
     """d': the width of the coordinates the Kronecker sum builds (d for the raw basis). A default
     principal basis is d x d when that takes at most BASIS_BUDGET_SHARE of the budget left after
-    the exact rows, else the widest d1 x d2 [x d3] under that share (near-square or near-cube,
+    the kept rows (`kept_params`: exact rows, a low-rank tier), else the widest d1 x d2 [x d3] under that share (near-square or near-cube,
     largest factor <= 2 x smallest, or one the d1 the user gave splits)."""
     if cfg.basis == "raw":
         return d
@@ -983,7 +1064,7 @@ def basis_width(V: int, d: int, cfg: SEEConfig, exact_rows: int = 0) -> int:
         if cfg.basis_dim > d:
             raise BadInputError(f"at most the embedding width {d}", field="basis_dim")
         return cfg.basis_dim
-    left = V * d / cfg.ratio - ((exact_rows + 1) * d if exact_rows else 0)
+    left = V * d / cfg.ratio - kept_params
     cap = int(BASIS_BUDGET_SHARE * left / d)
     if cap >= d:
         return d
@@ -1016,14 +1097,15 @@ def principal_basis(E: torch.Tensor, width: int, root: tuple[torch.Tensor, torch
     return Vh @ root[1], target @ Vh.T
 
 
-def split_coordinates(E: torch.Tensor, config: SEEConfig, exact: torch.Tensor | None = None,
+def split_coordinates(E: torch.Tensor, config: SEEConfig, kept: KeptRows | None = None,
                       root: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, ...]]:
     """(P, X, dims): the principal basis (None for the raw one; in the metric L L^T when `root`
-    = (L, L^-1) is given; fitted to the rows outside `exact`, the ids that keep exact rows), the
+    = (L, L^-1) is given; fitted to the rows outside `kept`, the exact and tier rows), the
     coordinates X that the Kronecker sum builds (E itself for the raw basis; X P rebuilds E), and
     its split d' = d1 x d2 [x d3]."""
-    width = basis_width(*E.shape, config, 0 if exact is None else exact.numel())
+    kept = kept or KeptRows()
+    width = basis_width(*E.shape, config, kept.params(E.shape[1]))
     try:
         dims = factor_dims(width, config.order, config.d1)
     except ValueError as e:
@@ -1033,7 +1115,7 @@ def split_coordinates(E: torch.Tensor, config: SEEConfig, exact: torch.Tensor | 
                             field=field) from None
     if config.basis != "principal":
         return None, E, dims
-    return (*principal_basis(E, width, root, fitted_rows(E.shape[0], exact)), dims)
+    return (*principal_basis(E, width, root, fitted_rows(E.shape[0], kept.ids)), dims)
 
 
 def init_entangled(plan: Plan, dims: tuple[int, ...], E: torch.Tensor, seed: int) -> EntangledEmbedding:
@@ -1141,15 +1223,19 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
 
 
 @torch.no_grad()
-def _exact_summary(module: nn.Module, E: torch.Tensor, n: torch.Tensor | None,
-                   exact: torch.Tensor | None) -> dict:
-    """With exact rows: how many, what share of the calibration tokens (counts `n`) they cover,
-    and the whole table's relative row error."""
-    if exact is None:
+def _exact_summary(module: nn.Module, E: torch.Tensor, n: torch.Tensor | None, kept: KeptRows) -> dict:
+    """With exact rows or a tier: how many, what share of the calibration tokens (counts `n`)
+    they cover, and the whole table's relative row error."""
+    if kept.ids is None:
         return {}
-    return {"exact_rows": int(exact.numel()),
-            "exact_calibration_coverage": float(n[exact].sum() / n.sum()),
-            "relative_error_with_exact": float(((module.weight - E) ** 2).sum() / (E ** 2).sum())}
+    out = {"relative_error_with_exact": float(((module.weight - E) ** 2).sum() / (E ** 2).sum())}
+    if kept.exact is not None:
+        out.update(exact_rows=int(kept.exact.numel()),
+                   exact_calibration_coverage=float(n[kept.exact].sum() / n.sum()))
+    if kept.tier is not None:
+        out.update(tier_rows=int(kept.tier.numel()), tier_rank=kept.rank,
+                   tier_calibration_coverage=float(n[kept.tier].sum() / n.sum()))
+    return out
 
 
 def _install(loaded: LoadedModel, module: nn.Module, *, tied: bool) -> None:
@@ -1225,18 +1311,19 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     V, d = E.shape
     tokens = loaded.adapter.vocabulary(loaded)
     batches = calib.inputs(loaded) if calib is not None else []
-    counts = calibration_counts(batches, V, config.exact_share)
-    exact = exact_tokens(counts, d, config.ratio, config.exact_share)
+    counts, kept = kept_rows(batches, V, d, config)
+    exact = kept.ids                      # the rows the Kronecker sum leaves alone
     # the rows are fitted in one metric (input or head side); the principal basis whitens it
     # (every stage-1a step then runs in it), the raw basis keeps its low-rank form for the Adam phase
     which, M = fit_metric(loaded, batches, config)
-    root = metric_root(M) if M is not None and config.basis == "principal" else None
-    P, X, dims = split_coordinates(E, config, exact, root)
+    full_root = metric_root(M) if M is not None else None
+    root = full_root if config.basis == "principal" else None
+    P, X, dims = split_coordinates(E, config, kept, root)
     width = X.shape[1]
     say(f"see: planning units for {V} tokens ({config.basis} basis, d' = "
         f"{' x '.join(map(str, dims))}, ratio {config.ratio:g})")
     plan = plan_units(tokens, loaded.family, X, dims, config, exact=exact, width=d,
-                      reserved=0 if P is None else P.numel())
+                      reserved=0 if P is None else P.numel(), kept_params=kept.params(d))
     lowrank = None
     if M is not None and root is None:
         c, W, share = metric_lowrank(M)
@@ -1263,8 +1350,8 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
             if root is not None:                          # the error in the metric
                 err = float((((base.weight - E) @ root[0]) ** 2).sum() / (ref ** 2).sum())
                 rows.update({which: getattr(config, which), f"{which}_relative_error": err})
-    module = with_exact_rows(base, E, exact)
-    rows.update(_exact_summary(module, E, counts, exact))
+    module = with_kept_rows(base, E, kept, full_root)
+    rows.update(_exact_summary(module, E, counts, kept))
     allowed = int(V * d / config.ratio)
     if module.param_count() < UNSPENT_WARNING * allowed:
         say(f"see: only {module.param_count():,} of the {allowed:,} parameters ratio {config.ratio:g} "
@@ -1291,10 +1378,9 @@ def weighted_svd(E: torch.Tensor, k: int, weights: torch.Tensor | None = None
     return (U[:, :k] * S[:k] / sw).float(), Vh[:k].float()
 
 
-def svd_rank(V: int, d: int, ratio: float, exact: torch.Tensor | None) -> int:
-    """The rank k whose V x k + k x d factors, plus the exact rows' (K + 1) x d table, fit the
-    V d / ratio budget (below 1 when they do not)."""
-    reserved = 0 if exact is None else (exact.numel() + 1) * d
+def svd_rank(V: int, d: int, ratio: float, reserved: int = 0) -> int:
+    """The rank k whose V x k + k x d factors, plus `reserved` parameters (exact rows, a
+    low-rank tier: KeptRows.params), fit the V d / ratio budget (below 1 when they do not)."""
     return int((V * d / ratio - reserved) / (V + d))
 
 
@@ -1310,26 +1396,26 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     E = _embedding_table(loaded, config)
     V, d = E.shape
     batches = calib.inputs(loaded) if calib is not None else []
-    counts = calibration_counts(batches, V, config.exact_share)
-    exact = exact_tokens(counts, d, config.ratio, config.exact_share)
-    k = svd_rank(V, d, config.ratio, exact)
+    counts, kept = kept_rows(batches, V, d, config)
+    k = svd_rank(V, d, config.ratio, kept.params(d))
     if k < 1:
         raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table"
-                            + (" after the exact rows" if exact is not None else ""), field="ratio")
+                            + (" after the exact rows and the tier" if kept.ids is not None else ""),
+                            field="ratio")
     weights = row_weights(batches, V, config.frequency_weight)
     _, M = fit_metric(loaded, batches, config)
     # in the metric M = L L^T (head or input): the rank-k optimum of E L, mapped back by L^-1 (exact)
     L, L_inv = metric_root(M) if M is not None else (None, None)
     target = E if L is None else E @ L
-    rest = fitted_rows(V, exact)
+    rest = fitted_rows(V, kept.ids)
     P = torch.zeros(V, k)
     P[rest], Q = weighted_svd(target[rest], k, None if weights is None else weights[rest])
     if L_inv is not None:
         Q = Q @ L_inv
-    module = with_exact_rows(FactoredEmbedding(P, Q), E, exact)
+    module = with_kept_rows(FactoredEmbedding(P, Q), E, kept, None if L is None else (L, L_inv))
     with torch.no_grad():
         rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
-    rows = {"relative_error": rel, **_exact_summary(module, E, counts, exact),
+    rows = {"relative_error": rel, **_exact_summary(module, E, counts, kept),
             **({"head_metric": config.head_metric} if config.head_metric > 0 else {}),
             **({"input_metric": config.input_metric} if config.input_metric > 0 else {})}
     tied, stages = _replace_and_train(loaded, module, E, batches, config, "embed-svd")

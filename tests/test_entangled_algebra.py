@@ -245,6 +245,33 @@ def test_exact_rows_override_the_factored_rows_in_both_directions(kind):
 
 
 
+@pytest.mark.parametrize("kind", ["entangled", "factored"])
+def test_low_rank_tier_under_exact_rows_in_both_directions(kind):
+    """ExactRows(LowRankRows(base)): exact rows win, then the tier's coef @ basis rows, then the
+    base's; the head's logits are those of that table, and a loader rebuilds it strictly."""
+    from pocketformer.models.factored import ExactRows, FactoredEmbedding, LowRankRows, build, describe
+
+    V, d, r = 13, 12, 4
+    base = _random(V=V) if kind == "entangled" else FactoredEmbedding(torch.randn(V, 3), torch.randn(3, d))
+    tier_ids, coef, basis = torch.tensor([0, 5, 6, 12]), torch.randn(4, r), torch.randn(r, d)
+    exact_ids, rows = torch.tensor([2, 7]), torch.randn(2, d)
+    emb = ExactRows(LowRankRows(base, tier_ids, coef, basis), exact_ids, rows)
+    expected = base.weight.detach().clone()
+    expected[tier_ids] = coef @ basis
+    expected[exact_ids] = rows
+    torch.testing.assert_close(emb.weight, expected)
+    tokens = torch.tensor([[0, 2, 3], [12, 7, 5]])
+    torch.testing.assert_close(emb(tokens), expected[tokens])
+    h = torch.randn(2, 5, d)
+    torch.testing.assert_close(emb.logits(h), h @ expected.T, rtol=1e-5, atol=1e-5)
+    assert emb.param_count() == base.param_count() + (4 + 1) * r + r * d + (2 + 1) * d
+    entry = describe(emb)
+    assert entry["base"] == {"kind": "low-rank-rows", "rows": 4, "rank": r, "base": describe(base)}
+    again = build(entry)
+    again.load_state_dict(emb.state_dict(), strict=True)
+    torch.testing.assert_close(again.weight, expected)
+
+
 def test_low_rank_metric_is_exact_for_spike_plus_isotropic():
     """head_metric for SEE: M ~ c I + W W^T keeps the top-k eigen-directions exactly and the
     rest at their mean, which is M itself when M is k spikes on an isotropic floor."""

@@ -60,6 +60,52 @@ def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_1l, small_te
     assert entry["kind"] == "exact-rows" and entry["rows"] == K and entry["base"]["kind"] == "entangled"
 
 
+@pytest.mark.parametrize("method", ["see", "embed-svd"])
+def test_low_rank_tier_between_exact_rows_and_the_factored_rows(tiny_llama_1l, small_text, tmp_path,
+                                                               method):
+    """tier_share: after the exact rows, the next most frequent calibration tokens get rank-r
+    rows of their own table (LowRankRows), the rank-r optimum of their rows before training,
+    within the ratio's budget; the composed table saves, reloads and exports with parity."""
+    from pocketformer.compress.see import token_counts
+    from pocketformer.models.factored import LowRankRows
+
+    loaded = load_model(tiny_llama_1l)
+    E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
+    V, dim = E.shape
+    r = 8
+    params = {"ratio": 4, "exact_share": 0.15, "tier_share": 0.2, "tier_rank": r,
+              "hidden_minutes": 0, "distill_minutes": 0}
+    if method == "see":
+        params["reconstruct_steps"] = 50
+    calib = _calib(loaded, small_text)
+    d = run_step(loaded, method, parse_params(get_method(method), params), calib)["details"]
+    assert d["params_after"] * 4 <= d["params_before"]
+    emb = loaded.adapter.embeddings(loaded.model)
+    assert isinstance(emb, ExactRows) and isinstance(emb.base, LowRankRows)
+    tier = emb.base
+    K, M = emb.rows_kept, tier.rows_kept
+    n = token_counts(calib.inputs(loaded), V)
+    # as many rank-r rows as the share pays for after the r x d basis (not capped here: the
+    # calibration text uses more tokens than that)
+    assert K == int(0.15 * V / 4) and M == int(0.2 * V * dim / 4 / r) - dim - 1 < int((n > 0).sum()) - K
+    assert (d["stage1_rows"]["exact_rows"], d["stage1_rows"]["tier_rows"]) == (K, M)
+    is_exact, in_tier = emb.slot < K, tier.slot < M
+    assert not (is_exact & in_tier).any()
+    rest = ~is_exact & ~in_tier
+    assert n[is_exact].min() >= n[in_tier].max() and n[in_tier].min() >= n[rest].max()
+    # no training: the tier's rows are the rank-r optimum of the original rows (no metric here)
+    err = float(((tier.weight[in_tier] - E[in_tier]) ** 2).sum())
+    S = torch.linalg.svdvals(E[in_tier].double())
+    assert err == pytest.approx(float((S[r:] ** 2).sum()), rel=1e-3)
+    torch.testing.assert_close(emb.weight[is_exact], E[is_exact])
+    ids = loaded.adapter.example_inputs(loaded, seq_len=16)
+    with torch.inference_mode():
+        expected = loaded.adapter.export_module(loaded)(*ids)
+    entry = _reload_and_export(loaded, ids, expected, tmp_path, generation=False)
+    assert entry["kind"] == "exact-rows" and entry["base"]["kind"] == "low-rank-rows"
+    assert entry["base"]["rank"] == r
+
+
 def _reload_and_export(loaded, ids, expected, tmp_path, generation: bool = True) -> dict:
     """Save, reload (same outputs on `ids`), export ONNX and .pte, forward and (with
     `generation`) generation programs, with parity; returns the saved config's embedding entry."""
@@ -628,6 +674,11 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--inventory", "hownet"], "wordnet"),
     (["--exact-share", "1.5"], "exact_share"),
     (["--ratio", "50000", "--exact-share", "0.5"], "buys no"),
+    (["--tier-share", "1.5"], "tier_share"),
+    (["--exact-share", "0.6", "--tier-share", "0.5"], "must be below 1"),
+    (["--tier-share", "0.3", "--tier-rank", "0"], "tier_rank"),
+    (["--tier-share", "0.3", "--tier-rank", "32"], "below the embedding width 32"),
+    (["--ratio", "50000", "--tier-share", "0.5", "--tier-rank", "4"], "buys no rank-4 row"),
     (["--head-metric", "1.5"], "head_metric"),
     (["--head-metric", "0.5"], "tied LM head"),
     (["--input-metric", "1.5"], "input_metric"),

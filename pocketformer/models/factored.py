@@ -317,7 +317,9 @@ class FactoredEmbedding(nn.Module):
         return nn.functional.embedding(input_ids, self.P) @ self.Q
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.Q.T) @ self.P.T
+        # linears of the parameters as stored: XNNPACK delegates these; (h Q^T) P^T as two
+        # matmuls of transposes stayed in the portable kernels (mm)
+        return F.linear(F.linear(hidden, self.Q), self.P)
 
     def param_count(self) -> int:
         return self.P.numel() + self.Q.numel()
@@ -378,14 +380,76 @@ class ExactRows(nn.Module):
         return self.base.param_count() + self.exact.numel()
 
 
+class LowRankRows(nn.Module):
+    """A middle tier between exact rows and the factored long tail: M chosen tokens (the next
+    most frequent ones in the user's calibration text) read rank-r rows `coef[slot] @ basis` of
+    their own low-rank table; every other token reads `base`. As in ExactRows, `slot[v]` is
+    token v's row in `coef` (M + 1 rows, the last all zeros), so both directions are gathers
+    and a select:
+
+        rows(ids)  = where(slot[ids] < M, coef[slot[ids]] basis, base(ids))
+        logits(h)  = where(slot < M, ((h basis^T) coef^T)[..., slot], base.logits(h))
+
+    It costs (M + 1) r + r d parameters, and its head (M + 1) r + r d multiply-adds per position."""
+
+    def __init__(self, base: nn.Module, ids: torch.Tensor, coef: torch.Tensor, basis: torch.Tensor):
+        super().__init__()
+        V, M = base.num_embeddings, int(ids.numel())
+        slot = torch.full((V,), M, dtype=torch.int64)
+        slot[ids.to(torch.int64)] = torch.arange(M)
+        self.base = base
+        self.register_buffer("slot", slot)
+        self.coef = nn.Parameter(torch.cat([coef.float().reshape(M, -1), torch.zeros(1, basis.shape[0])]))
+        self.basis = nn.Parameter(basis.float().clone())
+
+    @property
+    def rows_kept(self) -> int:
+        return self.coef.shape[0] - 1
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        keep = (self.slot < self.rows_kept).unsqueeze(-1)
+        return torch.where(keep, _take_rows(self.coef, self.slot) @ self.basis, self.base.weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        s = _take_rows(self.slot, input_ids)
+        mine = _take_rows(self.coef, s) @ self.basis
+        return torch.where((s < self.rows_kept).unsqueeze(-1), mine, self.base(input_ids))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        mine = F.linear(F.linear(hidden, self.basis), self.coef).index_select(-1, self.slot)
+        return torch.where(self.slot < self.rows_kept, mine, self.base.logits(hidden))
+
+    def param_count(self) -> int:
+        return self.base.param_count() + self.coef.numel() + self.basis.numel()
+
+
 class ExactRowsHead(_TiedHead):
     """The tied head of an ExactRows embedding."""
+
+
+class LowRankRowsHead(_TiedHead):
+    """The tied head of a LowRankRows embedding."""
 
 
 def head_for(embedding: nn.Module) -> nn.Module:
     """The tied output head that reads `embedding` without forming its dense table."""
     if isinstance(embedding, ExactRows):
         return ExactRowsHead(embedding)
+    if isinstance(embedding, LowRankRows):
+        return LowRankRowsHead(embedding)
     return EntangledHead(embedding) if isinstance(embedding, EntangledEmbedding) else FactoredHead(embedding)
 
 
@@ -393,6 +457,9 @@ def describe(embedding: nn.Module) -> dict | None:
     """Config entry that lets a loader rebuild `embedding`'s shapes (None for nn.Embedding)."""
     if isinstance(embedding, ExactRows):
         return {"kind": "exact-rows", "rows": embedding.rows_kept, "base": describe(embedding.base)}
+    if isinstance(embedding, LowRankRows):
+        return {"kind": "low-rank-rows", "rows": embedding.rows_kept, "rank": embedding.rank,
+                "base": describe(embedding.base)}
     if isinstance(embedding, EntangledEmbedding):
         return {"kind": "entangled", "units_a": embedding.table_a.shape[0],
                 "units_b": embedding.table_b.shape[0], "d1": embedding.table_a.shape[1],
@@ -413,6 +480,10 @@ def build(entry: dict) -> nn.Module:
         base = build(entry["base"])
         K = entry["rows"]
         return ExactRows(base, torch.arange(K), torch.zeros(K, base.embedding_dim))
+    if entry["kind"] == "low-rank-rows":
+        base = build(entry["base"])
+        M, r = entry["rows"], entry["rank"]
+        return LowRankRows(base, torch.arange(M), torch.zeros(M, r), torch.zeros(r, base.embedding_dim))
     if entry["kind"] == "entangled":
         V, R = entry["vocab"], entry["rank"]
         third = "units_c" in entry
