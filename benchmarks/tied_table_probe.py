@@ -194,8 +194,9 @@ def main() -> int:
         counts = calibration_counts(batches, V, share)
         exact = exact_tokens(counts, d, args.ratio, share)
         K = 0 if exact is None else exact.numel()
-        k = svd_rank(V, d, args.ratio, 0 if exact is None else (K + 1) * d)
         rest = fitted_rows(V, exact)
+        k = (svd_rank(V, d, args.ratio) if exact is None
+             else svd_rank(V, d, args.ratio, (K + 1) * d, int(rest.sum())))
         covered = 0.0 if counts is None else float(counts[~rest].sum() / counts.sum())
         for beta in betas:
             variants = [("", torch.eye(d), torch.eye(d))]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding,
-                                          LowRankRows, factor_dims, head_for, kron_sum)
+                                          LowRankRows, ZeroRows, factor_dims, head_for, kron_sum)
 from pocketformer.compress.recovery import (_kd_loss, check_device, check_precision, device_name,
                                              on_device, resolve_precision, student_autocast)
 from pocketformer.compress.registry import Calibration, register
@@ -1378,10 +1378,12 @@ def weighted_svd(E: torch.Tensor, k: int, weights: torch.Tensor | None = None
     return (U[:, :k] * S[:k] / sw).float(), Vh[:k].float()
 
 
-def svd_rank(V: int, d: int, ratio: float, reserved: int = 0) -> int:
-    """The rank k whose V x k + k x d factors, plus `reserved` parameters (exact rows, a
-    low-rank tier: KeptRows.params), fit the V d / ratio budget (below 1 when they do not)."""
-    return int((V * d / ratio - reserved) / (V + d))
+def svd_rank(V: int, d: int, ratio: float, reserved: int = 0, rows: int | None = None) -> int:
+    """The rank k whose n x k + k x d factors, plus `reserved` parameters (exact rows, a
+    low-rank tier: KeptRows.params), fit the V d / ratio budget (below 1 when they do not);
+    n = V, or `rows` + 1 when the factors hold only the rows outside the kept ones
+    (LowRankRows over ZeroRows)."""
+    return int((V * d / ratio - reserved) / ((V if rows is None else rows + 1) + d))
 
 
 @dataclass
@@ -1397,7 +1399,9 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     V, d = E.shape
     batches = calib.inputs(loaded) if calib is not None else []
     counts, kept = kept_rows(batches, V, d, config)
-    k = svd_rank(V, d, config.ratio, kept.params(d))
+    rest = fitted_rows(V, kept.ids)
+    # with kept rows the factors hold only the other rows (no zero row of P per kept token)
+    k = svd_rank(V, d, config.ratio, kept.params(d), None if kept.ids is None else int(rest.sum()))
     if k < 1:
         raise BadInputError(f"ratio {config.ratio:g} leaves no rank for a {V} x {d} table"
                             + (" after the exact rows and the tier" if kept.ids is not None else ""),
@@ -1407,12 +1411,12 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     # in the metric M = L L^T (head or input): the rank-k optimum of E L, mapped back by L^-1 (exact)
     L, L_inv = metric_root(M) if M is not None else (None, None)
     target = E if L is None else E @ L
-    rest = fitted_rows(V, kept.ids)
-    P = torch.zeros(V, k)
-    P[rest], Q = weighted_svd(target[rest], k, None if weights is None else weights[rest])
+    P, Q = weighted_svd(target[rest], k, None if weights is None else weights[rest])
     if L_inv is not None:
         Q = Q @ L_inv
-    module = with_kept_rows(FactoredEmbedding(P, Q), E, kept, None if L is None else (L, L_inv))
+    base = (FactoredEmbedding(P, Q) if kept.ids is None
+            else LowRankRows(ZeroRows(V, d), rest.nonzero().squeeze(-1), P, Q))
+    module = with_kept_rows(base, E, kept, None if L is None else (L, L_inv))
     with torch.no_grad():
         rel = float(((module.weight - E) ** 2).sum() / (E ** 2).sum())
     rows = {"relative_error": rel, **_exact_summary(module, E, counts, kept),

@@ -272,6 +272,26 @@ def test_low_rank_tier_under_exact_rows_in_both_directions(kind):
     torch.testing.assert_close(again.weight, expected)
 
 
+def test_low_rank_rows_over_zero_rows_store_only_their_rows():
+    """LowRankRows(ZeroRows): the SVD baseline's compact form, its tokens' rows coef @ basis and
+    every other row (and logit) zero, with parameters for its own rows only; it reloads."""
+    from pocketformer.models.factored import LowRankRows, ZeroRows, build, describe
+
+    V, d, r = 9, 6, 2
+    ids, coef, basis = torch.tensor([1, 2, 8]), torch.randn(3, r), torch.randn(r, d)
+    emb = LowRankRows(ZeroRows(V, d), ids, coef, basis)
+    expected = torch.zeros(V, d)
+    expected[ids] = coef @ basis
+    torch.testing.assert_close(emb.weight, expected)
+    tokens = torch.tensor([[0, 1, 8], [2, 3, 3]])
+    torch.testing.assert_close(emb(tokens), expected[tokens])
+    h = torch.randn(4, d)
+    torch.testing.assert_close(emb.logits(h), h @ expected.T, rtol=1e-5, atol=1e-5)
+    assert emb.param_count() == (3 + 1) * r + r * d == sum(p.numel() for p in emb.parameters())
+    again = build(describe(emb))
+    again.load_state_dict(emb.state_dict(), strict=True)
+    torch.testing.assert_close(again.weight, expected)
+
 def test_low_rank_metric_is_exact_for_spike_plus_isotropic():
     """head_metric for SEE: M ~ c I + W W^T keeps the top-k eigen-directions exactly and the
     rest at their mean, which is M itself when M is k spikes on an isotropic floor."""

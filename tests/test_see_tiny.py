@@ -11,7 +11,8 @@ from pocketformer.compress import Calibration, get_method, parse_params, run_ste
 from pocketformer.data import DataSpec, load_for
 from pocketformer.export import ExportConfig, export_model
 from pocketformer.models import load_model, save_model
-from pocketformer.models.factored import EntangledEmbedding, ExactRows, ExactRowsHead, FactoredEmbedding
+from pocketformer.models.factored import (EntangledEmbedding, ExactRows, ExactRowsHead, FactoredEmbedding,
+                                          LowRankRows, ZeroRows)
 
 from conftest import STS_DEV
 
@@ -67,7 +68,6 @@ def test_low_rank_tier_between_exact_rows_and_the_factored_rows(tiny_llama_1l, s
     rows of their own table (LowRankRows), the rank-r optimum of their rows before training,
     within the ratio's budget; the composed table saves, reloads and exports with parity."""
     from pocketformer.compress.see import token_counts
-    from pocketformer.models.factored import LowRankRows
 
     loaded = load_model(tiny_llama_1l)
     E = loaded.adapter.embeddings(loaded.model).weight.detach().clone()
@@ -298,14 +298,20 @@ def test_embed_svd_baseline(tiny_bert_small_vocab, tmp_path, exact_share):
     if exact_share:
         # the kept rows are the original ones (no training here), the rest the rank-k SVD of
         # the other rows, which the kept ones no longer pull towards themselves
-        assert isinstance(emb, ExactRows) and isinstance(emb.base, FactoredEmbedding)
+        # the factors hold the other rows only: no zero row of P for each kept token
+        assert isinstance(emb, ExactRows) and isinstance(emb.base, LowRankRows)
+        V, dim = E.shape
+        assert isinstance(emb.base.base, ZeroRows) and emb.base.rows_kept == V - emb.rows_kept
         K = emb.rows_kept
         kept = emb.slot < K
         assert K == rec["details"]["stage1_rows"]["exact_rows"] > 0
         torch.testing.assert_close(emb.weight[kept], E[kept])
         rest_err = float(((emb.weight[~kept] - E[~kept]) ** 2).sum() / (E[~kept] ** 2).sum())
         U, S, Vh = torch.linalg.svd(E[~kept].double(), full_matrices=False)
-        k = emb.base.P.shape[1]
+        k = emb.base.rank
+        # the largest rank the budget pays for
+        assert rec["details"]["params_after"] == (K + 1) * dim + (V - K + 1 + dim) * k
+        assert (K + 1) * dim + (V - K + 1 + dim) * (k + 1) > V * dim / 4
         best = float((S[k:] ** 2).sum() / (S ** 2).sum())
         assert rest_err == pytest.approx(best, rel=1e-3)
     else:

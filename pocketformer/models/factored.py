@@ -380,6 +380,39 @@ class ExactRows(nn.Module):
         return self.base.param_count() + self.exact.numel()
 
 
+class ZeroRows(nn.Module):
+    """The all-zero V x d table, the base under a LowRankRows that holds every remaining token
+    (the SVD baseline with exact rows or a tier stores only the other rows' factors, not a zero
+    row of P for each kept token). No parameters; its rows and logits are a zero scalar that the
+    wrapper's select broadcasts."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self._shape = (num_embeddings, embedding_dim)
+        self.register_buffer("zero", torch.zeros(()), persistent=False)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self._shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self._shape[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.zero.expand(*self._shape)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.zero
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.zero
+
+    def param_count(self) -> int:
+        return 0
+
+
 class LowRankRows(nn.Module):
     """A middle tier between exact rows and the factored long tail: M chosen tokens (the next
     most frequent ones in the user's calibration text) read rank-r rows `coef[slot] @ basis` of
@@ -457,6 +490,8 @@ def describe(embedding: nn.Module) -> dict | None:
     """Config entry that lets a loader rebuild `embedding`'s shapes (None for nn.Embedding)."""
     if isinstance(embedding, ExactRows):
         return {"kind": "exact-rows", "rows": embedding.rows_kept, "base": describe(embedding.base)}
+    if isinstance(embedding, ZeroRows):
+        return {"kind": "zero-rows", "vocab": embedding.num_embeddings, "d": embedding.embedding_dim}
     if isinstance(embedding, LowRankRows):
         return {"kind": "low-rank-rows", "rows": embedding.rows_kept, "rank": embedding.rank,
                 "base": describe(embedding.base)}
@@ -480,6 +515,8 @@ def build(entry: dict) -> nn.Module:
         base = build(entry["base"])
         K = entry["rows"]
         return ExactRows(base, torch.arange(K), torch.zeros(K, base.embedding_dim))
+    if entry["kind"] == "zero-rows":
+        return ZeroRows(entry["vocab"], entry["d"])
     if entry["kind"] == "low-rank-rows":
         base = build(entry["base"])
         M, r = entry["rows"], entry["rank"]
