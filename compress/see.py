@@ -1056,8 +1056,9 @@ def metric_lowrank(M: torch.Tensor, k: int = 64) -> tuple[float, torch.Tensor, f
 def basis_width(V: int, d: int, cfg: SEEConfig, kept_params: int = 0) -> int:
     """d': the width of the coordinates the Kronecker sum builds (d for the raw basis). A default
     principal basis is d x d when that takes at most BASIS_BUDGET_SHARE of the budget left after
-    the kept rows (`kept_params`: exact rows, a low-rank tier), else the widest d1 x d2 [x d3] under that share (near-square or near-cube,
-    largest factor <= 2 x smallest, or one the d1 the user gave splits)."""
+    the kept rows (`kept_params`: exact rows, a low-rank tier), else the widest d1 x d2 [x d3]
+    under that share (near-square or near-cube, largest factor <= 2 x smallest, or one the d1 the
+    user gave splits)."""
     if cfg.basis == "raw":
         return d
     if cfg.basis_dim is not None:

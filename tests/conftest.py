@@ -28,7 +28,8 @@ STS_DEV = SHARED / "stsbenchmark" / "sts-dev.csv"
 # follow in collection order.
 LONGEST_FIRST = ["test_see_tiny.py", "test_export_tiny.py", "test_layered_prune_real.py",
                  "test_gptq.py", "test_minilm_build.py", "test_rotate.py", "test_native_generate.py",
-                 "test_android_demo.py", "test_smollm2.py", "test_grid.py", "test_combined_recipe.py",
+                 "test_android_demo.py", "test_see_tier_real.py", "test_smollm2.py", "test_grid.py",
+                 "test_combined_recipe.py",
                  "test_native_runners.py", "test_bench_targets.py", "test_layered_prune_tiny.py",
                  "test_export_real.py", "test_llm_race.py"]
 

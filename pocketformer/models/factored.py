@@ -329,31 +329,34 @@ class FactoredHead(_TiedHead):
     """The tied head of a FactoredEmbedding."""
 
 
-class ExactRows(nn.Module):
-    """A factored embedding (entangled or low-rank) in which K chosen tokens, the ones the user's
-    calibration text uses most, keep their exact rows; every other token reads the factored form.
+class _SlotRows(nn.Module):
+    """Rows of its own for some tokens over a `base` table for the rest. `slot[v]` is token v's
+    row in the wrapper's table (K + 1 rows, the last all zeros: the slot of every token the
+    wrapper does not hold), so both directions are gathers and a select, no scatter:
 
-    `slot[v]` is token v's row in `exact` (K + 1 rows, the last all zeros: the slot of every
-    token that has no exact row), so both directions are gathers and a select, no scatter:
+        rows(ids)  = where(slot[ids] < K, own_rows(slot[ids]), base(ids))
+        logits(h)  = where(slot < K, own_scores(h)[..., slot], base.logits(h))
 
-        rows(ids)  = where(slot[ids] < K, exact[slot[ids]], base(ids))
-        logits(h)  = where(slot < K, (h exact^T)[..., slot], base.logits(h))
+    A subclass gives `_own_rows` (its rows for given slots) and `_own_scores` (h against each of
+    its K + 1 rows)."""
 
-    The exact head costs (K + 1) d multiply-adds per position on top of the factored one."""
-
-    def __init__(self, base: nn.Module, ids: torch.Tensor, rows: torch.Tensor):
-        super().__init__()
+    def _slots(self, base: nn.Module, ids: torch.Tensor) -> int:
         V, K = base.num_embeddings, int(ids.numel())
         slot = torch.full((V,), K, dtype=torch.int64)
         slot[ids.to(torch.int64)] = torch.arange(K)
         self.base = base
         self.register_buffer("slot", slot)
-        self.exact = nn.Parameter(torch.cat([rows.float().reshape(K, -1),
-                                             torch.zeros(1, base.embedding_dim)]))
+        return K
 
     @property
     def rows_kept(self) -> int:
-        return self.exact.shape[0] - 1
+        raise NotImplementedError
+
+    def _own_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _own_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     @property
     def num_embeddings(self) -> int:
@@ -366,15 +369,42 @@ class ExactRows(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         keep = (self.slot < self.rows_kept).unsqueeze(-1)
-        return torch.where(keep, _take_rows(self.exact, self.slot), self.base.weight)
+        return torch.where(keep, self._own_rows(self.slot), self.base.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         s = _take_rows(self.slot, input_ids)
-        return torch.where((s < self.rows_kept).unsqueeze(-1), _take_rows(self.exact, s), self.base(input_ids))
+        return torch.where((s < self.rows_kept).unsqueeze(-1), self._own_rows(s), self.base(input_ids))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        exact = F.linear(hidden, self.exact).index_select(-1, self.slot)
-        return torch.where(self.slot < self.rows_kept, exact, self.base.logits(hidden))
+        own = self._own_scores(hidden).index_select(-1, self.slot)
+        return torch.where(self.slot < self.rows_kept, own, self.base.logits(hidden))
+
+
+class ExactRows(_SlotRows):
+    """A factored embedding (entangled or low-rank) in which K chosen tokens, the ones the user's
+    calibration text uses most, keep their exact rows (`exact`, K + 1 x d); every other token
+    reads the factored form (_SlotRows):
+
+        rows(ids)  = where(slot[ids] < K, exact[slot[ids]], base(ids))
+        logits(h)  = where(slot < K, (h exact^T)[..., slot], base.logits(h))
+
+    The exact head costs (K + 1) d multiply-adds per position on top of the factored one."""
+
+    def __init__(self, base: nn.Module, ids: torch.Tensor, rows: torch.Tensor):
+        super().__init__()
+        K = self._slots(base, ids)
+        self.exact = nn.Parameter(torch.cat([rows.float().reshape(K, -1),
+                                             torch.zeros(1, base.embedding_dim)]))
+
+    @property
+    def rows_kept(self) -> int:
+        return self.exact.shape[0] - 1
+
+    def _own_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        return _take_rows(self.exact, slots)
+
+    def _own_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.exact)
 
     def param_count(self) -> int:
         return self.base.param_count() + self.exact.numel()
@@ -413,12 +443,11 @@ class ZeroRows(nn.Module):
         return 0
 
 
-class LowRankRows(nn.Module):
+class LowRankRows(_SlotRows):
     """A middle tier between exact rows and the factored long tail: M chosen tokens (the next
     most frequent ones in the user's calibration text) read rank-r rows `coef[slot] @ basis` of
-    their own low-rank table; every other token reads `base`. As in ExactRows, `slot[v]` is
-    token v's row in `coef` (M + 1 rows, the last all zeros), so both directions are gathers
-    and a select:
+    their own low-rank table (`coef` M + 1 x r, `basis` r x d); every other token reads `base`
+    (_SlotRows):
 
         rows(ids)  = where(slot[ids] < M, coef[slot[ids]] basis, base(ids))
         logits(h)  = where(slot < M, ((h basis^T) coef^T)[..., slot], base.logits(h))
@@ -427,11 +456,7 @@ class LowRankRows(nn.Module):
 
     def __init__(self, base: nn.Module, ids: torch.Tensor, coef: torch.Tensor, basis: torch.Tensor):
         super().__init__()
-        V, M = base.num_embeddings, int(ids.numel())
-        slot = torch.full((V,), M, dtype=torch.int64)
-        slot[ids.to(torch.int64)] = torch.arange(M)
-        self.base = base
-        self.register_buffer("slot", slot)
+        M = self._slots(base, ids)
         self.coef = nn.Parameter(torch.cat([coef.float().reshape(M, -1), torch.zeros(1, basis.shape[0])]))
         self.basis = nn.Parameter(basis.float().clone())
 
@@ -443,27 +468,12 @@ class LowRankRows(nn.Module):
     def rank(self) -> int:
         return self.basis.shape[0]
 
-    @property
-    def num_embeddings(self) -> int:
-        return self.base.num_embeddings
+    def _own_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        return _take_rows(self.coef, slots) @ self.basis
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.embedding_dim
-
-    @property
-    def weight(self) -> torch.Tensor:
-        keep = (self.slot < self.rows_kept).unsqueeze(-1)
-        return torch.where(keep, _take_rows(self.coef, self.slot) @ self.basis, self.base.weight)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        s = _take_rows(self.slot, input_ids)
-        mine = _take_rows(self.coef, s) @ self.basis
-        return torch.where((s < self.rows_kept).unsqueeze(-1), mine, self.base(input_ids))
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        mine = F.linear(F.linear(hidden, self.basis), self.coef).index_select(-1, self.slot)
-        return torch.where(self.slot < self.rows_kept, mine, self.base.logits(hidden))
+    def _own_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        # linears of the parameters as stored: XNNPACK delegates them
+        return F.linear(F.linear(hidden, self.basis), self.coef)
 
     def param_count(self) -> int:
         return self.base.param_count() + self.coef.numel() + self.basis.numel()
