@@ -103,7 +103,7 @@ def main() -> int:
     from pocketformer.compress.see import (calibration_counts, exact_tokens, fitted_rows, head_inputs,
                                            head_moment, input_moment,
                                            metric_from_moment, metric_lowrank, metric_root,
-                                           second_moment, svd_rank, weighted_svd)
+                                           second_moment, svd_rank, tier_fit, weighted_svd)
     from pocketformer.models.factored import factor_dim
     from pocketformer.data import DataSpec, load_text
     from pocketformer.evaluation import EvalOptions, evaluate
@@ -231,7 +231,7 @@ def main() -> int:
         beta = betas[0]
         if beta and C is None:
             C = head_moment(loaded, batches)
-        L, L_inv = metric_root(metric_from_moment(C, beta)) if beta else (torch.eye(d), torch.eye(d))
+        root = metric_root(metric_from_moment(C, beta)) if beta else None
         print(f"| tiers (head_metric {beta:g}) | parameters | calibration tokens in the tiers | tied |")
         print("|---|---|---|---|")
         for config in args.tiers.split(";"):
@@ -242,8 +242,8 @@ def main() -> int:
                 if r >= d:
                     used += (K + 1) * d
                 else:
-                    P, Q = weighted_svd(E[ids] @ L, r)
-                    approx[ids] = P @ Q @ L_inv
+                    coef, basis = tier_fit(E[ids], r, root)
+                    approx[ids] = coef @ basis
                     used += (K + 1 + d) * r
                 parts.append(f"{K} at {'d' if r >= d else r}")
             ids = order[start:]
@@ -251,8 +251,8 @@ def main() -> int:
             if r < 1:
                 print(f"| {' + '.join(parts)}: over the budget |", flush=True)
                 continue
-            P, Q = weighted_svd(E[ids] @ L, r)
-            approx[ids] = P @ Q @ L_inv
+            coef, basis = tier_fit(E[ids], r, root)
+            approx[ids] = coef @ basis
             used += ids.numel() * r + r * d
             covered = float(n[order[:start]].sum() / n.sum())
             print(f"| {' + '.join(parts)} + rest at {r} | {used:,} ({V * d / used:.2f}x) | "

@@ -1313,7 +1313,7 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     tokens = loaded.adapter.vocabulary(loaded)
     batches = calib.inputs(loaded) if calib is not None else []
     counts, kept = kept_rows(batches, V, d, config)
-    exact = kept.ids                      # the rows the Kronecker sum leaves alone
+    kept_ids = kept.ids                   # the rows the Kronecker sum leaves alone
     # the rows are fitted in one metric (input or head side); the principal basis whitens it
     # (every stage-1a step then runs in it), the raw basis keeps its low-rank form for the Adam phase
     which, M = fit_metric(loaded, batches, config)
@@ -1323,14 +1323,14 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
     width = X.shape[1]
     say(f"see: planning units for {V} tokens ({config.basis} basis, d' = "
         f"{' x '.join(map(str, dims))}, ratio {config.ratio:g})")
-    plan = plan_units(tokens, loaded.family, X, dims, config, exact=exact, width=d,
+    plan = plan_units(tokens, loaded.family, X, dims, config, exact=kept_ids, width=d,
                       reserved=0 if P is None else P.numel(), kept_params=kept.params(d))
     lowrank = None
     if M is not None and root is None:
         c, W, share = metric_lowrank(M)
         lowrank = (c, W)
     core = init_entangled(plan, dims, X, config.seed)
-    weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, exact)
+    weights = _zero_rows(row_weights(batches, V, config.frequency_weight), V, kept_ids)
     fixed = config.knowledge_role == "fixed"          # the rounds keep WordNet's A units
     rows = fit_rows(core, X, config.reconstruct_steps, config.lr, config.seed, plan.active, weights,
                     metric=lowrank, balance=config.balance_units, reassign=config.reassign_rounds,

@@ -221,9 +221,25 @@ def test_row_weighted_svd_is_the_weighted_optimum():
     assert werr(P @ Q) < werr(plain)
 
 
+def _assert_table(emb, expected, tokens, h) -> dict:
+    """`emb` (a slot wrapper) is the table `expected` in both directions, its rows, its lookups
+    of `tokens` and its logits for `h`, and a loader rebuilds the same shapes from its config
+    entry and loads its state strictly; returns that entry."""
+    from pocketformer.models.factored import build, describe
+
+    torch.testing.assert_close(emb.weight, expected)
+    torch.testing.assert_close(emb(tokens), expected[tokens])
+    torch.testing.assert_close(emb.logits(h), h @ expected.T, rtol=1e-5, atol=1e-5)
+    entry = describe(emb)
+    again = build(entry)
+    again.load_state_dict(emb.state_dict(), strict=True)
+    torch.testing.assert_close(again.weight, expected)
+    return entry
+
+
 @pytest.mark.parametrize("kind", ["entangled", "factored"])
 def test_exact_rows_override_the_factored_rows_in_both_directions(kind):
-    from pocketformer.models.factored import ExactRows, FactoredEmbedding, build, describe
+    from pocketformer.models.factored import ExactRows, FactoredEmbedding
 
     V, d = 11, 12
     base = _random(V=V) if kind == "entangled" else FactoredEmbedding(torch.randn(V, 3), torch.randn(3, d))
@@ -232,16 +248,8 @@ def test_exact_rows_override_the_factored_rows_in_both_directions(kind):
     emb = ExactRows(base, ids, rows)
     expected = base.weight.detach().clone()
     expected[ids] = rows
-    torch.testing.assert_close(emb.weight, expected)
-    tokens = torch.tensor([[0, 1, 4], [9, 10, 4]])
-    torch.testing.assert_close(emb(tokens), expected[tokens])
-    h = torch.randn(2, 5, d)
-    torch.testing.assert_close(emb.logits(h), h @ expected.T, rtol=1e-5, atol=1e-5)
+    _assert_table(emb, expected, torch.tensor([[0, 1, 4], [9, 10, 4]]), torch.randn(2, 5, d))
     assert emb.param_count() == base.param_count() + (3 + 1) * d
-    # a loader rebuilds the same shapes from the config entry, and the state loads strictly
-    again = build(describe(emb))
-    again.load_state_dict(emb.state_dict(), strict=True)
-    torch.testing.assert_close(again.weight, expected)
 
 
 
@@ -249,7 +257,7 @@ def test_exact_rows_override_the_factored_rows_in_both_directions(kind):
 def test_low_rank_tier_under_exact_rows_in_both_directions(kind):
     """ExactRows(LowRankRows(base)): exact rows win, then the tier's coef @ basis rows, then the
     base's; the head's logits are those of that table, and a loader rebuilds it strictly."""
-    from pocketformer.models.factored import ExactRows, FactoredEmbedding, LowRankRows, build, describe
+    from pocketformer.models.factored import ExactRows, FactoredEmbedding, LowRankRows, describe
 
     V, d, r = 13, 12, 4
     base = _random(V=V) if kind == "entangled" else FactoredEmbedding(torch.randn(V, 3), torch.randn(3, d))
@@ -259,38 +267,23 @@ def test_low_rank_tier_under_exact_rows_in_both_directions(kind):
     expected = base.weight.detach().clone()
     expected[tier_ids] = coef @ basis
     expected[exact_ids] = rows
-    torch.testing.assert_close(emb.weight, expected)
-    tokens = torch.tensor([[0, 2, 3], [12, 7, 5]])
-    torch.testing.assert_close(emb(tokens), expected[tokens])
-    h = torch.randn(2, 5, d)
-    torch.testing.assert_close(emb.logits(h), h @ expected.T, rtol=1e-5, atol=1e-5)
+    entry = _assert_table(emb, expected, torch.tensor([[0, 2, 3], [12, 7, 5]]), torch.randn(2, 5, d))
     assert emb.param_count() == base.param_count() + (4 + 1) * r + r * d + (2 + 1) * d
-    entry = describe(emb)
     assert entry["base"] == {"kind": "low-rank-rows", "rows": 4, "rank": r, "base": describe(base)}
-    again = build(entry)
-    again.load_state_dict(emb.state_dict(), strict=True)
-    torch.testing.assert_close(again.weight, expected)
 
 
 def test_low_rank_rows_over_zero_rows_store_only_their_rows():
     """LowRankRows(ZeroRows): the SVD baseline's compact form, its tokens' rows coef @ basis and
     every other row (and logit) zero, with parameters for its own rows only; it reloads."""
-    from pocketformer.models.factored import LowRankRows, ZeroRows, build, describe
+    from pocketformer.models.factored import LowRankRows, ZeroRows
 
     V, d, r = 9, 6, 2
     ids, coef, basis = torch.tensor([1, 2, 8]), torch.randn(3, r), torch.randn(r, d)
     emb = LowRankRows(ZeroRows(V, d), ids, coef, basis)
     expected = torch.zeros(V, d)
     expected[ids] = coef @ basis
-    torch.testing.assert_close(emb.weight, expected)
-    tokens = torch.tensor([[0, 1, 8], [2, 3, 3]])
-    torch.testing.assert_close(emb(tokens), expected[tokens])
-    h = torch.randn(4, d)
-    torch.testing.assert_close(emb.logits(h), h @ expected.T, rtol=1e-5, atol=1e-5)
+    _assert_table(emb, expected, torch.tensor([[0, 1, 8], [2, 3, 3]]), torch.randn(4, d))
     assert emb.param_count() == (3 + 1) * r + r * d == sum(p.numel() for p in emb.parameters())
-    again = build(describe(emb))
-    again.load_state_dict(emb.state_dict(), strict=True)
-    torch.testing.assert_close(again.weight, expected)
 
 def test_low_rank_metric_is_exact_for_spike_plus_isotropic():
     """head_metric for SEE: M ~ c I + W W^T keeps the top-k eigen-directions exactly and the
