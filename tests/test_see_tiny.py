@@ -11,8 +11,8 @@ from pocketformer.compress import Calibration, get_method, parse_params, run_ste
 from pocketformer.data import DataSpec, load_for
 from pocketformer.export import ExportConfig, export_model
 from pocketformer.models import load_model, save_model
-from pocketformer.models.factored import (EntangledEmbedding, ExactRows, ExactRowsHead, FactoredEmbedding,
-                                          LowRankRows, ZeroRows)
+from pocketformer.models.factored import (EntangledEmbedding, EntangledHead, ExactRows, ExactRowsHead,
+                                          FactoredEmbedding, LowRankRows, ZeroRows)
 
 from conftest import STS_DEV
 
@@ -737,6 +737,36 @@ def test_factored_head_many_positions_same_values_and_gradients():
     got.square().mean().backward()
     for t, w in zip(params, want):
         torch.testing.assert_close(t.grad, w)
+
+
+def _bmm_right_shapes(program) -> list[tuple[int, ...]]:
+    """The right-hand sides' shapes of an exported program's batched matmuls."""
+    return [tuple(n.args[1].meta["val"].shape) for n in program.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.aten.bmm.default]
+
+
+def test_exported_head_over_a_dynamic_number_of_positions_assembles_the_coordinates():
+    """An exported head whose position count is a dynamic dimension (a scoring program)
+    multiplies by the V x d' coordinate table; a head exported at one fixed position (a decode
+    step) runs the factored contraction; both equal the dense product."""
+    g = torch.Generator().manual_seed(1)
+    V, R, ua, ub, d = 300, 2, 40, 30, 32
+    emb = EntangledEmbedding(torch.randn(ua, 4, generator=g), torch.randn(ub, 5, generator=g),
+                             torch.randint(0, ua, (V, R), generator=g),
+                             torch.randint(0, ub, (V, R), generator=g), torch.randn(V, R, generator=g),
+                             basis=torch.linalg.qr(torch.randn(d, 20, generator=g))[0].T)
+    head = EntangledHead(emb).eval()
+    h = torch.randn(1, 6, d, generator=g)
+    want = h @ emb.weight.T
+    seq = torch.export.Dim("seq", min=1, max=64)
+    dynamic = torch.export.export(head, (h,), dynamic_shapes=({1: seq},), strict=False)
+    assert (1, 20, V) in _bmm_right_shapes(dynamic)                      # (h basis^T) coords^T
+    for n in (1, 6, 40):
+        x = torch.randn(1, n, d, generator=g)
+        torch.testing.assert_close(dynamic.module()(x), x @ emb.weight.T, rtol=1e-4, atol=1e-4)
+    one = torch.export.export(head, (h[:, -1:],), strict=False)
+    assert (1, 20, V) not in _bmm_right_shapes(one)
+    torch.testing.assert_close(one.module()(h[:, -1:]), want[:, -1:], rtol=1e-4, atol=1e-4)
 
 
 def test_head_moment_is_the_second_moment_of_the_final_normed_hidden_states(tiny_llama_2l, small_text):

@@ -29,7 +29,10 @@ position; the dense head costs V d):
     gather-b:  H B^T (d1 x U_b), gather its columns, dot A[ia] U_b d1 d2 + V R d1
 
 "pairs" wins for small inventories; at high parameter budgets (large unit tables) one of the
-gathers does, and its run-time intermediate is V R d_small per position instead of V d.
+gathers does, and its run-time intermediate is V R d_small per position instead of V d. Over
+many positions that intermediate outgrows the V x d' table of coordinates (the Kronecker sums,
+V R d' multiply-adds to assemble), and the head assembles it and multiplies by it instead
+(`logits`): at 128 positions of SmolLM2 at 10x, 63 MB against 0.8 GB.
 
 At order 3 the head contracts H (d1 x d2 x d3) along one mode k with that mode's table, gathers
 the V R rows of the result and dots each with c * (the Kronecker product of the term's other two
@@ -150,7 +153,14 @@ class EntangledEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense V x d table (for inspection and tests; forward never builds it)."""
-        return self.rows(torch.arange(self.num_embeddings))
+        coords = self.coordinates()
+        return coords if self.basis is None else coords @ self.basis
+
+    def coordinates(self) -> torch.Tensor:
+        """Every token's Kronecker sum, V x d': its row in the basis's coordinates (the row
+        itself without a basis). V R d' multiply-adds."""
+        factors = [_take_rows(t, i) for t, i in zip(self.tables, self.indices)]  # V x R x d_k
+        return kron_sum(self.coef, factors).reshape(self.num_embeddings, self.core_dim)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         factors = [_take_rows(t, _take_rows(i, ids)) for t, i in zip(self.tables, self.indices)]  # ... x R x d_k
@@ -193,17 +203,32 @@ class EntangledEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> [..., V], equal to hidden @ weight.T without forming weight.
 
-        Exported programs (a decode position, a prefill) always run the factored contraction.
-        In eager mode, when the positions at hand would make its intermediate larger than the
-        V x d table itself (training and scoring windows: a gather's intermediate is V R d_small
-        floats per position, 19 MB for SmolLM2 at 10x), the table is assembled for that call
-        (V R d multiply-adds, gradients flowing to the units) and used as a plain linear."""
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            return self._logits(hidden)
-        positions = hidden.numel() // hidden.shape[-1]
-        if positions * self.intermediate_per_position() > self.num_embeddings * self.embedding_dim:
-            return F.linear(hidden, self.weight)
+        Few positions (a decode step, a generation program's last prompt position) run the
+        factored contraction. When the positions at hand would make its intermediate (V R
+        d_small floats per position for a gather, 19 MB for SmolLM2 at 10x) larger than the
+        V x d' table of coordinates, that table is assembled for the call instead (V R d'
+        multiply-adds, gradients flowing to the units) and the head is (h basis^T) coords^T:
+        training and scoring windows, in eager mode and in exported programs alike. With a
+        basis of d' < d rows the V x d table itself is still never formed. An
+        exported program whose position count is a dynamic dimension (a scoring program over
+        windows of any length) takes the table: the rule cannot be decided on a symbolic size,
+        and such a program is for many positions."""
+        if self._table_pays(hidden.shape[:-1]):
+            coords = self.coordinates()
+            if self.basis is not None:
+                hidden = F.linear(hidden, self.basis)
+            # a batched matmul: XNNPACK delegates it with a computed right-hand side, where a
+            # linear (or mm) by a tensor that is not a stored weight stays in the portable mm
+            flat = hidden.reshape(1, -1, hidden.shape[-1])
+            out = torch.bmm(flat, coords.transpose(0, 1).unsqueeze(0))
+            return out.reshape(*hidden.shape[:-1], coords.shape[0])
         return self._logits(hidden)
+
+    def _table_pays(self, lead: torch.Size) -> bool:
+        """Whether `lead` positions make the factored head's intermediate larger than V x d'."""
+        if any(isinstance(n, torch.SymInt) for n in lead):
+            return True
+        return math.prod(lead) * self.intermediate_per_position() > self.num_embeddings * self.core_dim
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         dims, n = self.dims, self.order
