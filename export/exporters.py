@@ -5,6 +5,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import time
 import warnings
@@ -201,11 +202,17 @@ def _optimize_onnx_ir(model) -> None:
     s -> 71 s without it, 2,172 nodes after onnxslim against 2,170; docs/export.md)."""
     import onnx_ir.passes.common as common
     import onnxscript.optimizer as opt
+    import onnxscript.optimizer._constant_folding as opt_constants
     from onnxscript.rewriter import onnx_fusions
 
     opt.inline(model)
+    # no fold may write a constant larger than every tensor the model stores (see export_onnx)
+    largest = max((v.const_value.size for v in model.graph.initializers.values()
+                   if v.const_value is not None), default=0)
+    limit = min(opt_constants.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT, largest) if largest else None
+    kwargs = {} if limit is None else {"output_size_limit": limit}
     for _ in range(2):
-        if not opt.fold_constants_ir(model).modified:
+        if not opt.fold_constants_ir(model, **kwargs).modified:
             break
         common.RemoveUnusedNodesPass()(model)
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
@@ -238,7 +245,12 @@ def export_onnx(module, inputs, path: Path, cfg: ExportConfig, *, input_names, o
     if cfg.simplify:
         import onnxslim
 
-        proto = onnxslim.slim(proto)
+        # no fold may write a constant larger than every tensor the model stores: such a
+        # constant is a product of stored factors (a factored embedding's V x d' table), which
+        # the file must keep as its factors; ONNX Runtime still folds it in memory at load
+        largest = max((math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                       for t in proto.graph.initializer), default=0)
+        proto = onnxslim.slim(proto, size_threshold=largest or None)
         details["simplifier"] = "onnxslim"
     details["nodes"] = len(proto.graph.node)
     try:

@@ -745,7 +745,7 @@ def _bmm_right_shapes(program) -> list[tuple[int, ...]]:
             if n.op == "call_function" and n.target == torch.ops.aten.bmm.default]
 
 
-def test_exported_head_over_a_dynamic_number_of_positions_assembles_the_coordinates():
+def test_exported_head_over_a_dynamic_number_of_positions_assembles_the_coordinates(tmp_path):
     """An exported head whose position count is a dynamic dimension (a scoring program)
     multiplies by the V x d' coordinate table; a head exported at one fixed position (a decode
     step) runs the factored contraction; both equal the dense product."""
@@ -767,6 +767,16 @@ def test_exported_head_over_a_dynamic_number_of_positions_assembles_the_coordina
     one = torch.export.export(head, (h[:, -1:],), strict=False)
     assert (1, 20, V) not in _bmm_right_shapes(one)
     torch.testing.assert_close(one.module()(h[:, -1:]), want[:, -1:], rtol=1e-4, atol=1e-4)
+    # the ONNX file stores the factors, not their product: onnxslim may fold no constant larger
+    # than the largest stored tensor (here the V x d' table, 24 kB, would be the largest)
+    import onnx
+    from pocketformer.export.exporters import export_onnx
+    path = tmp_path / "head.onnx"
+    export_onnx(head, (h,), path, ExportConfig(formats=["onnx"]), input_names=["hidden"],
+                output_names=["logits"], dynamic_shapes=({1: seq},), dynamic_axes_doc={})
+    stored = max(t.numel() * t.element_size() for t in head.state_dict().values())
+    sizes = [onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer]
+    assert V * 20 * 4 > stored >= max(sizes), (stored, sizes)
 
 
 def test_head_moment_is_the_second_moment_of_the_final_normed_hidden_states(tiny_llama_2l, small_text):
