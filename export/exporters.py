@@ -5,7 +5,6 @@ import contextlib
 import copy
 import io
 import logging
-import math
 import os
 import time
 import warnings
@@ -193,7 +192,7 @@ def _quiet_export():
         yield
 
 
-def _optimize_onnx_ir(model) -> None:
+def _optimize_onnx_ir(model, largest_elements: int) -> None:
     """What the dynamo exporter's `optimize=True` does, less onnxscript's pattern rewriter: inline,
     constant folding, dead-node removal, initializer lifting and deduplication, common
     subexpressions, then onnxscript's ONNX-op fusions. The rewriter's rules (no-op and slice
@@ -207,10 +206,8 @@ def _optimize_onnx_ir(model) -> None:
 
     opt.inline(model)
     # no fold may write a constant larger than every tensor the model stores (see export_onnx)
-    largest = max((v.const_value.size for v in model.graph.initializers.values()
-                   if v.const_value is not None), default=0)
-    limit = min(opt_constants.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT, largest) if largest else None
-    kwargs = {} if limit is None else {"output_size_limit": limit}
+    kwargs = ({"output_size_limit": min(opt_constants.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                                        largest_elements)} if largest_elements else {})
     for _ in range(2):
         if not opt.fold_constants_ir(model, **kwargs).modified:
             break
@@ -236,7 +233,13 @@ def export_onnx(module, inputs, path: Path, cfg: ExportConfig, *, input_names, o
             program = torch.onnx.export(ep, tuple(inputs), None, dynamo=True, optimize=False,
                                         input_names=list(input_names), output_names=list(output_names),
                                         verbose=False)
-            _optimize_onnx_ir(program.model)
+            # the largest tensor the model stores, before any fold: no fold may write a larger
+            # constant, which could only be a product of stored factors (a factored embedding's
+            # V x d' table); the file keeps the factors and ONNX Runtime folds it in memory at load
+            stored = [v.const_value for v in program.model.graph.initializers.values()
+                      if v.const_value is not None]
+            largest_bytes = max((t.nbytes for t in stored), default=0)
+            _optimize_onnx_ir(program.model, max((t.size for t in stored), default=0))
     except Exception as e:
         raise RuntimeFailure(f"ONNX export failed: {type(e).__name__}: {e}") from e
     proto = program.model_proto
@@ -245,12 +248,7 @@ def export_onnx(module, inputs, path: Path, cfg: ExportConfig, *, input_names, o
     if cfg.simplify:
         import onnxslim
 
-        # no fold may write a constant larger than every tensor the model stores: such a
-        # constant is a product of stored factors (a factored embedding's V x d' table), which
-        # the file must keep as its factors; ONNX Runtime still folds it in memory at load
-        largest = max((math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-                       for t in proto.graph.initializer), default=0)
-        proto = onnxslim.slim(proto, size_threshold=largest or None)
+        proto = onnxslim.slim(proto, size_threshold=largest_bytes or None)
         details["simplifier"] = "onnxslim"
     details["nodes"] = len(proto.graph.node)
     try:
