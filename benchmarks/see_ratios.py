@@ -93,6 +93,8 @@ def main() -> int:
     p.add_argument("--tier-rank", type=int, default=192, help="the tier's rank (see and svd alike)")
     p.add_argument("--head-metric", type=float, default=0.0,
                    help="tied heads: fit the rows in the head-input metric (see and svd alike)")
+    p.add_argument("--head-metric-batches", type=int, default=None,
+                   help="calibration batches the head metric's moment is measured on (default: all)")
     p.add_argument("--input-metric", type=float, default=0.0,
                    help="fit the rows in the metric of the output's sensitivity to an input row "
                         "(share beta of it, 0-1)")
@@ -130,6 +132,7 @@ def main() -> int:
                       "precision": a.precision,
                       "device": a.device,
                       "exact_share": a.exact_share, "head_metric": a.head_metric,
+                      "head_metric_batches": a.head_metric_batches,
                       "tier_share": a.tier_share, "tier_rank": a.tier_rank,
                       "input_metric": a.input_metric, "input_metric_batches": a.input_metric_batches,
                       "seed": a.seed,

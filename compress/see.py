@@ -63,6 +63,9 @@ class EmbeddingStages:
     head_metric: float = 0.0         # tied heads: fit the rows in (1 - this) I + this x the head
                                      # input's second moment (see: its low-rank form; embed-svd:
                                      # the full d x d metric)
+    head_metric_batches: int | None = None  # calibration batches that moment is measured on,
+                                     # evenly spaced over them (default: every batch): the pass
+                                     # is a forward of the whole model per batch
     input_metric: float = 0.0        # fit the rows in (1 - this) I + this x the metric of the
                                      # model's output's sensitivity to an input row (E[J^T J] on
                                      # the calibration text, Gaussian probes); see: by whitening
@@ -100,6 +103,8 @@ class EmbeddingStages:
         _check_input_metric(self.input_metric, self.head_metric)
         if self.input_metric_batches < 1:
             raise BadInputError("must be >= 1", field="input_metric_batches")
+        if self.head_metric_batches is not None and self.head_metric_batches < 1:
+            raise BadInputError("must be >= 1 (leave it out for every batch)", field="head_metric_batches")
         _check_hidden_weight(self.distill_hidden_weight)
         if not 0 <= self.distill_relation_weight <= 1000:
             raise BadInputError("must be in [0, 1000]", field="distill_relation_weight")
@@ -949,13 +954,15 @@ def head_moment(loaded: LoadedModel, batches, device: torch.device | str = "cpu"
         return second_moment(head_inputs(loaded, placed, "head moment")).cpu()
 
 
-def row_metric(loaded: LoadedModel, batches, beta: float,
-               device: torch.device | str = "cpu") -> torch.Tensor | None:
+def row_metric(loaded: LoadedModel, batches, beta: float, device: torch.device | str = "cpu",
+               max_batches: int | None = None) -> torch.Tensor | None:
     """The metric M that the table's rows are fitted in when a tied LM head reads them:
     ||e_hat - e||_M^2 = (e_hat - e) M (e_hat - e)^T with M = (1 - beta) I + beta C d / tr C.
     The head's logit error for a hidden state h is h (e_hat - e)^T, whose mean square over the
     calibration positions is exactly the C-metric; the identity part keeps the input side (the
-    same table feeds the first layer) in the fit. None when beta is 0."""
+    same table feeds the first layer) in the fit. None when beta is 0. With `max_batches` the
+    moment is measured on that many of the batches, evenly spaced (a d x d moment needs far
+    fewer positions than the token counts and training use)."""
     if beta <= 0:
         return None
     if not loaded.adapter.tied_head(loaded.model):
@@ -964,6 +971,10 @@ def row_metric(loaded: LoadedModel, batches, beta: float,
     if not batches:
         raise BadInputError("the head metric is measured on the calibration text: give --calibration",
                             field="head_metric")
+    batches = list(batches)
+    if max_batches is not None and max_batches < len(batches):
+        pick = torch.linspace(0, len(batches) - 1, max_batches).round().long().tolist()
+        batches = [batches[i] for i in pick]
     return metric_from_moment(head_moment(loaded, batches, device), beta)
 
 
@@ -1035,7 +1046,7 @@ def fit_metric(loaded: LoadedModel, batches, config: EmbeddingStages
                ) -> tuple[str | None, torch.Tensor | None]:
     """The metric the rows are fitted in and the option that asked for it ("head_metric" or
     "input_metric", which are exclusive), or (None, None) for plain rows."""
-    M = row_metric(loaded, batches, config.head_metric, config.device)
+    M = row_metric(loaded, batches, config.head_metric, config.device, config.head_metric_batches)
     if M is not None:
         return "head_metric", M
     M = input_metric(loaded, batches, config)

@@ -691,6 +691,7 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--input-metric", "0.5", "--basis", "raw"], "basis = principal"),
     (["--input-metric", "0.5", "--head-metric", "0.5"], "not both"),
     (["--input-metric", "0.5", "--input-metric-batches", "0"], "input_metric_batches"),
+    (["--head-metric", "0.5", "--head-metric-batches", "0"], "head_metric_batches"),
     (["--basis", "pca"], "principal"),
     (["--basis", "raw", "--basis-dim", "16"], "basis = principal"),
     (["--basis", "principal", "--basis-dim", "33"], "at most the embedding width"),
@@ -795,6 +796,25 @@ def test_head_moment_is_the_second_moment_of_the_final_normed_hidden_states(tiny
     assert torch.allclose(C, want, rtol=1e-4, atol=1e-6), float((C - want).abs().max())
     # the hook is gone and the model still returns logits
     assert loaded.model(input_ids=batches[0][0]).logits.shape[-1] == loaded.model.config.vocab_size
+
+
+def test_head_metric_batches_measures_the_moment_on_evenly_spaced_batches(tiny_llama_2l, small_text):
+    """head_metric_batches = k: the metric is the one measured on k of the calibration batches,
+    the first, the last and evenly spaced between, not on the first k."""
+    from pocketformer.compress.see import head_moment, metric_from_moment, row_metric
+
+    loaded = load_model(tiny_llama_2l)
+    batches = _calib(loaded, small_text).inputs(loaded)
+    n = len(batches)
+    assert n >= 4, n
+    for k in (2, 3):
+        want = [batches[round(i * (n - 1) / (k - 1))] for i in range(k)]
+        got = row_metric(loaded, batches, 0.5, max_batches=k)
+        torch.testing.assert_close(got, metric_from_moment(head_moment(loaded, want), 0.5))
+        assert not torch.allclose(got, row_metric(loaded, batches[:k], 0.5))
+    # at least as many as there are: every batch
+    torch.testing.assert_close(row_metric(loaded, batches, 0.5, max_batches=n + 5),
+                               row_metric(loaded, batches, 0.5))
 
 
 def test_a_bool_option_that_is_not_true_or_false_exits_2(tiny_bert, tmp_path, capsys):
