@@ -225,8 +225,26 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, dim: int = 6
 
 def _best_of(x: torch.Tensor, cent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's highest cosine over `cent` and the first centroid that has it."""
-    found = [(x[i:i + 4096] @ cent.T).max(-1) for i in range(0, len(x), 4096)]
-    return torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
+    return _row_max(x, cent)
+
+
+def _row_max(x: torch.Tensor, cols: torch.Tensor, absolute: bool = False, chunk: int = 32
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every row of x (n x d), the largest x . c over the rows c of `cols` (m x d), or the
+    largest |x . c| with `absolute`, and the first column that has it. The n x m products are
+    made `chunk` rows at a time into one reused buffer small enough to stay in the core's cache
+    (32 rows x 20,000 columns is 2.6 MB), so the reduction reads them from cache, not memory:
+    4096-row chunks, squared and divided out of cache, made SEE's reassignment round on MiniLM
+    4x slower (docs/see.md, "Reassignment cost")."""
+    n = x.shape[0]
+    cols_t = cols.T.contiguous()
+    buf = torch.empty(min(chunk, n), cols_t.shape[1])
+    top, arg = torch.empty(n), torch.empty(n, dtype=torch.long)
+    for i in range(0, n, chunk):
+        out = buf[:min(chunk, n - i)]
+        torch.mm(x[i:i + chunk], cols_t, out=out)
+        top[i:i + chunk], arg[i:i + chunk] = (out.abs_() if absolute else out).max(-1)
+    return top, arg
 
 
 def _reassign(x: torch.Tensor, cent: torch.Tensor, moved: torch.Tensor, best: torch.Tensor,
@@ -505,24 +523,6 @@ def als(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor, iters: i
     return errors
 
 
-def _best_units(y: torch.Tensor, unit_dirs: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every row of y (V x d) the unit direction (U x d, unit length) with the largest
-    (y . u)^2, and that value. The V x U products are made `chunk` rows at a time into one reused
-    buffer small enough to stay in the core's cache (32 rows x 15,000 units is 1.9 MB): the
-    reduction then reads it from cache instead of memory, which made the MiniLM round 4x faster
-    than 4,096-row chunks squared and divided out of cache (docs/see.md, "Reassignment cost")."""
-    V = y.shape[0]
-    dirs_t = unit_dirs.T.contiguous()
-    buf = torch.empty(min(chunk, V), dirs_t.shape[1])
-    score, best = torch.empty(V), torch.empty(V, dtype=torch.long)
-    for i in range(0, V, chunk):
-        out = buf[:min(chunk, V - i)]
-        torch.mm(y[i:i + chunk], dirs_t, out=out)
-        top, best[i:i + chunk] = out.abs_().max(-1)
-        score[i:i + chunk] = top ** 2
-    return score, best
-
-
 @torch.no_grad()
 def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tensor,
                    fixed_a: torch.Tensor | None = None, data_from: int = 0, chunk: int = 32) -> int:
@@ -563,8 +563,9 @@ def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tenso
             for x in others:
                 rest = rest * (x ** 2).sum(-1)
             norms = (table ** 2).sum(-1).clamp_min(1e-12)
-            score, best = _best_units(y, table[lo:] / norms[lo:].sqrt().unsqueeze(-1), chunk)
-            best += lo
+            # over unit directions: the best unit maximises (y . u)^2 / |u|^2
+            score, best = _row_max(y, table[lo:] / norms[lo:].sqrt().unsqueeze(-1), True, chunk)
+            score, best = score ** 2, best + lo
             own = (y * table[index[:, r]]).sum(-1) ** 2 / norms[index[:, r]]
             move = active[:, r] & (score > own * (1 + 1e-6)) & (rest > 1e-12)
             if k == 0:
