@@ -962,8 +962,9 @@ def row_metric(loaded: LoadedModel, batches, beta: float, device: torch.device |
     The head's logit error for a hidden state h is h (e_hat - e)^T, whose mean square over the
     calibration positions is exactly the C-metric; the identity part keeps the input side (the
     same table feeds the first layer) in the fit. None when beta is 0. With `max_batches` the
-    moment is measured on that many of the batches, evenly spaced (a d x d moment needs far
-    fewer positions than the token counts and training use)."""
+    moment is measured on that many of the batches, evenly spaced: a cost knob, since the pass
+    is a forward per batch and fewer positions fit the head measurably worse (SmolLM2, 4 of 12
+    batches: docs/see.md, the tier's real-model test)."""
     if beta <= 0:
         return None
     if not loaded.adapter.tied_head(loaded.model):
