@@ -133,7 +133,11 @@ def test_a_tool_killed_by_a_signal_is_rerun_without_extra_buffers_and_says_so(bu
 
     p = llamacpp.llama_perplexity(fake, tiny_gguf, Path(__file__), ctx=32, chunks=2, details=True)
     assert p["perplexity"] > 1 and p["fallback"]["args"] == ["--no-repack"]
-    assert [c.endswith("--no-repack") for c in calls_of(ppl)] == [False, True]
+    # the first call without the fallback's argument, every later one with it: usually one
+    # more, but a run whose log lost its final estimate is repeated (llama_perplexity), which
+    # a loaded machine makes happen (seen in the suite: three calls, the last two with it)
+    fell = [c.endswith("--no-repack") for c in calls_of(ppl)]
+    assert fell[0] is False and len(fell) >= 2 and all(fell[1:]), fell
 
     # the real tool, unwrapped, needs no fallback here
     assert llamacpp.llama_bench(build, tiny_gguf, prompt_tokens=16, new_tokens=4,
