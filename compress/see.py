@@ -204,7 +204,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, dim: int = 6
     n = x.shape[0]
     k = min(k, n)
     cent = x[torch.randperm(n, generator=g)[:k]].clone()
-    best, assign = _best_of(x, cent)
+    best, assign = _row_max(x, cent)         # each row's highest cosine and its centroid
     for sweep in range(iters):
         if sweep:
             moved = (cent != old).any(-1)
@@ -221,11 +221,6 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, dim: int = 6
         cent = torch.where(empty.unsqueeze(-1), cent, sums / counts.clamp(min=1))
         cent = nn.functional.normalize(cent, dim=-1)
     return cent, assign
-
-
-def _best_of(x: torch.Tensor, cent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's highest cosine over `cent` and the first centroid that has it."""
-    return _row_max(x, cent)
 
 
 def _row_max(x: torch.Tensor, cols: torch.Tensor, absolute: bool = False, chunk: int = 32
@@ -255,7 +250,7 @@ def _reassign(x: torch.Tensor, cent: torch.Tensor, moved: torch.Tensor, best: to
     `best`. A row whose centroid moved takes the best moved one if that is above its old `best`,
     which bounds every kept centroid; otherwise it is compared with all of them again."""
     cols = moved.nonzero().squeeze(-1)
-    m, j = _best_of(x, cent[cols])
+    m, j = _row_max(x, cent[cols])
     j = cols[j]
     own = moved[assign]
     above = m > best
@@ -263,7 +258,7 @@ def _reassign(x: torch.Tensor, cent: torch.Tensor, moved: torch.Tensor, best: to
     take = own | above | ((m == best) & (j < assign))
     best, assign = torch.where(take, m, best), torch.where(take, j, assign)
     if len(redo):
-        best[redo], assign[redo] = _best_of(x[redo], cent)
+        best[redo], assign[redo] = _row_max(x[redo], cent)
     return best, assign
 
 
@@ -545,6 +540,10 @@ def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tenso
     letters = "ijk"[:len(dims)]
     mask = active.float()
     D = M - kron_sum(emb.coef * mask, [t[i] for t, i in zip(tables, indices)])
+    # a round moves indices and coefficients, never the units: their squared norms and their
+    # directions u / |u| (the best unit maximises (y . u)^2 / |u|^2) once for every term
+    unit_norms = [(t ** 2).sum(-1).clamp_min(1e-12) for t in tables]
+    unit_dirs = [t / n.sqrt().unsqueeze(-1) for t, n in zip(tables, unit_norms)]
     moved = 0
     for r in range(R):
         # the residual without term r: the same for every factor of the term, since a move
@@ -562,9 +561,8 @@ def reassign_units(emb: EntangledEmbedding, E: torch.Tensor, active: torch.Tenso
             rest = torch.ones(V)
             for x in others:
                 rest = rest * (x ** 2).sum(-1)
-            norms = (table ** 2).sum(-1).clamp_min(1e-12)
-            # over unit directions: the best unit maximises (y . u)^2 / |u|^2
-            score, best = _row_max(y, table[lo:] / norms[lo:].sqrt().unsqueeze(-1), True, chunk)
+            norms = unit_norms[k]
+            score, best = _row_max(y, unit_dirs[k][lo:], True, chunk)
             score, best = score ** 2, best + lo
             own = (y * table[index[:, r]]).sum(-1) ** 2 / norms[index[:, r]]
             move = active[:, r] & (score > own * (1 + 1e-6)) & (rest > 1e-12)
