@@ -68,9 +68,17 @@ def build(recipe: Recipe, out_dir: str | Path) -> Report:
     if calib_data is not None:
         calib = Calibration(calib_data, seq_len=recipe.data.seq_len,
                             max_samples=recipe.data.calibration_samples)
-    with clock.stage("compress"):
-        for step in recipe.steps:
-            run_step(loaded, step.method, step.config, calib)
+    records = []
+    for i, step in enumerate(recipe.steps):
+        with clock.stage("compress"):
+            records.append(run_step(loaded, step.method, step.config, calib))
+        if eval_data is not None and i < len(recipe.steps) - 1:
+            # a recipe of several steps scores the model after each one, so the report shows
+            # what each step cost; the last step's figure is the final evaluation below
+            with clock.stage("eval_steps"):
+                say(f"eval: {task} after step {i + 1} ({step.method})")
+                mid = evaluate(loaded, task, eval_data, opts=eval_opts)
+            records[-1]["quality_after"] = _step_quality(quality_before, mid)
     report.compress = {"steps": loaded.history}
     report.model["after"] = adapter.describe(loaded.model)
     with clock.stage("save"):
@@ -86,6 +94,8 @@ def build(recipe: Recipe, out_dir: str | Path) -> Report:
             "relative_drop": relative_drop(quality_before.value, after.value, after.higher_is_better),
             "data": after.data, "samples": after.samples,
         }
+        if len(records) > 1:
+            records[-1]["quality_after"] = _step_quality(quality_before, after)
 
     with clock.stage("export"):
         export_cfg = recipe.export
@@ -110,6 +120,13 @@ def build(recipe: Recipe, out_dir: str | Path) -> Report:
     apply_budgets(report, recipe.budgets)
     report.write(out)
     return report
+
+
+def _step_quality(before, after) -> dict:
+    """The held-out quality after one step of a recipe, and its drop from the uncompressed model."""
+    return {"value": after.value, "relative_drop": relative_drop(before.value, after.value,
+                                                                 after.higher_is_better),
+            "seconds": round(after.seconds, 3)}
 
 
 def check_out_dir(out: Path) -> None:

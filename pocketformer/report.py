@@ -4,7 +4,9 @@ budget gate, `pocketformer report` and the tests alike.
 Fields (schema_version 1):
   schema_version, created, tool (versions), recipe {path, sha256, content},
   model {source, family, before{...}, after{...}}   (describe(): params, layers, heads, widths)
-  compress {steps[{method, params, params_before, params_after, seconds, details}]}
+  compress {steps[{method, params, params_before, params_after, seconds, details,
+                   quality_after?: {value, relative_drop, seconds} (recipes of several steps
+                   with an evaluation split)}]}
   quality {task, metric, higher_is_better, before, after, relative_drop, data, samples}
   artifacts[{format, path, runtime, quantization, size_bytes, size_mb, sha256, export_seconds,
              inputs, outputs, parity{max_abs_diff, cosine, min_cosine, max_abs_limit, passed},
@@ -195,7 +197,14 @@ def render_markdown(r: Report) -> str:
                 what = (f"embedding {d['params_before']:,} -> {d['params_after']:,} params "
                         f"({d['ratio']:.1f}x{', tied head' if d.get('tied_head') else ''})")
             rows.append([s["method"], s["params_before"], s["params_after"], what, s["seconds"]])
-        out += [_table(["method", "params before", "params after", "what", "seconds"], rows), ""]
+        head = ["method", "params before", "params after", "what", "seconds"]
+        if any("quality_after" in s for s in steps):
+            metric = (r.quality or {}).get("metric", "quality")
+            head.append(f"{metric} after (drop)")
+            for row, s in zip(rows, steps):
+                q = s.get("quality_after")
+                row.append(f"{q['value']:.4g} ({q['relative_drop']:+.2%})" if q else "")
+        out += [_table(head, rows), ""]
     q = r.quality
     if q:
         out += ["## Quality", "", _table(

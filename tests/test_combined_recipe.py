@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pocketformer.evaluation import relative_drop
+
 
 CLI = str(Path(sys.executable).parent / "pocketformer")
 
@@ -57,5 +59,13 @@ warmup = 1
     assert after["non_embedding_params"] < before["non_embedding_params"]
     assert {a["runtime"] for a in r["artifacts"]} == {"onnxruntime", "executorch"}
     assert all(a["parity"]["passed"] for a in r["artifacts"])
+    # each step is scored on the held-out split: the first after layer removal, the last the final
+    first, last = steps[0]["quality_after"], steps[1]["quality_after"]
+    assert last["value"] == r["quality"]["after"]
+    assert last["relative_drop"] == r["quality"]["relative_drop"]
+    assert first["value"] not in (r["quality"]["before"], r["quality"]["after"])
+    assert first["relative_drop"] == relative_drop(r["quality"]["before"], first["value"], False)
+    assert r["timings_s"]["eval_steps"] > 0
     md = (out / "report.md").read_text()
     assert "removed layers" in md and "tied head" in md
+    assert "perplexity after (drop)" in md
