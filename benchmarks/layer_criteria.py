@@ -11,7 +11,6 @@ the evaluation slice, which no criterion sees. Prints one table and writes --jso
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 
@@ -21,7 +20,7 @@ from pocketformer.compress.layered_prune import _teacher_targets
 from pocketformer.compress.recovery import PRECISIONS, DistillOptions, check_device, distill
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
-from pocketformer.models import LoadedModel, count_params, load_model
+from pocketformer.models import count_params, load_model
 
 
 def main() -> int:
@@ -78,8 +77,7 @@ def main() -> int:
         loaded = load_model(a.model)
         calib = Calibration(cal, seq_len=a.seq_len, max_samples=a.samples, batch_size=a.batch_size)
         if criterion == "dense+recovery":
-            teacher = LoadedModel(loaded.adapter, copy.deepcopy(loaded.model), loaded.tokenizer,
-                                  loaded.source, dict(loaded.extras))
+            teacher = loaded.clone()
             n = len(loaded.adapter.layers(loaded.model))
             batches = calib.inputs(loaded)
             device = check_device(a.device, "--device")

@@ -14,7 +14,6 @@ Held-out perplexity after each. Prints one JSON row per variant and writes --jso
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ from pocketformer.compress import Calibration
 from pocketformer.compress.recovery import PRECISIONS, DistillOptions, LowRank, TeacherTargets, distill
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
-from pocketformer.models import LoadedModel, load_model
+from pocketformer.models import load_model
 
 
 def main() -> int:
@@ -62,8 +61,7 @@ def main() -> int:
     for variant in a.variants:
         hw, ce, kd, *rest = (float(x) for x in variant.split(","))
         holdout = rest[0] if rest else 0.0
-        student = LoadedModel(base.adapter, copy.deepcopy(base.model), base.tokenizer,
-                              base.source, dict(base.extras))
+        student = base.clone()
         student.adapter.keep_layers(student.model, kept)
         rec = distill(student, base, kept, batches,
                       DistillOptions(minutes=a.minutes, lr=a.lr, ce_weight=ce, kd_weight=kd,

@@ -7,7 +7,6 @@ chosen on the recovered model.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -203,8 +202,7 @@ def layered_prune(loaded: LoadedModel, config: LayeredPruneConfig, calib: Calibr
         raise BadInputError("calibration data is too small to form a single batch", field="calibration")
     teacher = None
     if config.recovery != "none":
-        teacher = LoadedModel(adapter, copy.deepcopy(loaded.model), loaded.tokenizer, loaded.source,
-                              dict(loaded.extras))
+        teacher = loaded.clone()
     ffn_keep = _ffn_keep_for_target(loaded, config) if config.params_fraction else config.ffn_keep
     ffn_width0 = adapter.ffn(adapter.layers(loaded.model)[0]).width
     kv0 = adapter.attention(adapter.layers(loaded.model)[0], loaded.model.config).num_kv_heads

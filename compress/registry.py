@@ -18,12 +18,15 @@ from pocketformer.schema import from_dict
 
 @dataclass
 class Calibration:
-    """The user's calibration data and how to turn it into model inputs."""
+    """The user's calibration data and how to turn it into model inputs; in a recipe whose later
+    steps ask to distil from it (`teacher = "original"`), also the model as it was before the
+    first step (`original`, None otherwise)."""
     data: object                # TextData | PairData | SentenceData | ImageData
     seq_len: int = 128
     max_samples: int = 64
     batch_size: int = 8
     seed: int = 0
+    original: LoadedModel | None = None
 
     def inputs(self, loaded: LoadedModel):
         return loaded.adapter.calibration_inputs(

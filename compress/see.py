@@ -42,6 +42,7 @@ from pocketformer.progress import progress, say
 INVENTORIES = ("wordnet", "random")
 KNOWLEDGE_ROLES = ("fixed", "init")
 BASES = ("principal", "raw")
+TEACHERS = ("incoming", "original")
 BASIS_BUDGET_SHARE = 1 / 8           # a default principal basis takes at most this share of the budget
 FORM_BAND = 64                       # principal components a form inventory is clustered on
 UNSPENT_WARNING = 0.95               # say so when the unit tables cannot use this share of the budget
@@ -90,6 +91,9 @@ class EmbeddingStages:
     device: str = "cpu"              # stages 1b and 2 (student and teacher) and the head
                                      # metric's pass run on this torch device: cpu | cuda |
                                      # cuda:N; stage 1a and the result stay on the CPU
+    teacher: str = "incoming"        # stages 1b and 2 distil from: incoming (the model as this step
+                                     # receives it) | original (in a recipe, the model as it was
+                                     # before the recipe's first step; alone, the same model)
     seed: int = 0
 
     def validate(self) -> None:
@@ -112,6 +116,9 @@ class EmbeddingStages:
         _check_scope(self.train_scope, self.scope_lr)
         check_precision(self.precision, "precision")
         check_device(self.device, "device")
+        if self.teacher not in TEACHERS:
+            raise BadInputError(f"unknown teacher {self.teacher!r}; one of {', '.join(TEACHERS)}",
+                                field="teacher")
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
@@ -1295,13 +1302,6 @@ def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: tor
             "train_scope": {"scope": cfg.train_scope, "extra_params_trained": extra}}
 
 
-def _teacher(loaded: LoadedModel) -> LoadedModel:
-    import copy
-
-    return LoadedModel(loaded.adapter, copy.deepcopy(loaded.model), loaded.tokenizer, loaded.source,
-                       dict(loaded.extras))
-
-
 def _embedding_table(loaded: LoadedModel, config: EmbeddingStages) -> torch.Tensor:
     """A detached copy of the plain token-embedding table the method will replace (after the
     checks of `config` against the model that need the model)."""
@@ -1319,14 +1319,34 @@ def _embedding_table(loaded: LoadedModel, config: EmbeddingStages) -> torch.Tens
     return emb.weight.detach().clone()
 
 
+def _choose_teacher(loaded: LoadedModel, E: torch.Tensor, config: EmbeddingStages,
+                    calib: Calibration | None) -> tuple[LoadedModel, str]:
+    """The model stages 1b and 2 distil from, and which one it is: a copy of the model as this
+    step receives it, or (teacher = original, in a recipe after an earlier step) the model as it
+    was before the recipe's first step. Both losses read only the teacher's output and its last
+    hidden state, so a teacher with more layers (an earlier layered-prune step) serves as well;
+    its vocabulary and width must be this model's."""
+    original = calib.original if calib is not None else None
+    if config.teacher != "original" or original is None or original.model is loaded.model:
+        return loaded.clone(), "incoming"
+    emb = original.adapter.embeddings(original.model)
+    shape = tuple(emb.weight.shape) if isinstance(emb, nn.Embedding) else None
+    if shape != tuple(E.shape):
+        raise BadInputError(f"the recipe's original model has a {shape} token table, this step's "
+                            f"model {tuple(E.shape)}: it cannot be the teacher", field="teacher")
+    return original, "original"
+
+
 def _replace_and_train(loaded: LoadedModel, module: nn.Module, E: torch.Tensor, batches, config,
-                       label: str) -> tuple[bool, dict]:
+                       label: str, calib: Calibration | None = None) -> tuple[bool, dict]:
     """Install `module` as the embedding (and the tied head), then run stages 1b and 2 against a
-    copy of the model as it was; returns (tied, stage records)."""
+    copy of the model as it was (or the recipe's original model, config.teacher); returns
+    (tied, stage records)."""
     tied = loaded.adapter.tied_head(loaded.model)
-    teacher = _teacher(loaded)
+    teacher, which = _choose_teacher(loaded, E, config, calib)
     _install(loaded, module, tied=tied)
-    return tied, _stages(loaded, teacher, module, E, batches, config, label)
+    stages = _stages(loaded, teacher, module, E, batches, config, label)
+    return tied, {**stages, "teacher": which}
 
 
 @register("see", SEEConfig,
@@ -1384,7 +1404,7 @@ def see(loaded: LoadedModel, config: SEEConfig, calib: Calibration | None) -> di
             f"allows are used ({V * d / module.param_count():.1f}x): every unit table is capped at "
             "one unit per row it clusters; a lower order, a higher max_rank or exact rows "
             "(exact_share) would spend the rest")
-    tied, stages = _replace_and_train(loaded, module, E, batches, config, "see")
+    tied, stages = _replace_and_train(loaded, module, E, batches, config, "see", calib)
     before = V * d
     return {"vocab": V, "d": d, "order": len(dims), "factors": list(dims), "basis": config.basis,
             "basis_dim": width,
@@ -1448,7 +1468,7 @@ def embed_svd(loaded: LoadedModel, config: EmbedSVDConfig, calib: Calibration | 
     rows = {"relative_error": rel, **_exact_summary(module, E, counts, kept),
             **({"head_metric": config.head_metric} if config.head_metric > 0 else {}),
             **({"input_metric": config.input_metric} if config.input_metric > 0 else {})}
-    tied, stages = _replace_and_train(loaded, module, E, batches, config, "embed-svd")
+    tied, stages = _replace_and_train(loaded, module, E, batches, config, "embed-svd", calib)
     return {"vocab": V, "d": d, "rank": k, "tied_head": tied, "params_before": V * d,
             "params_after": module.param_count(), "ratio": V * d / module.param_count(),
             "stage1_rows": rows, **stages}

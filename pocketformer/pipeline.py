@@ -68,6 +68,9 @@ def build(recipe: Recipe, out_dir: str | Path) -> Report:
     if calib_data is not None:
         calib = Calibration(calib_data, seq_len=recipe.data.seq_len,
                             max_samples=recipe.data.calibration_samples)
+        if any(getattr(s.config, "teacher", None) == "original" for s in recipe.steps[1:]):
+            # a later step distils from the model as it was before the first step changed it
+            calib.original = loaded.clone()
     records = []
     for i, step in enumerate(recipe.steps):
         with clock.stage("compress"):

@@ -36,6 +36,7 @@ ratio = 4
 reconstruct_steps = 100
 hidden_minutes = 0.02
 distill_minutes = 0.02
+teacher = "original"
 [export]
 formats = ["onnx", "pte"]
 seq_len = 16
@@ -52,6 +53,7 @@ warmup = 1
     steps = r["compress"]["steps"]
     assert [s["method"] for s in steps] == ["layered-prune", "see"]
     assert steps[0]["params_after"] == steps[1]["params_before"]        # in sequence
+    assert steps[1]["details"]["teacher"] == "original"     # SEE distilled from the unpruned model
     before, after = r["model"]["before"], r["model"]["after"]
     assert after["num_layers"] == before["num_layers"] - 1
     assert after["params"] == steps[1]["params_after"]

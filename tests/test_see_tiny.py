@@ -485,13 +485,13 @@ def test_see_head_metric_whitens_a_principal_basis_fitted_to_the_other_rows(tiny
 def test_stage2_hidden_weight_adds_the_hidden_state_loss(family, request, small_text):
     """distill_hidden_weight w: stage 2's objective is the output loss plus w x stage 1b's
     last-hidden-state loss (measured with lr 0 on one batch, so every step sees the same model)."""
-    from pocketformer.compress.see import _teacher, _train_against_teacher
+    from pocketformer.compress.see import _train_against_teacher
 
     path = request.getfixturevalue(family)
     loaded = load_model(path)
     data = small_text if family == "tiny_llama_2l" else f"{STS_DEV}@0:0.05"
     batches = _calib(loaded, data).inputs(loaded)[:1]
-    teacher = _teacher(loaded)
+    teacher = loaded.clone()
     emb = loaded.adapter.embeddings(loaded.model)
     with torch.no_grad():      # a student that differs from its teacher
         emb.weight.add_(0.5 * torch.randn_like(emb.weight))
@@ -513,7 +513,7 @@ def test_stage2_relation_weight_adds_the_cosine_matrix_loss(tiny_bert, tiny_llam
     """distill_relation_weight w: stage 2's objective is 1 - cos plus w x `relation_loss`, which
     is 0 for embeddings that keep every pairwise cosine (rotated and rescaled rows) and not for
     ones that move them; a decoder refuses the option before any work (exit 2)."""
-    from pocketformer.compress.see import _teacher, _train_against_teacher, relation_loss
+    from pocketformer.compress.see import _train_against_teacher, relation_loss
 
     g = torch.Generator().manual_seed(0)
     t = torch.randn(8, 16, generator=g)
@@ -526,7 +526,7 @@ def test_stage2_relation_weight_adds_the_cosine_matrix_loss(tiny_bert, tiny_llam
 
     loaded = load_model(tiny_bert)
     batches = _calib(loaded, f"{STS_DEV}@0:0.05").inputs(loaded)[:1]
-    teacher = _teacher(loaded)
+    teacher = loaded.clone()
     emb = loaded.adapter.embeddings(loaded.model)
     with torch.no_grad():
         emb.weight.add_(0.5 * torch.randn_like(emb.weight))
@@ -554,7 +554,7 @@ def test_bf16_stages_train_fp32_parameters_on_a_bf16_forward(family, request, sm
     """precision = bf16: the student of stages 1b and 2 runs under CPU bf16 autocast, so each
     stage's first loss is the fp32 one up to bf16 rounding (the same objective), it trains, the
     parameters stay fp32 and the record names the precision."""
-    from pocketformer.compress.see import _teacher, _train_against_teacher
+    from pocketformer.compress.see import _train_against_teacher
 
     path = request.getfixturevalue(family)
     data = small_text if family == "tiny_llama_2l" else f"{STS_DEV}@0:0.05"
@@ -563,7 +563,7 @@ def test_bf16_stages_train_fp32_parameters_on_a_bf16_forward(family, request, sm
         for kind in ("hidden", "output"):      # each from the same student
             loaded = load_model(path)
             batches = _calib(loaded, data).inputs(loaded)[:2]
-            teacher = _teacher(loaded)
+            teacher = loaded.clone()
             emb = loaded.adapter.embeddings(loaded.model)
             torch.manual_seed(0)
             with torch.no_grad():      # a student that differs from its teacher
@@ -617,11 +617,11 @@ def test_row_anchor_adds_the_whole_vocabulary_row_error(tiny_bert_small_vocab):
     """row_anchor w: stages 1b and 2 add w x the relative error of rows drawn from the whole
     vocabulary (all of them here: anchor_rows >= V), against the original table; the record
     reports that error; a run with the anchor ends closer to the original rows."""
-    from pocketformer.compress.see import RowAnchor, _teacher, _train_against_teacher
+    from pocketformer.compress.see import RowAnchor, _train_against_teacher
 
     loaded = load_model(tiny_bert_small_vocab)
     batches = _calib(loaded, f"{STS_DEV}@0:0.05").inputs(loaded)[:1]
-    teacher = _teacher(loaded)
+    teacher = loaded.clone()
     emb = loaded.adapter.embeddings(loaded.model)
     E = emb.weight.detach().clone()
     with torch.no_grad():
@@ -704,6 +704,7 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--precision", "fp16"], "precision"),
     (["--reassign-rounds", "21"], "reassign_rounds"),
     (["--knowledge-role", "always"], "knowledge_role"),
+    (["--teacher", "dense"], "teacher"),
     (["--device", "tpu"], "cpu, cuda or cuda:N"),
     pytest.param(["--device", "cuda"], "sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(),
@@ -815,6 +816,42 @@ def test_head_metric_batches_measures_the_moment_on_evenly_spaced_batches(tiny_l
     # at least as many as there are: every batch
     torch.testing.assert_close(row_metric(loaded, batches, 0.5, max_batches=n + 5),
                                row_metric(loaded, batches, 0.5))
+
+
+def test_teacher_original_distils_from_the_recipe_s_model_before_its_first_step(tiny_llama_2l,
+                                                                                 small_text):
+    """teacher = original: stages 1b and 2 read the model the recipe started from
+    (Calibration.original), kept as it is; without one (a single step), or with teacher =
+    incoming, a copy of the model as the step receives it. A model whose token table differs
+    cannot be the teacher."""
+    from pocketformer.compress.see import SEEConfig, _choose_teacher
+    from pocketformer.errors import BadInputError
+
+    original = load_model(tiny_llama_2l)
+    loaded = original.clone()
+    loaded.adapter.keep_layers(loaded.model, [0])          # an earlier step removed a layer
+    E = loaded.model.get_input_embeddings().weight.detach().clone()
+    calib = _calib(loaded, small_text)
+    want = SEEConfig(teacher="original")
+    alone, which = _choose_teacher(loaded, E, want, calib)           # no original: alone
+    assert which == "incoming" and alone.model is not loaded.model
+    assert len(alone.adapter.layers(alone.model)) == 1
+    calib.original = original
+    teacher, which = _choose_teacher(loaded, E, want, calib)
+    assert which == "original" and teacher is original
+    assert len(teacher.adapter.layers(teacher.model)) == 2
+    _, which = _choose_teacher(loaded, E, SEEConfig(teacher="incoming"), calib)
+    assert which == "incoming"
+    with pytest.raises(BadInputError) as exc:
+        _choose_teacher(loaded, E[:-1], want, calib)
+    assert exc.value.field == "teacher"
+    # the step records which teacher it distilled from; the original stays as it was
+    before = {k: v.clone() for k, v in original.model.state_dict().items()}
+    details = run_step(loaded, "see", parse_params(get_method("see"), {
+        "ratio": 4, "reconstruct_steps": 20, "teacher": "original", **FAST}), calib)["details"]
+    assert details["teacher"] == "original"
+    after = original.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_bool_option_that_is_not_true_or_false_exits_2(tiny_bert, tmp_path, capsys):

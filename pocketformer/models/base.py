@@ -6,6 +6,7 @@ Compression methods, exporters and evaluators ask an adapter instead of reaching
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,12 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+    def clone(self) -> "LoadedModel":
+        """A deep copy of the model with what feeds it, without the history: a teacher that
+        stays as it is while this one changes, or a fresh student."""
+        return LoadedModel(self.adapter, copy.deepcopy(self.model), self.tokenizer, self.source,
+                           dict(self.extras))
 
 
 def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
