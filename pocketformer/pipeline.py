@@ -82,6 +82,8 @@ def build(recipe: Recipe, out_dir: str | Path) -> Report:
                 say(f"eval: {task} after step {i + 1} ({step.method})")
                 mid = evaluate(loaded, task, eval_data, opts=eval_opts)
             records[-1]["quality_after"] = _step_quality(quality_before, mid)
+    if calib is not None:
+        calib.original = None        # the unpruned copy is not needed for export and bench
     report.compress = {"steps": loaded.history}
     report.model["after"] = adapter.describe(loaded.model)
     with clock.stage("save"):
