@@ -117,8 +117,7 @@ class EmbeddingStages:
         check_precision(self.precision, "precision")
         check_device(self.device, "device")
         if self.teacher not in TEACHERS:
-            raise BadInputError(f"unknown teacher {self.teacher!r}; one of {', '.join(TEACHERS)}",
-                                field="teacher")
+            raise BadInputError(f"expected one of {', '.join(TEACHERS)}", field="teacher")
 
     def needs_calibration(self) -> bool:
         return (self.hidden_minutes > 0 or self.distill_minutes > 0 or self.exact_share > 0
@@ -1327,7 +1326,7 @@ def _choose_teacher(loaded: LoadedModel, E: torch.Tensor, config: EmbeddingStage
     hidden state, so a teacher with more layers (an earlier layered-prune step) serves as well;
     its vocabulary and width must be this model's."""
     original = calib.original if calib is not None else None
-    if config.teacher != "original" or original is None or original.model is loaded.model:
+    if config.teacher != "original" or original is None:
         return loaded.clone(), "incoming"
     emb = original.adapter.embeddings(original.model)
     shape = tuple(emb.weight.shape) if isinstance(emb, nn.Embedding) else None
