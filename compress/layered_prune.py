@@ -15,7 +15,8 @@ from pocketformer.compress import width
 from pocketformer.compress.criteria import CRITERIA, CriterionOptions, layer_sensitivity, select_layers
 from pocketformer.compress.recovery import (RECOVERIES, DistillOptions, LowRank,
                                             TeacherTargets, check_device, check_precision,
-                                            device_name, distill, lsq_correct, on_device)
+                                            device_name, distill, lsq_correct, memory_room,
+                                            on_device)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel, count_params
@@ -268,10 +269,8 @@ def _teacher_targets(teacher: LoadedModel, batches, top_k: int = 0, device: torc
     """The teacher's outputs computed once for all recovery steps (compress/recovery.py), on
     `device`, kept in the CPU's memory when they take at most a quarter of the available memory
     there; otherwise the teacher runs live."""
-    import os
-
     need = TeacherTargets.size_bytes(teacher, batches, top_k)
-    room = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    room = memory_room()
     if not batches or need > room:
         say(f"recovery: teacher targets need {need / 1e9:.1f} GB, {room / 1e9:.1f} GB allowed; "
             "running the teacher live")

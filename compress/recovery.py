@@ -334,6 +334,101 @@ class TeacherTargets:
         return tokens * (out + hidden)
 
 
+def memory_room(share: float = 0.25) -> int:
+    """`share` of the memory free now, in bytes: what a cache of teacher outputs may take."""
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * share)
+
+
+class TeacherReplay:
+    """What SEE's stages 1b and 2 read from the teacher on each calibration batch (its output
+    and its last layer's output), kept from the first step that draws the batch, so that a later
+    step on it runs no teacher forward: the teacher never changes, and its fp32 forward was 3.9 s
+    of a 14 s SmolLM2 step. Per batch it keeps the last layer's output and, where the output is
+    no larger than that (a sentence embedding, a row of class scores), the output itself. A
+    decoder's logits (V per position) are not kept: they are replayed from the last layer's
+    output through the teacher's own final norm and head (`output_features`, `output_head`),
+    after the first batch has checked the replay against the live output (if it differs, every
+    batch of such a model runs live). Kept in fp32 in the CPU's memory while the total fits in
+    `room` bytes (default: a quarter of the free memory); later batches run the teacher live."""
+
+    TOLERANCE = 1e-5        # the replay's largest difference / the output's largest magnitude
+
+    def __init__(self, teacher: LoadedModel, room: int | None = None):
+        self.teacher = teacher
+        self.module = teacher.adapter.export_module(teacher)
+        self.last = teacher.adapter.layers(teacher.model)[-1]
+        self.kept: dict[int, tuple] = {}        # batch index -> (hidden, output or None, shape)
+        self.room = memory_room() if room is None else room
+        self.bytes = 0
+        self.head_replays: bool | None = None   # decided by the first batch whose output is large
+        self.live = self.replayed = 0
+
+    def __call__(self, index: int, batch, need_output: bool = True):
+        """(output, last layer's output) of the teacher on batch `index` (the output is None
+        when not needed and not at hand)."""
+        if index in self.kept:
+            hidden, out, shape = self.kept[index]
+            device = batch[0].device
+            hidden = hidden.to(device)
+            if out is not None:
+                out = out.to(device)
+            elif need_output:
+                out = self._head(hidden, batch, shape)
+            self.replayed += 1
+            return out, hidden
+        store: dict = {}
+        hook = _layer_outputs_hooks([self.last], [0], store)[0]
+        try:
+            with torch.no_grad():
+                out = self.module(*batch)
+        finally:
+            hook.remove()
+        self.live += 1
+        self._keep(index, batch, store[0], out)
+        return out, store[0]
+
+    @torch.no_grad()
+    def _head(self, hidden: torch.Tensor, batch, shape: torch.Size) -> torch.Tensor:
+        adapter = self.teacher.adapter
+        features = adapter.output_features(self.teacher, hidden, batch)
+        return adapter.output_head(self.teacher.model)(features).reshape(shape)
+
+    def _keep(self, index: int, batch, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        small = out.numel() <= hidden.numel()
+        if not small:
+            if self.head_replays is None:
+                self.head_replays = self._replay_matches(hidden, batch, out)
+            if not self.head_replays:
+                return
+        size = 4 * (hidden.numel() + (out.numel() if small else 0))
+        if self.bytes + size > self.room:
+            return
+        self.kept[index] = (hidden.detach().to("cpu", torch.float32, copy=True),
+                            out.detach().to("cpu", torch.float32, copy=True) if small else None,
+                            out.shape)
+        self.bytes += size
+
+    def _replay_matches(self, hidden: torch.Tensor, batch, out: torch.Tensor) -> bool:
+        if self.teacher.adapter.output_head(self.teacher.model) is None:
+            return False
+        try:
+            replay = self._head(hidden, batch, out.shape)
+        except (RuntimeError, NotImplementedError):
+            return False
+        err = float((replay.float() - out.float()).abs().max() / out.float().abs().max().clamp_min(1e-12))
+        if err > self.TOLERANCE:
+            say(f"teacher replay: the head on the last layer's output differs from the output by "
+                f"{err:.1e} of its scale; the teacher runs live on every batch")
+            return False
+        return True
+
+    def record(self) -> dict:
+        return {"live": self.live, "replayed": self.replayed, "batches_kept": len(self.kept),
+                "megabytes": round(self.bytes / 1e6, 1)}
+
+
 @dataclass
 class TopK:
     """The teacher's k most probable tokens per position: log-probabilities (fp16) and ids."""

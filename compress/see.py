@@ -32,8 +32,9 @@ from torch import nn
 
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding,
                                           LowRankRows, ZeroRows, factor_dims, head_for, kron_sum)
-from pocketformer.compress.recovery import (_kd_loss, check_device, check_precision, device_name,
-                                             on_device, resolve_precision, student_autocast)
+from pocketformer.compress.recovery import (TeacherReplay, _kd_loss, check_device, check_precision,
+                                             device_name, on_device, resolve_precision,
+                                             student_autocast)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
@@ -1168,7 +1169,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                            minutes: float, seed: int, loss_kind: str, label: str,
                            hidden_weight: float = 0.0, anchor: RowAnchor | None = None,
                            precision: str = "fp32", device: torch.device | None = None,
-                           relation_weight: float = 0.0) -> dict:
+                           relation_weight: float = 0.0, replay: TeacherReplay | None = None) -> dict:
     """Train the Adam parameter `groups` (each with its own "lr", decaying linearly to 0) for
     `minutes` of wall time; every tensor's requires_grad is as it was afterwards. 'hidden'
     matches the last hidden state, 'output' matches the output (KL of next-token distributions,
@@ -1176,20 +1177,23 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
     `relation_weight` x `relation_loss` of the embeddings when that is > 0, plus
     the `anchor`'s row term when there is one. With `precision` "bf16" the student's forward
     (and so its backward) runs under bf16 autocast; its outputs are taken back to fp32 for
-    the losses. Both models and the `batches` are on `device` already (the CPU when None)."""
+    the losses. Both models and the `batches` are on `device` already (the CPU when None).
+    The teacher's work on a batch is kept by `replay` (a new one when None) for later steps on
+    it; the record counts the teacher forwards run and the batches replayed."""
     if minutes <= 0 or not batches:
         return {"steps": 0, "seconds": 0.0}
     device_type = (device or torch.device("cpu")).type
     asked, precision = precision, resolve_precision(precision, torch.device(device_type), label)
     adapter = loaded.adapter
-    s_module, t_module = adapter.export_module(loaded), adapter.export_module(teacher)
-    s_layers, t_layers = adapter.layers(loaded.model), adapter.layers(teacher.model)
+    s_module = adapter.export_module(loaded)
+    replay = TeacherReplay(teacher) if replay is None else replay
+    live, replayed = replay.live, replay.replayed
     store: dict = {}
     hooks = []
     wants_hidden = loss_kind == "hidden" or hidden_weight > 0
     if wants_hidden:
-        hooks.append(s_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("s", o[0] if isinstance(o, tuple) else o)))
-        hooks.append(t_layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("t", o[0] if isinstance(o, tuple) else o)))
+        hooks.append(adapter.layers(loaded.model)[-1].register_forward_hook(
+            lambda m, a, o: store.__setitem__("s", o[0] if isinstance(o, tuple) else o)))
     groups = [{**g, "base_lr": g["lr"]} for g in groups]
     tensors = [p for g in groups for p in g["params"]]
     flags = [p.requires_grad for p in tensors]
@@ -1210,13 +1214,12 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * (1 - frac)
                 batch = batches[bi]
-                with torch.no_grad():
-                    t_out = t_module(*batch)
+                t_out, t_hidden = replay(bi, batch, need_output=loss_kind != "hidden")
                 with student_autocast(precision, device_type):
                     s_out = s_module(*batch)
                 s_out = s_out.float()
                 if wants_hidden:
-                    t = store["t"].detach()
+                    t = t_hidden.detach()
                     hidden_loss = ((store["s"].float() - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
                 if loss_kind == "hidden":
                     loss = hidden_loss
@@ -1245,6 +1248,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
     k = max(1, min(5, len(losses)))
     rec = {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "precision": precision,
            "device": device_name(device), **({"precision_asked": asked} if asked != precision else {}),
+           "teacher_forwards": replay.live - live, "teacher_replays": replay.replayed - replayed,
            "loss_step1": losses[0] if losses else math.nan,
            "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
            "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}
@@ -1287,17 +1291,18 @@ def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: tor
         groups = trainable_groups(loaded, module, cfg)
         anchor = (RowAnchor(module, E, cfg.row_anchor, cfg.anchor_rows, cfg.seed, device)
                   if cfg.row_anchor > 0 else None)
+        replay = TeacherReplay(teacher)       # one for both stages: 1b's batches serve stage 2
         hidden = _train_against_teacher(loaded, teacher, groups, batches, cfg.hidden_minutes,
                                         cfg.seed, "hidden", f"{label} stage 1b", anchor=anchor,
-                                        precision=cfg.precision, device=device)
+                                        precision=cfg.precision, device=device, replay=replay)
         output = _train_against_teacher(loaded, teacher, groups, batches, cfg.distill_minutes,
                                         cfg.seed + 1, "output", f"{label} stage 2",
                                         hidden_weight=cfg.distill_hidden_weight, anchor=anchor,
                                         precision=cfg.precision, device=device,
-                                        relation_weight=cfg.distill_relation_weight)
+                                        relation_weight=cfg.distill_relation_weight, replay=replay)
     module.requires_grad_(False)          # the new table ships frozen
     extra = sum(p.numel() for g in groups[1:] for p in g["params"])
-    return {"stage1_hidden": hidden, "stage2_distill": output,
+    return {"stage1_hidden": hidden, "stage2_distill": output, "teacher_replay": replay.record(),
             "train_scope": {"scope": cfg.train_scope, "extra_params_trained": extra}}
 
 

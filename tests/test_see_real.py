@@ -58,6 +58,11 @@ def test_minilm_see_ratio_10(tmp_path, dense_sts):
     # the raw one; docs/see.md). Stage 2 was cut from 1 to 0.5 min for the
     # suite's time; the test passed so beside a running build, i.e. with fewer steps than alone
     assert see >= 0.90 * dense_sts, (see, dense_sts)
+    # the teacher ran at most once per calibration batch (24) over both stages; every other
+    # step replayed its kept sentence embeddings and last-layer outputs
+    steps = d["stage1_hidden"]["steps"] + d["stage2_distill"]["steps"]
+    assert d["teacher_replay"]["live"] <= 24
+    assert d["teacher_replay"]["live"] + d["teacher_replay"]["replayed"] == steps
     save_model(loaded, tmp_path / "m")
     again = load_model(tmp_path / "m")
     # the reloaded model encodes held-out sentences exactly as the trained one

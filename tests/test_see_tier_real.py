@@ -3,8 +3,11 @@ rank-192 tier for the next most frequent calibration tokens score a lower held-o
 than 4,177 exact rows, before any training (the SVD baseline's stage 1a in the head's metric;
 deterministic: no wall-clock budget, so not a serial test). docs/see.md, "A low-rank tier".
 The head's moment is measured on 4 of the 12 calibration batches (head_metric_batches): the
-pass is most of the test's time (100 s -> 55 s alone); the counts use every window."""
+pass is most of the test's time (100 s -> 55 s alone); the counts use every window. Also: the
+logits SEE's stages replay from the teacher's last-layer output match the live ones."""
 from __future__ import annotations
+
+import torch
 
 from pocketformer.compress import Calibration, get_method, parse_params, run_step
 from pocketformer.data import DataSpec, load_text
@@ -41,3 +44,24 @@ def test_a_rank_192_tier_beats_more_exact_rows_at_10x_on_held_out_text():
     # and 112.91 (0.77x)
     assert ppl["tier"] < 0.9 * ppl["exact"], (ppl, dense)
     assert ppl["tier"] < 4.5 * dense, (ppl, dense)
+
+
+def test_smollm2_logits_replayed_from_the_last_layer_match_the_live_teacher():
+    """SEE's stages keep the real SmolLM2 teacher's last-layer output per batch and replay its
+    logits through the final norm and the tied head (TeacherReplay): the replay passes its own
+    check and matches the live logits, and the second call runs no forward."""
+    from pocketformer.compress.recovery import TeacherReplay
+
+    teacher = load_model("smollm2")
+    cal = load_text(DataSpec.parse(f"{WIKITEXT}@0:0.5"))
+    (batch,) = Calibration(cal, seq_len=128, max_samples=2, batch_size=2).inputs(teacher)
+    replay = TeacherReplay(teacher)
+    live, _ = replay(0, batch)
+    calls = []
+    teacher.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    again, _ = replay(0, batch)
+    assert replay.head_replays is True and replay.kept[0][1] is None and not calls
+    assert live.shape == again.shape == (2, 128, 49152)
+    err = float((again - live).abs().max() / live.abs().max())
+    assert err < 1e-5, err
+    assert torch.equal(again.argmax(-1), live.argmax(-1))

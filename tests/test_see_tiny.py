@@ -904,3 +904,75 @@ def test_knowledge_role_init_lets_the_rounds_move_wordnet_terms(tiny_bert_small_
     assert seen["fixed", 1][0] == planned
     assert seen["init", 1][0] != planned
     assert seen["init", 1][1]["reassigned_terms"][0] > seen["fixed", 1][1]["reassigned_terms"][0]
+
+
+@pytest.mark.parametrize("family", ["tiny_bert", "tiny_llama_2l"])
+def test_teacher_replay_gives_the_live_teacher_s_outputs_without_running_it_again(family, request,
+                                                                                 small_text):
+    """TeacherReplay: the first call on a batch runs the teacher; a later one runs no teacher
+    forward and returns the same output and last-layer output (an encoder's embedding kept, a
+    decoder's logits replayed through its final norm and head). No room, or a replay that fails
+    its check, means every call runs live and still returns the live outputs."""
+    from pocketformer.compress.recovery import TeacherReplay
+
+    path = request.getfixturevalue(family)
+    loaded = load_model(path)
+    data = small_text if family == "tiny_llama_2l" else f"{STS_DEV}@0:0.05"
+    batches = _calib(loaded, data).inputs(loaded)[:3]
+    module = loaded.adapter.export_module(loaded)
+    last = loaded.adapter.layers(loaded.model)[-1]
+    store = {}
+    hook = last.register_forward_hook(lambda m, a, o: store.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        live = []
+        for b in batches:
+            out = module(*b)
+            live.append((out, store["h"].clone()))
+    hook.remove()
+    calls = []
+    loaded.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+    def check(replay, passes):
+        for _ in range(passes):
+            for i, b in enumerate(batches):
+                out, hidden = replay(i, b)
+                torch.testing.assert_close(out, live[i][0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(hidden, live[i][1], rtol=0, atol=0)
+
+    replay = TeacherReplay(loaded)
+    check(replay, 2)
+    assert len(calls) == 3 and replay.live == 3 and replay.replayed == 3
+    assert replay.record()["batches_kept"] == 3 and replay.bytes > 0
+    decoder = family == "tiny_llama_2l"
+    assert all((kept[1] is None) == decoder for kept in replay.kept.values())
+    assert replay.head_replays is (True if decoder else None)
+    out, hidden = replay(0, batches[0], need_output=False)
+    assert (out is None) == decoder and len(calls) == 3
+    calls.clear()
+    check(TeacherReplay(loaded, room=0), 2)
+    assert len(calls) == 6
+    if decoder:
+        calls.clear()
+        strict = TeacherReplay(loaded)
+        strict.TOLERANCE = -1.0             # no replay can pass: the decoder's logits run live
+        check(strict, 2)
+        assert len(calls) == 6 and strict.head_replays is False and not strict.kept
+
+
+def test_see_stages_run_the_teacher_once_per_batch(tiny_llama_2l, small_text):
+    """Stages 1b and 2 share one TeacherReplay: over both stages every calibration batch runs
+    the teacher once and every other step replays it; each stage's record counts both."""
+    loaded = load_model(tiny_llama_2l)
+    calib = Calibration(load_for("text", DataSpec.parse(small_text)), seq_len=32, max_samples=8,
+                        batch_size=4)
+    n = len(calib.inputs(loaded))
+    cfg = parse_params(get_method("see"), {"ratio": 4, "reconstruct_steps": 5,
+                                           "hidden_minutes": 0.02, "distill_minutes": 0.03})
+    d = run_step(loaded, "see", cfg, calib)["details"]
+    one, two = d["stage1_hidden"], d["stage2_distill"]
+    assert one["steps"] + two["steps"] > 2 * n
+    assert one["teacher_forwards"] + two["teacher_forwards"] == n
+    for rec in (one, two):
+        assert rec["teacher_forwards"] + rec["teacher_replays"] == rec["steps"]
+    assert d["teacher_replay"]["live"] == n and d["teacher_replay"]["batches_kept"] == n
+    assert d["teacher_replay"]["replayed"] == one["steps"] + two["steps"] - n
