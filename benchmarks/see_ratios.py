@@ -170,6 +170,7 @@ def main() -> int:
                       if k in details["stage1_rows"]},
                    "stage1b_steps": details["stage1_hidden"]["steps"],
                    "stage2_steps": details["stage2_distill"]["steps"],
+                   "teacher_replay": details.get("teacher_replay"),
                    **{f"stage{k}_loss_{e}": details[s].get(f"loss_{e}") for k, s in
                       (("1b", "stage1_hidden"), ("2", "stage2_distill")) for e in ("first", "last")}}
             if val is not None:
