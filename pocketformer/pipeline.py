@@ -93,14 +93,14 @@ def build(recipe: Recipe, out_dir: str | Path) -> Report:
         with clock.stage("eval_after"):
             say(f"eval: {task} on the compressed model")
             after = evaluate(loaded, task, eval_data, opts=eval_opts)
+        final = _step_quality(quality_before, after)
         report.quality = {
             "task": task, "metric": after.metric, "higher_is_better": after.higher_is_better,
             "before": quality_before.value, "after": after.value,
-            "relative_drop": relative_drop(quality_before.value, after.value, after.higher_is_better),
-            "data": after.data, "samples": after.samples,
+            "relative_drop": final["relative_drop"], "data": after.data, "samples": after.samples,
         }
         if len(records) > 1:
-            records[-1]["quality_after"] = _step_quality(quality_before, after)
+            records[-1]["quality_after"] = final
 
     with clock.stage("export"):
         export_cfg = recipe.export
