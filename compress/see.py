@@ -32,9 +32,9 @@ from torch import nn
 
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding,
                                           LowRankRows, ZeroRows, factor_dims, head_for, kron_sum)
-from pocketformer.compress.recovery import (TeacherReplay, _kd_loss, check_device, check_precision,
-                                             device_name, on_device, resolve_precision,
-                                             student_autocast)
+from pocketformer.compress.recovery import (TeacherReplay, _kd_loss, _layer_outputs_hooks,
+                                             check_device, check_precision, device_name, on_device,
+                                             resolve_precision, student_autocast)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel
@@ -1188,12 +1188,9 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
     s_module = adapter.export_module(loaded)
     replay = TeacherReplay(teacher) if replay is None else replay
     live, replayed = replay.live, replay.replayed
-    store: dict = {}
-    hooks = []
+    store: dict = {}                  # the student's last layer output, when a loss reads it
     wants_hidden = loss_kind == "hidden" or hidden_weight > 0
-    if wants_hidden:
-        hooks.append(adapter.layers(loaded.model)[-1].register_forward_hook(
-            lambda m, a, o: store.__setitem__("s", o[0] if isinstance(o, tuple) else o)))
+    hooks = _layer_outputs_hooks(adapter.layers(loaded.model), [-1], store) if wants_hidden else []
     groups = [{**g, "base_lr": g["lr"]} for g in groups]
     tensors = [p for g in groups for p in g["params"]]
     flags = [p.requires_grad for p in tensors]
@@ -1220,7 +1217,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                 s_out = s_out.float()
                 if wants_hidden:
                     t = t_hidden.detach()
-                    hidden_loss = ((store["s"].float() - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
+                    hidden_loss = ((store[-1].float() - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean()
                 if loss_kind == "hidden":
                     loss = hidden_loss
                 else:
