@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from pocketformer.models import LoadedModel
+from pocketformer.models import LoadedModel, layer_hidden
 
 
 @dataclass
@@ -46,7 +46,7 @@ class LayerProbe:
             call["args"], call["kwargs"] = args[1:], dict(kwargs)
 
         def post(mod, args, kwargs, output):
-            out["final"] = output[0] if isinstance(output, (tuple, list)) else output
+            out["final"] = layer_hidden(output)
 
         handles = [self.layers[i].register_forward_pre_hook(pre, with_kwargs=True) for i in active]
         handles.append(self.layers[active[-1]].register_forward_hook(post, with_kwargs=True))
@@ -65,7 +65,7 @@ class LayerProbe:
         """Feed `hidden` into active layer `position` and return the last layer's output."""
         for i in trace.active[position:]:
             out = self.layers[i](hidden, *trace.layer_args, **trace.layer_kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            hidden = layer_hidden(out)
         self.layer_evals += (len(trace.active) - position) * trace.tokens
         return hidden
 

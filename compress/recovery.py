@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pocketformer.errors import BadInputError
-from pocketformer.models import LoadedModel
+from pocketformer.models import LoadedModel, layer_hidden
 from pocketformer.progress import say
 
 RECOVERIES = ("none", "lsq", "distill")
@@ -130,7 +130,7 @@ def device_name(device: torch.device | str | None) -> str:
 def _layer_outputs_hooks(layers, indices, store: dict):
     def make(i):
         def hook(mod, args, output):
-            store[i] = output[0] if isinstance(output, (tuple, list)) else output
+            store[i] = layer_hidden(output)
         return hook
     return [layers[i].register_forward_hook(make(i)) for i in indices]
 

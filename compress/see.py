@@ -37,7 +37,7 @@ from pocketformer.compress.recovery import (TeacherReplay, _kd_loss, _layer_outp
                                              resolve_precision, student_autocast)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
-from pocketformer.models import LoadedModel
+from pocketformer.models import LoadedModel, layer_hidden
 from pocketformer.progress import progress, say
 
 INVENTORIES = ("wordnet", "random")
@@ -928,7 +928,7 @@ def head_inputs(loaded: LoadedModel, batches, label: str = "head inputs"):
     last: dict = {}
 
     def take(mod, args, output):
-        last["hidden"] = output[0] if isinstance(output, (tuple, list)) else output
+        last["hidden"] = layer_hidden(output)
         raise _StopAfterLastLayer
 
     handle = adapter.layers(loaded.model)[-1].register_forward_hook(take)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from pocketformer.export.quantize import untie_output_head
+from pocketformer.models import layer_hidden
 from pocketformer.progress import say
 
 QMIN, QMAX = -8, 7
@@ -238,7 +239,7 @@ def gptq_round_model(loaded, batches: list[tuple[torch.Tensor, ...]], group: int
             nxt = []
             for t, h in zip(traces, hidden):
                 out = layer(h, *t.layer_args, **t.layer_kwargs)
-                nxt.append(out[0] if isinstance(out, (tuple, list)) else out)
+                nxt.append(layer_hidden(out))
             hidden = nxt
             if include_layers:
                 say(f"gptq: layer {li + 1}/{len(layers)} ({len(lins)} linears)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pocketformer.errors import BadInputError
 from pocketformer.models.base import (AttentionSpec, FFNSpec, LoadedModel, ModelAdapter,
-                                      METADATA_FILE, attach_lowrank, count_params)
+                                      METADATA_FILE, attach_lowrank, count_params, layer_hidden)
 from pocketformer.models.bert import BertAdapter
 from pocketformer.models.llama import LlamaAdapter
 from pocketformer.models.vit import ViTAdapter

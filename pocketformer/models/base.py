@@ -131,6 +131,13 @@ def _prefix_of(model: nn.Module, module: nn.Module) -> str:
     return "\0"
 
 
+def layer_hidden(output) -> torch.Tensor:
+    """A layer's hidden-state output, for hooks and direct calls: `transformers` layers return the
+    tensor itself or a tuple whose first item it is (the rest attention weights or a cache,
+    depending on the family and version)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def count_params(module: nn.Module) -> int:
     # parameters() yields a tied tensor once, which is the count that matters for size.
     return sum(p.numel() for p in module.parameters())
