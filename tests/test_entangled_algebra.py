@@ -230,6 +230,10 @@ def _assert_table(emb, expected, tokens, h) -> dict:
     torch.testing.assert_close(emb.weight, expected)
     torch.testing.assert_close(emb(tokens), expected[tokens])
     torch.testing.assert_close(emb.logits(h), h @ expected.T, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():           # outside training the head runs token-major (V x P)
+        torch.testing.assert_close(emb.logits(h), h @ expected.T, rtol=1e-5, atol=1e-5)
+        one = h.reshape(-1, h.shape[-1])[:1]
+        torch.testing.assert_close(emb.logits(one), one @ expected.T, rtol=1e-5, atol=1e-5)
     entry = describe(emb)
     again = build(entry)
     again.load_state_dict(emb.state_dict(), strict=True)
@@ -284,6 +288,41 @@ def test_low_rank_rows_over_zero_rows_store_only_their_rows():
     expected[ids] = coef @ basis
     _assert_table(emb, expected, torch.tensor([[0, 1, 8], [2, 3, 3]]), torch.randn(4, d))
     assert emb.param_count() == (3 + 1) * r + r * d == sum(p.numel() for p in emb.parameters())
+
+def test_exported_slot_wrappers_combine_token_major_without_a_select():
+    """A head of ExactRows(LowRankRows(entangled)) exported over a dynamic number of positions
+    combines token-major: no select (aten.where) and no gather over the positions' axis, only
+    row gathers of the V slots; it equals the table's product at any position count, and so
+    does training's position-major select, even when the stored zero rows are not zero (both
+    forms read them as zeros). At one fixed position (a decode step) the select stays."""
+    from pocketformer.models.factored import ExactRows, LowRankRows, head_for
+
+    V, d, r = 13, 12, 4
+    base = _random(V=V)
+    emb = ExactRows(LowRankRows(base, torch.tensor([0, 5, 6, 12]), torch.randn(4, r), torch.randn(r, d)),
+                    torch.tensor([2, 7]), torch.randn(2, d))
+    expected = emb.weight.detach().clone()
+    with torch.no_grad():                      # values a zero row never has: neither form reads them
+        emb.exact[-1].fill_(3.0)
+        emb.base.coef[-1].fill_(-2.0)
+    torch.testing.assert_close(emb.weight, expected)
+    head = head_for(emb).eval()
+    h = torch.randn(1, 6, d)
+    seq = torch.export.Dim("seq", min=1, max=64)
+    program = torch.export.export(head, (h,), dynamic_shapes=({1: seq},), strict=False)
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.where.self not in targets, targets
+    gathers = [n for n in program.graph.nodes if n.op == "call_function"
+               and n.target == torch.ops.aten.index_select.default]
+    assert gathers and all(n.args[1] == 0 for n in gathers), [n.args for n in gathers]
+    for n in (1, 6, 40):
+        x = torch.randn(1, n, d)
+        torch.testing.assert_close(program.module()(x), x @ expected.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head(x), x @ expected.T, rtol=1e-5, atol=1e-5)   # training's form
+    one = torch.export.export(head, (h[:, -1:],), strict=False)
+    assert torch.ops.aten.where.self in [n.target for n in one.graph.nodes if n.op == "call_function"]
+    torch.testing.assert_close(one.module()(h[:, -1:]), h[:, -1:] @ expected.T, rtol=1e-5, atol=1e-5)
+
 
 def test_low_rank_metric_is_exact_for_spike_plus_isotropic():
     """head_metric for SEE: M ~ c I + W W^T keeps the top-k eigen-directions exactly and the
