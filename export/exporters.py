@@ -17,6 +17,7 @@ import torch
 from pocketformer import fsutil
 from pocketformer.errors import BadInputError, BudgetError, RuntimeFailure
 from pocketformer.models import LoadedModel
+from pocketformer.models.factored import stored_term_weights
 from pocketformer.models.xnnpack_form import xnnpack_form
 from pocketformer.progress import say
 from pocketformer.versions import versions
@@ -647,8 +648,12 @@ def export_generation(loaded: LoadedModel, out_dir: Path, fmt: str, cfg: ExportC
             check_plan(plan, cfg.max_unquantized_share)
         inputs = example_step_inputs(model, max_len)
         names, outputs = module.input_names, module.output_names
-        details = export_pte(module, inputs, path, cfg, dynamic_shapes=({1: seq}, None), plan=plan,
-                             reinplace=True)
+        # a head at one position (the default "last" logits) reads a factored table's term
+        # weights stored in the program, not rebuilt by portable gathers on each step
+        held = stored_term_weights(module) if cfg.gen_logits == "last" else contextlib.nullcontext()
+        with held:
+            details = export_pte(module, inputs, path, cfg, dynamic_shapes=({1: seq}, None), plan=plan,
+                                 reinplace=True)
     else:
         module = CacheIOLM(model, max_len, logits=cfg.gen_logits).eval()
         inputs = example_step_inputs(model, max_len, with_caches=True)

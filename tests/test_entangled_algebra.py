@@ -324,6 +324,37 @@ def test_exported_slot_wrappers_combine_token_major_without_a_select():
     torch.testing.assert_close(one.module()(h[:, -1:]), h[:, -1:] @ expected.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", [2, 3])
+def test_stored_term_weights_give_the_same_one_position_head_with_one_gather_less(order):
+    """stored_term_weights: while open, a gathering head reads its term weights from a buffer
+    (the exported one-position program stores them and gathers only the contracted rows); the
+    logits are the same, and on exit the buffer is gone (nothing left for training or the
+    state dict)."""
+    from pocketformer.models.factored import stored_term_weights
+
+    emb = _random(V=40, R=3, Ua=30, Ub=25) if order == 2 else _random3(V=40, units=(20, 15, 12))
+    head = EntangledHead(emb).eval()
+    assert emb.head_strategy() != "pairs", emb.head_costs()
+    h = torch.randn(1, 1, emb.embedding_dim)
+    want = h @ emb.weight.detach().T
+
+    def gathers(program):
+        return sum(n.op == "call_function" and n.target == torch.ops.aten.index_select.default
+                   for n in program.graph.nodes)
+
+    plain = torch.export.export(head, (h,), strict=False)
+    with stored_term_weights(head) as held:
+        assert held == [emb] and "term_weights" in dict(emb.named_buffers())
+        torch.testing.assert_close(head(h), want, rtol=1e-5, atol=1e-5)
+        stored = torch.export.export(head, (h,), strict=False)
+    assert "term_weights" not in dict(emb.named_buffers()) and "term_weights" not in emb.state_dict()
+    assert gathers(stored) == gathers(plain) - (order - 1), (gathers(stored), gathers(plain))
+    assert any(tuple(t.shape) == (40, emb.coef.shape[1] * emb.core_dim // emb.dims[
+        "abc".index(emb.head_strategy()[-1])]) for t in stored.constants.values())
+    torch.testing.assert_close(stored.module()(h), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain.module()(h), want, rtol=1e-5, atol=1e-5)
+
+
 def test_low_rank_metric_is_exact_for_spike_plus_isotropic():
     """head_metric for SEE: M ~ c I + W W^T keeps the top-k eigen-directions exactly and the
     rest at their mean, which is M itself when M is k spikes on an isotropic floor."""

@@ -50,6 +50,9 @@ def test_see_on_a_tied_decoder_saves_reloads_and_exports(tiny_llama_1l, small_te
     assert n[kept].min() >= n[emb.slot == K].max()
     assert float(emb.base.coef[kept].abs().sum()) == 0.0
     assert 0.5 < d["stage1_rows"]["exact_calibration_coverage"] <= 1
+    # the head gathers on a mode, so the generation program below stores its term weights
+    # (models/factored.py stored_term_weights) and its parity covers them
+    assert emb.base.head_strategy() != "pairs", emb.base.head_costs()
     ids = loaded.adapter.example_inputs(loaded, seq_len=16)
     with torch.inference_mode():
         expected = loaded.adapter.export_module(loaded)(*ids)
