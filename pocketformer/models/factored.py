@@ -421,8 +421,8 @@ class _SlotRows(nn.Module):
 
     The gather then copies whole rows of P floats, and the select becomes a multiply and an
     add, which XNNPACK delegates; the portable kernels ran the select and a per-element gather
-    over P x V (a SmolLM2 10x head with exact rows and a tier at 128 positions: 142 -> 70 ms in
-    the `.pte`). The transposed own scores are small (K + 1 x P). Slot K's scores are a
+    over P x V (a SmolLM2 10x head with exact rows and a tier at 128 positions: 156 -> 68 ms in
+    the `.pte`, docs/see.md). The transposed own scores are small (K + 1 x P). Slot K's scores are a
     constant zero row, not the stored last row's, so the two forms agree exactly for any stored
     values; they are cut from the scores, not from the stored table, which an exporter would
     fold into a second copy in the file. Training keeps the position-major select: its backward
