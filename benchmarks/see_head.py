@@ -7,10 +7,13 @@ The dense head is the original model's `V x d` table as `nn.Linear(d, V)`; the f
 the SEE model's `EntangledHead` (logits from the small tables, the `V x d` matrix never formed;
 docs/see.md). Same inputs (seeded hidden states), same thread count, one process; the `.pte`
 figures come from `pf-et-bench` (median of `--runs` after `--warmup`, peak RSS of the process).
+At one position the SEE head's `.pte` stores its term weights, as a generation program's does
+(`stored_term_weights`, docs/see.md); the eager figure rebuilds them on each call.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -57,6 +60,7 @@ def main() -> int:
     from pocketformer.export import ExportConfig
     from pocketformer.export.exporters import export_pte
     from pocketformer.models import load_model
+    from pocketformer.models.factored import stored_term_weights
     from pocketformer.runtime_bench.native import build_runner, npz_to_raw, run_native
 
     torch.set_num_threads(args.threads)
@@ -83,7 +87,11 @@ def main() -> int:
             for name, (head, params) in heads.items():
                 path = Path(td) / f"{name}-{t}.pte"
                 cfg = ExportConfig(etrecord=False, min_delegated_flops=None)
-                details = export_pte(head, (x,), path, cfg)
+                # at one position the head is exported as a generation program exports it,
+                # with its term weights stored (export_generation)
+                held = stored_term_weights(head) if t == 1 else contextlib.nullcontext()
+                with held:
+                    details = export_pte(head, (x,), path, cfg)
                 npz = Path(td) / f"{name}-{t}.npz"
                 np.savez(npz, hidden=x.numpy())
                 raw = npz_to_raw(npz, Path(td) / f"{name}-{t}-raw")
