@@ -193,7 +193,7 @@ class EntangledEmbedding(nn.Module):
         strategy = self.head_strategy()
         if strategy == "pairs":
             return 1
-        return self.core_dim // self.dims["abc".index(strategy[-1])]
+        return self.core_dim // self.dims[_gather_mode(strategy)]
 
     def intermediate_per_position(self) -> int:
         """Floats of the head's largest run-time intermediate for one position."""
@@ -227,9 +227,10 @@ class EntangledEmbedding(nn.Module):
 
     def _table_pays(self, lead: torch.Size) -> bool:
         """Whether `lead` positions make the factored head's intermediate larger than V x d'."""
-        if any(isinstance(n, torch.SymInt) for n in lead):
+        count = _fixed_count(lead)
+        if count is None:
             return True
-        return math.prod(lead) * self.intermediate_per_position() > self.num_embeddings * self.core_dim
+        return count * self.intermediate_per_position() > self.num_embeddings * self.core_dim
 
     def logits_t(self, flat: torch.Tensor) -> torch.Tensor:
         """The logits of P positions (`flat`, P x d) token-major, V x P (what `_SlotRows` combines
@@ -260,7 +261,7 @@ class EntangledEmbedding(nn.Module):
             return _rowwise_dot(picked, self.coef, self.dot_ones)
         # gather on mode k: contract H's k-th axis with table k (... x others x U_k), gather
         # its V R rows, dot each with c * (the Kronecker product of the term's other factors)
-        k = "abc".index(strategy[-1])
+        k = _gather_mode(strategy)
         table, index = self.tables[k], self.indices[k]
         lead = H.shape[:-n]
         Hk = H.movedim(len(lead) + k, -1)                                     # ... x others x d_k
@@ -269,7 +270,7 @@ class EntangledEmbedding(nn.Module):
         V, R = index.shape
         kk = side.shape[-1]
         picked = side.index_select(-2, index.reshape(-1)).reshape(*lead, V, R * kk)
-        weights = self._buffers.get("term_weights")
+        weights = getattr(self, "term_weights", None)
         if weights is None:
             weights = self.gather_weights(k)
         return _rowwise_dot(picked, weights, self.dot_ones)
@@ -301,13 +302,26 @@ def stored_term_weights(model: nn.Module):
             if isinstance(m, EntangledEmbedding) and m.head_strategy() != "pairs"]
     try:
         for m in held:
-            k = "abc".index(m.head_strategy()[-1])
             with torch.no_grad():
-                m.register_buffer("term_weights", m.gather_weights(k).detach().clone(), persistent=False)
+                weights = m.gather_weights(_gather_mode(m.head_strategy()))
+                m.register_buffer("term_weights", weights.detach().clone(), persistent=False)
         yield held
     finally:
         for m in held:
             m._buffers.pop("term_weights", None)
+
+
+def _gather_mode(strategy: str) -> int:
+    """The mode (0, 1, 2 for A, B, C) a "gather-a|b|c" head strategy contracts and gathers on."""
+    return "abc".index(strategy[-1])
+
+
+def _fixed_count(lead: torch.Size) -> int | None:
+    """The number of positions in `lead`, or None when an exported program leaves one of its
+    sizes dynamic (a symbolic size has no value to decide on)."""
+    if any(isinstance(n, torch.SymInt) for n in lead):
+        return None
+    return math.prod(lead)
 
 
 def kron_sum(coef: torch.Tensor, factors: list[torch.Tensor], keep_rank: bool = False) -> torch.Tensor:
@@ -466,8 +480,7 @@ class _SlotRows(nn.Module):
         return torch.where((s < self.rows_kept).unsqueeze(-1), self._own_rows(s), self.base(input_ids))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        lead = hidden.shape[:-1]
-        one = not any(isinstance(n, torch.SymInt) for n in lead) and math.prod(lead) == 1
+        one = _fixed_count(hidden.shape[:-1]) == 1
         if one or (torch.is_grad_enabled() and not torch.compiler.is_exporting()):
             own = self._own_scores(hidden).index_select(-1, self.slot)
             return torch.where(self.slot < self.rows_kept, own, self.base.logits(hidden))
