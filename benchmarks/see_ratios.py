@@ -9,7 +9,10 @@ training budget (a benchmark, not a test).
 Prints one table: ratio x method x quality (and x dense), with the embedding parameters and the
 knowledge coverage; writes --json/--markdown. `--validation SPEC` scores a second held-out set in
 the same run (its own dense figure and x dense columns), so a setting can be chosen on it and the
-evaluation set read only for the chosen one.
+evaluation set read only for the chosen one. `--methods dense-adapted` adds the unfactored model
+after the same stage 2 (all of it trained): with `--distill-ce-weight` the stage reads the
+calibration text's labels, and that row shows what adapting to the text is worth without any
+compression.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import time
 from pocketformer import fsutil
 from pocketformer.compress import Calibration, get_method, parse_params, run_step
 from pocketformer.compress.recovery import PRECISIONS
-from pocketformer.compress.see import KNOWLEDGE_ROLES
+from pocketformer.compress.see import KNOWLEDGE_ROLES, EmbedSVDConfig, adapt_dense
 from pocketformer.data import DataSpec, load_for
 from pocketformer.evaluation import EvalOptions, evaluate
 from pocketformer.models import load_model
@@ -32,13 +35,59 @@ METHODS = {"see-wordnet": ("see", {"inventory": "wordnet", "basis": "raw"}),
            "see-wordnet-principal": ("see", {"inventory": "wordnet", "basis": "principal"}),
            "see-random-principal": ("see", {"inventory": "random", "basis": "principal"}),
            "svd": ("embed-svd", {})}
+# not a compression: the dense model given stage 2's loss and budget (compress/see.py: adapt_dense),
+# the reference that shows what --distill-ce-weight's domain adaptation is worth on its own
+DENSE_ADAPTED = "dense-adapted"
+
+
+def dense_adapted(loaded, cfg: EmbedSVDConfig, calib: Calibration, task, ev, opts, dense,
+                  ratio: float) -> dict:
+    """The dense-adapted row: the unfactored model after stage 2's loss and budget."""
+    start = time.perf_counter()
+    rec = adapt_dense(loaded, cfg, calib)
+    seconds = time.perf_counter() - start
+    q = evaluate(loaded, task, ev, opts=opts)
+    params = loaded.adapter.describe(loaded.model)["embedding_params"]
+    return {"ratio": ratio, "method": DENSE_ADAPTED, "quality": q.value,
+            "x_dense": q.value / dense.value, "embedding_params": params, "achieved_ratio": 1.0,
+            "coverage": None, "seconds": seconds, "stage1b_steps": 0,
+            "stage2_steps": rec["steps"], "stage2": rec}
+
+
+def compressed(loaded, name: str, method: str, cfg, calib: Calibration, task, ev, opts, dense,
+               ratio: float) -> dict:
+    """One method's row: run it on `loaded`, then score the result on the evaluation set."""
+    start = time.perf_counter()
+    details = run_step(loaded, method, cfg, calib)["details"]
+    seconds = time.perf_counter() - start
+    q = evaluate(loaded, task, ev, opts=opts)
+    row = {"ratio": ratio, "method": name, "quality": q.value, "x_dense": q.value / dense.value,
+           "embedding_params": details["params_after"], "achieved_ratio": details["ratio"],
+           "coverage": details.get("plan", {}).get("knowledge_coverage"),
+           **({"factors": details["factors"]} if "factors" in details else {}),
+           "row_error": details["stage1_rows"].get("relative_error_with_exact",
+                                                  details["stage1_rows"]["relative_error"]), "seconds": seconds,
+           **{f"row_error_{m}": details["stage1_rows"][f"{m}_relative_error"]
+              for m in ("input_metric", "head_metric") if f"{m}_relative_error" in details["stage1_rows"]},
+           **{k: details["stage1_rows"][k] for k in ("reassigned_terms", "gauge_after_sweeps")
+              if k in details["stage1_rows"]},
+           "stage1b_steps": details["stage1_hidden"]["steps"],
+           "stage2_steps": details["stage2_distill"]["steps"],
+           "teacher_replay": details.get("teacher_replay"),
+           **{f"stage2_{k}": details["stage2_distill"][k] for k in ("ce_first", "ce_last")
+              if k in details["stage2_distill"]},
+           **{f"stage{k}_loss_{e}": details[st].get(f"loss_{e}") for k, st in
+              (("1b", "stage1_hidden"), ("2", "stage2_distill")) for e in ("first", "last")}}
+    return row
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="minilm")
     p.add_argument("--ratios", default="10,40")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"any of {', '.join(METHODS)}, and {DENSE_ADAPTED} (the dense model after "
+                        "stage 2's loss and budget, no compression)")
     p.add_argument("--calibration", required=True)
     p.add_argument("--evaluation", required=True)
     p.add_argument("--validation", help="a second held-out set scored in the same run, to choose "
@@ -54,6 +103,9 @@ def main() -> int:
     p.add_argument("--distill-relation-weight", type=float, default=0.0,
                    help="stage 2 adds this x the loss between the batch's sentence-to-sentence "
                         "cosine matrices (encoders; both methods)")
+    p.add_argument("--distill-ce-weight", type=float, default=0.0,
+                   help="stage 2 adds this x the next-token cross-entropy on the calibration "
+                        "text (decoders; both methods; compare with --methods dense-adapted)")
     p.add_argument("--row-anchor", type=float, default=0.0,
                    help="stages 1b and 2 add this x the relative error of rows drawn from the "
                         "whole vocabulary (both methods)")
@@ -122,12 +174,16 @@ def main() -> int:
         rows[0].update(validation=dense_val.value, validation_x_dense=1.0)
     for ratio in [float(r) for r in a.ratios.split(",")]:
         for name in a.methods.split(","):
-            method, extra = METHODS[name]
+            if name not in METHODS and name != DENSE_ADAPTED:
+                p.error(f"--methods: unknown {name!r}; expected {', '.join([*METHODS, DENSE_ADAPTED])}")
+            # dense-adapted takes the options see and embed-svd share (EmbeddingStages)
+            method, extra = METHODS.get(name, ("embed-svd", {}))
             loaded = load_model(a.model)
             params = {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
                       "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
                       "distill_hidden_weight": a.distill_hidden_weight, "row_anchor": a.row_anchor,
                       "distill_relation_weight": a.distill_relation_weight,
+                      "distill_ce_weight": a.distill_ce_weight,
                       "train_scope": a.train_scope, "scope_lr": a.scope_lr, "distill_lr": a.distill_lr,
                       "precision": a.precision,
                       "device": a.device,
@@ -153,26 +209,11 @@ def main() -> int:
                 if a.basis_dim and extra.get("basis") == "principal":
                     params["basis_dim"] = a.basis_dim
             cfg = parse_params(get_method(method), params)
-            start = time.perf_counter()
-            details = run_step(loaded, method, cfg, Calibration(cal, seq_len=a.seq_len, max_samples=a.samples,
-                                                                 batch_size=a.batch_size))["details"]
-            seconds = time.perf_counter() - start
-            q = evaluate(loaded, task, ev, opts=opts)
-            row = {"ratio": ratio, "method": name, "quality": q.value, "x_dense": q.value / dense.value,
-                   "embedding_params": details["params_after"], "achieved_ratio": details["ratio"],
-                   "coverage": details.get("plan", {}).get("knowledge_coverage"),
-                   **({"factors": details["factors"]} if "factors" in details else {}),
-                   "row_error": details["stage1_rows"].get("relative_error_with_exact",
-                                                          details["stage1_rows"]["relative_error"]), "seconds": seconds,
-                   **{f"row_error_{m}": details["stage1_rows"][f"{m}_relative_error"]
-                      for m in ("input_metric", "head_metric") if f"{m}_relative_error" in details["stage1_rows"]},
-                   **{k: details["stage1_rows"][k] for k in ("reassigned_terms", "gauge_after_sweeps")
-                      if k in details["stage1_rows"]},
-                   "stage1b_steps": details["stage1_hidden"]["steps"],
-                   "stage2_steps": details["stage2_distill"]["steps"],
-                   "teacher_replay": details.get("teacher_replay"),
-                   **{f"stage{k}_loss_{e}": details[s].get(f"loss_{e}") for k, s in
-                      (("1b", "stage1_hidden"), ("2", "stage2_distill")) for e in ("first", "last")}}
+            calib = Calibration(cal, seq_len=a.seq_len, max_samples=a.samples, batch_size=a.batch_size)
+            if name == DENSE_ADAPTED:
+                row = dense_adapted(loaded, cfg, calib, task, ev, opts, dense, ratio)
+            else:
+                row = compressed(loaded, name, method, cfg, calib, task, ev, opts, dense, ratio)
             if val is not None:
                 qv = evaluate(loaded, task, val, opts=opts)
                 row.update(validation=qv.value, validation_x_dense=qv.value / dense_val.value)

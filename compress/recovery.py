@@ -469,6 +469,12 @@ def _kd_loss(family: str, s_out: torch.Tensor, t_out, *, t_is_logp: bool = False
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
 
 
+def next_token_loss(s_logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A decoder's mean next-token cross-entropy on its own input: position t's
+    log-probabilities `s_logp` (batch x positions x V) scored on the token at t + 1 of `ids`."""
+    return -s_logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
+
+
 def _topk_kl(t: TopK, s_logp: torch.Tensor) -> torch.Tensor:
     """KL between the teacher and the student over k + 1 outcomes: the teacher's top-k tokens
     and "any other token" (whose probability is 1 minus the top-k mass on each side). This is
@@ -572,8 +578,7 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
         loss = opts.kd_weight * _kd_loss(loaded.family, s_out, t_out,
                                          t_is_logp=targets is not None, s_logp=s_logp)
         if opts.ce_weight and loaded.family == "llama":
-            ids = batch[0]
-            loss = loss - opts.ce_weight * s_logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
+            loss = loss + opts.ce_weight * next_token_loss(s_logp, batch[0])
         if opts.hidden_weight:
             h = 0.0
             for pos, t_idx in enumerate(kept):

@@ -33,8 +33,9 @@ from torch import nn
 from pocketformer.models.factored import (EntangledEmbedding, ExactRows, FactoredEmbedding,
                                           LowRankRows, ZeroRows, factor_dims, head_for, kron_sum)
 from pocketformer.compress.recovery import (TeacherReplay, _kd_loss, _layer_outputs_hooks,
-                                             check_device, check_precision, device_name, on_device,
-                                             resolve_precision, student_autocast)
+                                             check_device, check_precision, device_name,
+                                             next_token_loss, on_device, resolve_precision,
+                                             student_autocast)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel, layer_hidden
@@ -78,6 +79,9 @@ class EmbeddingStages:
     distill_hidden_weight: float = 0.0  # stage 2: + this x stage 1b's last-hidden-state loss
     distill_relation_weight: float = 0.0  # stage 2, encoders: + this x the mean squared difference
                                      # of the batch's sentence-to-sentence cosine matrices
+    distill_ce_weight: float = 0.0   # stage 2, decoders: + this x the next-token cross-entropy
+                                     # on the calibration text (as layered-prune's recovery's
+                                     # ce_weight: it adapts the model to that text's domain)
     row_anchor: float = 0.0          # stages 1b and 2: + this x the relative row error of
                                      # anchor_rows rows drawn at random from the whole vocabulary
     anchor_rows: int = 4096
@@ -113,6 +117,8 @@ class EmbeddingStages:
         _check_hidden_weight(self.distill_hidden_weight)
         if not 0 <= self.distill_relation_weight <= 1000:
             raise BadInputError("must be in [0, 1000]", field="distill_relation_weight")
+        if not 0 <= self.distill_ce_weight <= 100:
+            raise BadInputError("must be in [0, 100]", field="distill_ce_weight")
         _check_anchor(self.row_anchor, self.anchor_rows)
         _check_scope(self.train_scope, self.scope_lr)
         check_precision(self.precision, "precision")
@@ -1169,12 +1175,14 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                            minutes: float, seed: int, loss_kind: str, label: str,
                            hidden_weight: float = 0.0, anchor: RowAnchor | None = None,
                            precision: str = "fp32", device: torch.device | None = None,
-                           relation_weight: float = 0.0, replay: TeacherReplay | None = None) -> dict:
+                           relation_weight: float = 0.0, replay: TeacherReplay | None = None,
+                           ce_weight: float = 0.0) -> dict:
     """Train the Adam parameter `groups` (each with its own "lr", decaying linearly to 0) for
     `minutes` of wall time; every tensor's requires_grad is as it was afterwards. 'hidden'
     matches the last hidden state, 'output' matches the output (KL of next-token distributions,
     or 1 - cos of embeddings), plus `hidden_weight` x the 'hidden' loss when that is > 0, plus
-    `relation_weight` x `relation_loss` of the embeddings when that is > 0, plus
+    `relation_weight` x `relation_loss` of the embeddings when that is > 0, plus `ce_weight` x
+    the next-token cross-entropy on the batch's own text (decoders) when that is > 0, plus
     the `anchor`'s row term when there is one. With `precision` "bf16" the student's forward
     (and so its backward) runs under bf16 autocast; its outputs are taken back to fp32 for
     the losses. Both models and the `batches` are on `device` already (the CPU when None).
@@ -1201,7 +1209,7 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
     budget_s = minutes * 60
     start = time.perf_counter()
     steps = 0
-    losses, anchor_losses = [], []
+    losses, anchor_losses, ce_losses = [], [], []
     try:
         while time.perf_counter() - start < budget_s:
             for bi in torch.randperm(len(batches), generator=gen).tolist():
@@ -1221,7 +1229,13 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                 if loss_kind == "hidden":
                     loss = hidden_loss
                 else:
-                    loss = _kd_loss(loaded.family, s_out, t_out)
+                    # one log-softmax of the student serves the KL and the next-token loss
+                    s_logp = torch.log_softmax(s_out, dim=-1) if ce_weight > 0 else None
+                    loss = _kd_loss(loaded.family, s_out, t_out, s_logp=s_logp)
+                    if ce_weight > 0:
+                        ce = next_token_loss(s_logp, batch[0])
+                        loss = loss + ce_weight * ce
+                        ce_losses.append(ce.item())
                     if hidden_weight > 0:
                         loss = loss + hidden_weight * hidden_loss
                     if relation_weight > 0:
@@ -1249,6 +1263,9 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
            "loss_step1": losses[0] if losses else math.nan,
            "loss_first": float(np.mean(losses[:k])) if losses else math.nan,
            "loss_last": float(np.mean(losses[-k:])) if losses else math.nan}
+    if ce_losses:               # the next-token loss on the calibration text, first and last steps
+        rec.update({"ce_weight": ce_weight, "ce_first": float(np.mean(ce_losses[:k])),
+                    "ce_last": float(np.mean(ce_losses[-k:]))})
     if anchor_losses:           # the sampled rows' relative error, first and last steps
         rec.update({"anchor_rows_error_first": float(np.mean(anchor_losses[:k])),
                     "anchor_rows_error_last": float(np.mean(anchor_losses[-k:]))})
@@ -1296,7 +1313,8 @@ def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: tor
                                         cfg.seed + 1, "output", f"{label} stage 2",
                                         hidden_weight=cfg.distill_hidden_weight, anchor=anchor,
                                         precision=cfg.precision, device=device,
-                                        relation_weight=cfg.distill_relation_weight, replay=replay)
+                                        relation_weight=cfg.distill_relation_weight, replay=replay,
+                                        ce_weight=cfg.distill_ce_weight)
     module.requires_grad_(False)          # the new table ships frozen
     extra = sum(p.numel() for g in groups[1:] for p in g["params"])
     return {"stage1_hidden": hidden, "stage2_distill": output, "teacher_replay": replay.record(),
@@ -1310,6 +1328,9 @@ def _embedding_table(loaded: LoadedModel, config: EmbeddingStages) -> torch.Tens
         raise BadInputError(f"relations between sentence embeddings are for sentence encoders; "
                             f"this {loaded.family} model's task is {loaded.adapter.task}",
                             field="distill_relation_weight")
+    if config.distill_ce_weight > 0 and loaded.family != "llama":
+        raise BadInputError(f"the next-token loss is for decoders; this {loaded.family} model "
+                            f"predicts no next token", field="distill_ce_weight")
     emb = loaded.adapter.embeddings(loaded.model)
     if emb is None:
         raise BadInputError(f"{loaded.family} models have no token embedding table to encode",
@@ -1348,6 +1369,29 @@ def _replace_and_train(loaded: LoadedModel, module: nn.Module, E: torch.Tensor, 
     _install(loaded, module, tied=tied)
     stages = _stages(loaded, teacher, module, E, batches, config, label)
     return tied, {**stages, "teacher": which}
+
+
+def adapt_dense(loaded: LoadedModel, config: EmbeddingStages, calib: Calibration) -> dict:
+    """The reference for a stage 2 that reads the calibration text's labels (distill_ce_weight):
+    the unfactored model trained with stage 2's loss against a copy of itself, every weight at
+    scope_lr, for hidden_minutes + distill_minutes (stage 1b has nothing to match in a model
+    that is its own teacher, so its minutes go to stage 2), on config.device and precision. The
+    gain it shows is what the text's domain is worth to any model; returns the stage record."""
+    config.validate()
+    _embedding_table(loaded, config)          # the same checks of the options against the model
+    teacher = loaded.clone()
+    device = torch.device(config.device)
+    with on_device([loaded.model, teacher.model], calib.inputs(loaded), device) as batches:
+        groups = [{"params": list(loaded.model.parameters()), "lr": config.scope_lr}]
+        rec = _train_against_teacher(loaded, teacher, groups, batches,
+                                     config.hidden_minutes + config.distill_minutes,
+                                     config.seed + 1, "output", "dense, same stage 2",
+                                     hidden_weight=config.distill_hidden_weight,
+                                     precision=config.precision, device=device,
+                                     relation_weight=config.distill_relation_weight,
+                                     ce_weight=config.distill_ce_weight)
+    loaded.model.requires_grad_(False)
+    return rec
 
 
 @register("see", SEEConfig,

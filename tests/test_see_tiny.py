@@ -552,6 +552,54 @@ def test_stage2_relation_weight_adds_the_cosine_matrix_loss(tiny_bert, tiny_llam
     assert not (tmp_path / "o").exists()
 
 
+def test_stage2_ce_weight_adds_the_next_token_loss(tiny_llama_2l, tiny_bert, small_text, tmp_path,
+                                                  capsys):
+    """distill_ce_weight w (decoders): stage 2's objective is the KL plus w x the next-token
+    cross-entropy on the batch's own text, recorded apart; adapt_dense trains the unfactored
+    model with that loss and lowers it on the calibration text; an encoder refuses the option
+    before any work (exit 2)."""
+    from pocketformer.compress.see import EmbedSVDConfig, _train_against_teacher, adapt_dense
+
+    loaded = load_model(tiny_llama_2l)
+    calib = _calib(loaded, small_text)
+    batches = calib.inputs(loaded)[:1]
+    teacher = loaded.clone()
+    emb = loaded.adapter.embeddings(loaded.model)
+    with torch.no_grad():
+        emb.weight.add_(0.5 * torch.randn_like(emb.weight))
+    groups = [{"params": list(emb.parameters()), "lr": 0.0}]
+    with torch.no_grad():
+        logits = loaded.adapter.export_module(loaded)(*batches[0]).float()
+    ids = batches[0][0]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           ids[:, 1:].reshape(-1)).item()
+
+    def first(w):
+        rec = _train_against_teacher(loaded, teacher, groups, batches, 0.02, 0, "output", "t",
+                                     ce_weight=w)
+        assert rec["steps"] >= 1
+        return rec
+
+    plain, with_ce = first(0.0), first(1.5)
+    assert "ce_first" not in plain
+    assert with_ce["ce_first"] == pytest.approx(ce, rel=1e-4)
+    assert with_ce["loss_first"] == pytest.approx(plain["loss_first"] + 1.5 * ce, rel=1e-4)
+
+    fresh = load_model(tiny_llama_2l)
+    before = [p.detach().clone() for p in fresh.model.parameters()]
+    cfg = EmbedSVDConfig(hidden_minutes=0.0, distill_minutes=0.05, distill_ce_weight=1.0,
+                         scope_lr=1e-2)
+    rec = adapt_dense(fresh, cfg, calib)
+    assert rec["steps"] >= 20 and rec["ce_last"] < rec["ce_first"]
+    assert all(not p.requires_grad for p in fresh.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, fresh.model.parameters()))
+
+    code = main(["compress", "--model", str(tiny_bert), "--method", "see", "--distill-ce-weight",
+                 "1", "--calibration", f"{STS_DEV}@0:0.05", "--out", str(tmp_path / "o")])
+    assert code == 2 and "distill_ce_weight" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("family", ["tiny_bert", "tiny_llama_2l"])
 def test_bf16_stages_train_fp32_parameters_on_a_bf16_forward(family, request, small_text):
     """precision = bf16: the student of stages 1b and 2 runs under CPU bf16 autocast, so each
@@ -700,6 +748,7 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--basis", "principal", "--basis-dim", "33"], "at most the embedding width"),
     (["--distill-hidden-weight", "-1"], "distill_hidden_weight"),
     (["--distill-relation-weight", "-1"], "distill_relation_weight"),
+    (["--distill-ce-weight", "-1"], "distill_ce_weight"),
     (["--train-scope", "layers"], "train_scope"),
     (["--row-anchor", "-0.5"], "row_anchor"),
     (["--row-anchor", "1", "--anchor-rows", "0"], "anchor_rows"),
