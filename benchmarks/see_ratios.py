@@ -220,9 +220,13 @@ def main() -> int:
                 print(f"ratio {ratio:g} {name}: validation {qv.value:.4f} "
                       f"({row['validation_x_dense']:.3f}x dense)", flush=True)
             rows.append(row)
-            print(f"ratio {ratio:g} {name}: {q.metric} {q.value:.4f} ({row['x_dense']:.3f}x dense), "
-                  f"{row['embedding_params']:,} params ({row['achieved_ratio']:.1f}x), "
-                  f"row error {row['row_error']:.3f}, {seconds:.0f}s", flush=True)
+            print(f"ratio {ratio:g} {name}: {dense.metric} {row['quality']:.4f} "
+                  f"({row['x_dense']:.3f}x dense), {row['embedding_params']:,} params "
+                  f"({row['achieved_ratio']:.1f}x), row error {row.get('row_error', 0.0):.3f}, "
+                  f"{row['stage2_steps']} stage-2 steps, {row['seconds']:.0f}s", flush=True)
+            if a.json:       # after every row, so a later failure keeps the rows measured so far
+                fsutil.write_json(a.json, {"model": a.model, "metric": dense.metric, "args": vars(a),
+                                           "rows": rows})
     vhead = "validation | x dense | " if val is not None else ""
     lines = [f"| ratio | method | {vhead}{dense.metric} | x dense | embedding params | achieved ratio | "
              "row rel. error after stage 1a | WordNet coverage | seconds |",

@@ -65,3 +65,26 @@ def test_smollm2_logits_replayed_from_the_last_layer_match_the_live_teacher():
     err = float((again - live).abs().max() / live.abs().max())
     assert err < 1e-5, err
     assert torch.equal(again.argmax(-1), live.argmax(-1))
+
+
+def test_smollm2_stage2_next_token_loss_is_the_model_s_own_cross_entropy():
+    """distill_ce_weight on the real SmolLM2: the next-token loss stage 2 adds on a WikiText
+    batch is transformers' own language-modelling loss for it (a pre-trained model's: under a
+    perplexity of 80 on this text), and with the student equal to its teacher the KL beside it
+    is 0 (learning rate 0, so the one step measured changes nothing)."""
+    from pocketformer.compress.see import _train_against_teacher
+
+    loaded = load_model("smollm2")
+    cal = load_text(DataSpec.parse(f"{WIKITEXT}@0:0.5"))
+    batches = Calibration(cal, seq_len=128, max_samples=2, batch_size=2).inputs(loaded)
+    teacher = loaded.clone()
+    norm = [p for n, p in loaded.model.named_parameters() if n.endswith("model.norm.weight")]
+    rec = _train_against_teacher(loaded, teacher, [{"params": norm, "lr": 0.0}], batches, 0.02,
+                                 0, "output", "t", ce_weight=1.0)
+    ids = batches[0][0]
+    with torch.no_grad():
+        reference = loaded.model(input_ids=ids, labels=ids).loss.item()
+    assert rec["steps"] >= 1
+    assert abs(rec["ce_first"] - reference) < 1e-4 * reference, (rec["ce_first"], reference)
+    assert torch.exp(torch.tensor(reference)) < 80
+    assert abs(rec["loss_first"] - rec["ce_first"]) < 1e-4, rec

@@ -1028,3 +1028,35 @@ def test_see_stages_run_the_teacher_once_per_batch(tiny_llama_2l, small_text):
         assert rec["teacher_forwards"] + rec["teacher_replays"] == rec["steps"]
     assert d["teacher_replay"]["live"] == n and d["teacher_replay"]["batches_kept"] == n
     assert d["teacher_replay"]["replayed"] == one["steps"] + two["steps"] - n
+
+
+def test_see_ratios_benchmark_rows_with_the_next_token_loss_and_the_dense_reference(tiny_llama_2l,
+                                                                                   small_text,
+                                                                                   tmp_path):
+    """benchmarks/see_ratios.py with --distill-ce-weight: the SVD baseline's row records the
+    next-token loss, the dense-adapted row is the unfactored model after the same stage 2, and
+    the JSON holds every row; an unknown method name is refused (exit 2)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "see_ratios.py"
+    out = tmp_path / "rows.json"
+    args = [sys.executable, str(script), "--model", str(tiny_llama_2l), "--ratios", "4",
+            "--calibration", f"{small_text}@0:0.5", "--evaluation", f"{small_text}@0.5:1",
+            "--seq-len", "32", "--samples", "16", "--batch-size", "4", "--hidden-minutes", "0.01",
+            "--distill-minutes", "0.02", "--eval-max-windows", "4", "--distill-ce-weight", "1",
+            "--train-scope", "all"]
+    run = subprocess.run([*args, "--methods", "svd,dense-adapted", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "svd", "dense-adapted"}
+    assert rows["svd"]["stage2_steps"] >= 1 and rows["svd"]["stage2_ce_first"] > 0
+    assert rows["svd"]["achieved_ratio"] >= 3.9
+    adapted = rows["dense-adapted"]
+    assert adapted["stage2_steps"] >= 1 and adapted["stage2"]["ce_first"] > 0
+    assert adapted["embedding_params"] == rows["dense"]["embedding_params"]
+    assert adapted["quality"] != rows["dense"]["quality"]
+    bad = subprocess.run([*args, "--methods", "svd,densee"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "densee" in bad.stderr
