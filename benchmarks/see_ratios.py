@@ -239,8 +239,6 @@ def main() -> int:
                      f"{r.get('row_error', 0.0):.3f} | {cov} | {r['seconds']:.0f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    if a.json:
-        fsutil.write_json(a.json, {"model": a.model, "metric": dense.metric, "args": vars(a), "rows": rows})
     if a.markdown:
         fsutil.write_text(a.markdown, table + "\n")
     return 0

@@ -1321,9 +1321,8 @@ def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: tor
             "train_scope": {"scope": cfg.train_scope, "extra_params_trained": extra}}
 
 
-def _embedding_table(loaded: LoadedModel, config: EmbeddingStages) -> torch.Tensor:
-    """A detached copy of the plain token-embedding table the method will replace (after the
-    checks of `config` against the model that need the model)."""
+def _check_losses_fit(loaded: LoadedModel, config: EmbeddingStages) -> None:
+    """The stage-2 loss terms `config` asks for exist for this model's family and task."""
     if config.distill_relation_weight > 0 and loaded.adapter.task != "sts":
         raise BadInputError(f"relations between sentence embeddings are for sentence encoders; "
                             f"this {loaded.family} model's task is {loaded.adapter.task}",
@@ -1331,6 +1330,12 @@ def _embedding_table(loaded: LoadedModel, config: EmbeddingStages) -> torch.Tens
     if config.distill_ce_weight > 0 and loaded.family != "llama":
         raise BadInputError(f"the next-token loss is for decoders; this {loaded.family} model "
                             f"predicts no next token", field="distill_ce_weight")
+
+
+def _embedding_table(loaded: LoadedModel, config: EmbeddingStages) -> torch.Tensor:
+    """A detached copy of the plain token-embedding table the method will replace (after the
+    checks of `config` against the model that need the model)."""
+    _check_losses_fit(loaded, config)
     emb = loaded.adapter.embeddings(loaded.model)
     if emb is None:
         raise BadInputError(f"{loaded.family} models have no token embedding table to encode",
@@ -1378,7 +1383,7 @@ def adapt_dense(loaded: LoadedModel, config: EmbeddingStages, calib: Calibration
     that is its own teacher, so its minutes go to stage 2), on config.device and precision. The
     gain it shows is what the text's domain is worth to any model; returns the stage record."""
     config.validate()
-    _embedding_table(loaded, config)          # the same checks of the options against the model
+    _check_losses_fit(loaded, config)
     teacher = loaded.clone()
     device = torch.device(config.device)
     with on_device([loaded.model, teacher.model], calib.inputs(loaded), device) as batches:
