@@ -40,6 +40,12 @@ METHODS = {"see-wordnet": ("see", {"inventory": "wordnet", "basis": "raw"}),
 DENSE_ADAPTED = "dense-adapted"
 
 
+def _stage2_losses(rec: dict) -> dict:
+    """A stage-2 record's losses as flat row keys, the same for every row (compressed or not)."""
+    return {**{f"stage2_{k}": rec[k] for k in ("ce_first", "ce_last") if k in rec},
+            **{f"stage2_loss_{e}": rec.get(f"loss_{e}") for e in ("first", "last")}}
+
+
 def dense_adapted(loaded, cfg: EmbedSVDConfig, calib: Calibration, task, ev, opts, dense,
                   ratio: float) -> dict:
     """The dense-adapted row: the unfactored model after stage 2's loss and budget."""
@@ -50,8 +56,9 @@ def dense_adapted(loaded, cfg: EmbedSVDConfig, calib: Calibration, task, ev, opt
     params = loaded.adapter.describe(loaded.model)["embedding_params"]
     return {"ratio": ratio, "method": DENSE_ADAPTED, "quality": q.value,
             "x_dense": q.value / dense.value, "embedding_params": params, "achieved_ratio": 1.0,
-            "coverage": None, "seconds": seconds, "stage1b_steps": 0,
-            "stage2_steps": rec["steps"], "stage2": rec}
+            "coverage": None, "seconds": seconds, "stage1b_steps": 0, "stage2_steps": rec["steps"],
+            "teacher_replay": None, **_stage2_losses(rec), "stage1b_loss_first": None,
+            "stage1b_loss_last": None}
 
 
 def compressed(loaded, name: str, method: str, cfg, calib: Calibration, task, ev, opts, dense,
@@ -74,10 +81,8 @@ def compressed(loaded, name: str, method: str, cfg, calib: Calibration, task, ev
            "stage1b_steps": details["stage1_hidden"]["steps"],
            "stage2_steps": details["stage2_distill"]["steps"],
            "teacher_replay": details.get("teacher_replay"),
-           **{f"stage2_{k}": details["stage2_distill"][k] for k in ("ce_first", "ce_last")
-              if k in details["stage2_distill"]},
-           **{f"stage{k}_loss_{e}": details[st].get(f"loss_{e}") for k, st in
-              (("1b", "stage1_hidden"), ("2", "stage2_distill")) for e in ("first", "last")}}
+           **_stage2_losses(details["stage2_distill"]),
+           **{f"stage1b_loss_{e}": details["stage1_hidden"].get(f"loss_{e}") for e in ("first", "last")}}
     return row
 
 

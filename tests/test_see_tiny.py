@@ -1048,7 +1048,8 @@ def test_see_ratios_benchmark_rows_with_the_next_token_loss_and_the_dense_refere
     assert rows["svd"]["stage2_steps"] >= 1 and rows["svd"]["stage2_ce_first"] > 0
     assert rows["svd"]["achieved_ratio"] >= 3.9
     adapted = rows["dense-adapted"]
-    assert adapted["stage2_steps"] >= 1 and adapted["stage2"]["ce_first"] > 0
+    assert adapted["stage2_steps"] >= 1 and adapted["stage2_ce_first"] > 0
+    assert set(adapted) >= set(rows["svd"]) - {"factors", "row_error"}   # the same columns
     assert adapted["embedding_params"] == rows["dense"]["embedding_params"]
     assert adapted["quality"] != rows["dense"]["quality"]
     bad = subprocess.run([*args, "--methods", "svd,densee"], capture_output=True, text=True, timeout=600)
