@@ -15,7 +15,7 @@ import torch
 
 from pocketformer.fsutil import sha256_file
 
-from conftest import REPO, STS_DEV
+from conftest import REPO, SHARED, STS_DEV
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "pocketformer")
@@ -29,8 +29,8 @@ def _untimed_copy(recipe: Path, into: Path) -> Path:
     shared machine is (a loaded 2-core run measured ONNX Runtime's p50 at 64 ms against the
     example's 60). Every other line, budgets included, is the example's."""
     text = recipe.read_text()
-    assert "../../shared/" in text, recipe
-    text = text.replace("../../shared/", f"{(recipe.parent / '../../shared').resolve()}/")
+    assert "../../shared/data/" in text, recipe
+    text = text.replace("../../shared/data/", f"{SHARED}/")
     text, n = re.subn(r"max_p50_ms = \{ host = [0-9.]+ \}", "max_p50_ms = { host = 1000000 }", text)
     assert n == 1, recipe
     copy = into / recipe.name
