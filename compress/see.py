@@ -76,6 +76,12 @@ class EmbeddingStages:
     input_metric_batches: int = 16   # calibration batches its probes run on (one probe each)
     hidden_minutes: float = 0.5      # stage 1b: hidden-state reconstruction on calibration data
     distill_minutes: float = 2.0     # stage 2: output distillation
+    max_passes: float | None = None  # stages 1b and 2: each stops after this many passes over
+                                     # the calibration batches even if time is left; the
+                                     # learning-rate schedule then follows whichever of time and
+                                     # passes is further along (as layered-prune's
+                                     # recovery_max_passes): with minutes to spare the result is
+                                     # the same on any machine
     distill_hidden_weight: float = 0.0  # stage 2: + this x stage 1b's last-hidden-state loss
     distill_relation_weight: float = 0.0  # stage 2, encoders: + this x the mean squared difference
                                      # of the batch's sentence-to-sentence cosine matrices
@@ -115,6 +121,9 @@ class EmbeddingStages:
         if self.head_metric_batches is not None and self.head_metric_batches < 1:
             raise BadInputError("must be >= 1 (leave it out for every batch)", field="head_metric_batches")
         _check_hidden_weight(self.distill_hidden_weight)
+        if self.max_passes is not None and not self.max_passes > 0:
+            raise BadInputError("must be > 0 (passes over the calibration batches; leave it out "
+                                "for time alone)", field="max_passes")
         if not 0 <= self.distill_relation_weight <= 1000:
             raise BadInputError("must be in [0, 1000]", field="distill_relation_weight")
         if not 0 <= self.distill_ce_weight <= 100:
@@ -1176,14 +1185,16 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
                            hidden_weight: float = 0.0, anchor: RowAnchor | None = None,
                            precision: str = "fp32", device: torch.device | None = None,
                            relation_weight: float = 0.0, replay: TeacherReplay | None = None,
-                           ce_weight: float = 0.0) -> dict:
+                           ce_weight: float = 0.0, max_passes: float | None = None) -> dict:
     """Train the Adam parameter `groups` (each with its own "lr", decaying linearly to 0) for
     `minutes` of wall time; every tensor's requires_grad is as it was afterwards. 'hidden'
     matches the last hidden state, 'output' matches the output (KL of next-token distributions,
     or 1 - cos of embeddings), plus `hidden_weight` x the 'hidden' loss when that is > 0, plus
     `relation_weight` x `relation_loss` of the embeddings when that is > 0, plus `ce_weight` x
     the next-token cross-entropy on the batch's own text (decoders) when that is > 0, plus
-    the `anchor`'s row term when there is one. With `precision` "bf16" the student's forward
+    the `anchor`'s row term when there is one. With `max_passes` it also stops after that many
+    passes over the batches (max_steps), and the linear decay follows whichever of time and steps
+    is further along. With `precision` "bf16" the student's forward
     (and so its backward) runs under bf16 autocast; its outputs are taken back to fp32 for
     the losses. Both models and the `batches` are on `device` already (the CPU when None).
     The teacher's work on a batch is kept by `replay` (a new one when None) for later steps on
@@ -1207,14 +1218,19 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
     opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
     budget_s = minutes * 60
+    max_steps = None if max_passes is None else max(1, math.ceil(max_passes * len(batches)))
     start = time.perf_counter()
     steps = 0
+    stopped_by = "time"
     losses, anchor_losses, ce_losses = [], [], []
     try:
-        while time.perf_counter() - start < budget_s:
+        while time.perf_counter() - start < budget_s and stopped_by == "time":
             for bi in torch.randperm(len(batches), generator=gen).tolist():
-                frac = (time.perf_counter() - start) / budget_s
+                time_frac = (time.perf_counter() - start) / budget_s
+                step_frac = steps / max_steps if max_steps is not None else 0.0
+                frac = max(time_frac, step_frac)
                 if frac >= 1:
+                    stopped_by = "passes" if step_frac > time_frac else "time"
                     break
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * (1 - frac)
@@ -1258,6 +1274,8 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
             p.requires_grad_(flag)
     k = max(1, min(5, len(losses)))
     rec = {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "precision": precision,
+           **({"max_passes": max_passes, "max_steps": max_steps, "stopped_by": stopped_by}
+              if max_steps is not None else {}),
            "device": device_name(device), **({"precision_asked": asked} if asked != precision else {}),
            "teacher_forwards": replay.live - live, "teacher_replays": replay.replayed - replayed,
            "loss_step1": losses[0] if losses else math.nan,
@@ -1308,13 +1326,14 @@ def _stages(loaded: LoadedModel, teacher: LoadedModel, module: nn.Module, E: tor
         replay = TeacherReplay(teacher)       # one for both stages: 1b's batches serve stage 2
         hidden = _train_against_teacher(loaded, teacher, groups, batches, cfg.hidden_minutes,
                                         cfg.seed, "hidden", f"{label} stage 1b", anchor=anchor,
-                                        precision=cfg.precision, device=device, replay=replay)
+                                        precision=cfg.precision, device=device, replay=replay,
+                                        max_passes=cfg.max_passes)
         output = _train_against_teacher(loaded, teacher, groups, batches, cfg.distill_minutes,
                                         cfg.seed + 1, "output", f"{label} stage 2",
                                         hidden_weight=cfg.distill_hidden_weight, anchor=anchor,
                                         precision=cfg.precision, device=device,
                                         relation_weight=cfg.distill_relation_weight, replay=replay,
-                                        ce_weight=cfg.distill_ce_weight)
+                                        ce_weight=cfg.distill_ce_weight, max_passes=cfg.max_passes)
     module.requires_grad_(False)          # the new table ships frozen
     extra = sum(p.numel() for g in groups[1:] for p in g["params"])
     return {"stage1_hidden": hidden, "stage2_distill": output, "teacher_replay": replay.record(),
@@ -1380,7 +1399,8 @@ def adapt_dense(loaded: LoadedModel, config: EmbeddingStages, calib: Calibration
     """The reference for a stage 2 that reads the calibration text's labels (distill_ce_weight):
     the unfactored model trained with stage 2's loss against a copy of itself, every weight at
     scope_lr, for hidden_minutes + distill_minutes (stage 1b has nothing to match in a model
-    that is its own teacher, so its minutes go to stage 2), on config.device and precision. The
+    that is its own teacher, so its minutes go to stage 2, and with max_passes its passes: at
+    most 2 x max_passes), on config.device and precision. The
     gain it shows is what the text's domain is worth to any model; returns the stage record."""
     config.validate()
     _check_losses_fit(loaded, config)
@@ -1394,7 +1414,8 @@ def adapt_dense(loaded: LoadedModel, config: EmbeddingStages, calib: Calibration
                                      hidden_weight=config.distill_hidden_weight,
                                      precision=config.precision, device=device,
                                      relation_weight=config.distill_relation_weight,
-                                     ce_weight=config.distill_ce_weight)
+                                     ce_weight=config.distill_ce_weight,
+                                     max_passes=None if config.max_passes is None else 2 * config.max_passes)
     loaded.model.requires_grad_(False)
     return rec
 

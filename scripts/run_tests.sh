@@ -2,8 +2,9 @@
 # The test suite, as `make test` and CI run it (2 cores): every test not marked `serial` on two
 # pytest-xdist workers (whole files per worker, so module fixtures are built once; longest files
 # first, tests/conftest.py: LONGEST_FIRST), then the
-# `serial` tests alone: they train for a wall-clock budget and assert the quality it reaches, which
-# a neighbour on the same cores would change. pytest's "no tests collected" (exit 5) fails here.
+# `serial` tests alone: they measure something a neighbour on the same cores would change (the
+# QEMU instruction count's repeatability; training tests cap their steps instead, so they run in
+# the parallel part). pytest's "no tests collected" (exit 5) fails here.
 # PF_TEST_WORKERS overrides the worker count (1 runs everything in one process, in file order).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -26,7 +26,7 @@ STS_DEV = SHARED / "stsbenchmark" / "sts-dev.csv"
 # wall time on its worker, scripts/suite_timeline.py): a long file that starts last would leave the
 # other worker idle at the end (pytest-xdist's own order is by test count). Files not listed
 # follow in collection order.
-LONGEST_FIRST = ["test_see_tiny.py", "test_export_tiny.py", "test_layered_prune_real.py",
+LONGEST_FIRST = ["test_see_real.py", "test_see_tiny.py", "test_export_tiny.py", "test_layered_prune_real.py",
                  "test_gptq.py", "test_minilm_build.py", "test_rotate.py", "test_native_generate.py",
                  "test_android_demo.py", "test_see_tier_real.py", "test_smollm2.py", "test_grid.py",
                  "test_combined_recipe.py",

@@ -49,19 +49,24 @@ def test_smollm2_personalized_two_layers(tmp_path):
     assert pruned <= 1.03 * shortgpt, (pruned, shortgpt)
 
 
-@pytest.mark.serial          # 1 minute of distillation: run alone, the steps it buys set the quality
 def test_minilm_two_layers_with_recovery(tmp_path):
-    """2 of 6 layers removed, 1 minute of distillation on the calibration half of STS dev."""
+    """2 of 6 layers removed, distillation on the calibration half of STS dev capped at one pass
+    over its 24 batches in all (12 steps after each of the 2 steps; the 10 minutes are never
+    reached), so the quality does not depend on the machine or a neighbour on its cores.
+    Measured 0.9936x dense at one pass, 0.9867x at two (one thread, beside another job)."""
     loaded = load_model("minilm")
     ev = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0.5:1"))
     dense = evaluate(loaded, "sts", ev).value
     cal = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0:0.5"))
     cfg = parse_params(get_method("layered-prune"), {
-        "remove_layers": 2, "steps": 2, "recovery": "distill", "recovery_minutes": 1.0, "lr": 1e-4,
-        "bootstrap": 200})
-    run_step(loaded, "layered-prune", cfg, Calibration(cal, seq_len=128, max_samples=750, batch_size=32))
+        "remove_layers": 2, "steps": 2, "recovery": "distill", "recovery_minutes": 10.0,
+        "recovery_max_passes": 1.0, "lr": 1e-4, "bootstrap": 200})
+    rec = run_step(loaded, "layered-prune", cfg,
+                   Calibration(cal, seq_len=128, max_samples=750, batch_size=32))
     pruned = evaluate(loaded, "sts", ev).value
     assert len(loaded.adapter.layers(loaded.model)) == 4
+    assert [s["recovery"]["steps"] for s in rec["details"]["steps"]] == [12, 12]
+    assert all(s["recovery"]["stopped_by"] == "passes" for s in rec["details"]["steps"])
     assert pruned >= 0.97 * dense, (pruned, dense)
 
 

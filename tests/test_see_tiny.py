@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -742,6 +743,7 @@ def test_train_scope_decides_what_moves_beside_the_table(method, scope, tiny_ber
     (["--distill-hidden-weight", "-1"], "distill_hidden_weight"),
     (["--distill-relation-weight", "-1"], "distill_relation_weight"),
     (["--distill-ce-weight", "-1"], "distill_ce_weight"),
+    (["--max-passes", "0"], "max_passes"),
     (["--train-scope", "layers"], "train_scope"),
     (["--row-anchor", "-0.5"], "row_anchor"),
     (["--row-anchor", "1", "--anchor-rows", "0"], "anchor_rows"),
@@ -1021,6 +1023,36 @@ def test_see_stages_run_the_teacher_once_per_batch(tiny_llama_2l, small_text):
         assert rec["teacher_forwards"] + rec["teacher_replays"] == rec["steps"]
     assert d["teacher_replay"]["live"] == n and d["teacher_replay"]["batches_kept"] == n
     assert d["teacher_replay"]["replayed"] == one["steps"] + two["steps"] - n
+
+
+def test_max_passes_ends_each_stage_after_its_passes_and_repeats(tiny_llama_2l, small_text):
+    """max_passes P with minutes to spare: stages 1b and 2 each stop after ceil(P x batches)
+    steps (stopped by passes, not time), the learning rate decays over those steps, and two
+    runs give the same table up to float rounding: the result does not depend on the machine's
+    speed. (Not to the bit: the schedule follows whichever of time and steps is further along,
+    and at step 0, before any step, that is the clock's few microseconds.)"""
+    from pocketformer.compress.see import EmbedSVDConfig, adapt_dense
+
+    calib = Calibration(load_for("text", DataSpec.parse(small_text)), seq_len=32, max_samples=8,
+                        batch_size=4)
+    tables = []
+    for _ in range(2):
+        loaded = load_model(tiny_llama_2l)
+        n = len(calib.inputs(loaded))
+        cfg = parse_params(get_method("see"), {"ratio": 4, "reconstruct_steps": 5, "max_passes": 1.5,
+                                               "hidden_minutes": 5, "distill_minutes": 5})
+        d = run_step(loaded, "see", cfg, calib)["details"]
+        for rec in (d["stage1_hidden"], d["stage2_distill"]):
+            assert rec["steps"] == rec["max_steps"] == math.ceil(1.5 * n), rec
+            assert rec["stopped_by"] == "passes" and rec["seconds"] < 60, rec
+        tables.append([t.detach().clone() for t in loaded.adapter.embeddings(loaded.model).parameters()])
+    for a, b in zip(*tables):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # dense-adapted: stage 1b's passes go to its one stage, as its minutes do
+    loaded = load_model(tiny_llama_2l)
+    cfg = EmbedSVDConfig(hidden_minutes=5, distill_minutes=5, distill_ce_weight=1.0, max_passes=0.5)
+    rec = adapt_dense(loaded, cfg, calib)
+    assert rec["steps"] == rec["max_steps"] == math.ceil(2 * 0.5 * n) and rec["stopped_by"] == "passes"
 
 
 def test_see_ratios_benchmark_rows_with_the_next_token_loss_and_the_dense_reference(tiny_llama_2l,
