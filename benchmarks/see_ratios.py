@@ -102,6 +102,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--hidden-minutes", type=float, default=0.5)
     p.add_argument("--distill-minutes", type=float, default=2.0)
+    p.add_argument("--max-passes", type=float, default=None,
+                   help="stages 1b and 2 each stop after this many passes over the calibration "
+                        "batches even with minutes left (see/embed-svd max_passes)")
     p.add_argument("--eval-max-windows", type=int, default=32)
     p.add_argument("--distill-hidden-weight", type=float, default=0.0,
                    help="stage 2 adds this x the last-hidden-state loss (both methods)")
@@ -185,7 +188,8 @@ def main() -> int:
             method, extra = METHODS.get(name, ("embed-svd", {}))
             loaded = load_model(a.model)
             params = {"ratio": ratio, "hidden_minutes": a.hidden_minutes,
-                      "distill_minutes": a.distill_minutes, "frequency_weight": a.frequency_weight,
+                      "distill_minutes": a.distill_minutes, "max_passes": a.max_passes,
+                      "frequency_weight": a.frequency_weight,
                       "distill_hidden_weight": a.distill_hidden_weight, "row_anchor": a.row_anchor,
                       "distill_relation_weight": a.distill_relation_weight,
                       "distill_ce_weight": a.distill_ce_weight,

@@ -26,12 +26,12 @@ STS_DEV = SHARED / "stsbenchmark" / "sts-dev.csv"
 # wall time on its worker, scripts/suite_timeline.py): a long file that starts last would leave the
 # other worker idle at the end (pytest-xdist's own order is by test count). Files not listed
 # follow in collection order.
-LONGEST_FIRST = ["test_see_real.py", "test_see_tiny.py", "test_export_tiny.py", "test_layered_prune_real.py",
-                 "test_gptq.py", "test_minilm_build.py", "test_rotate.py", "test_native_generate.py",
-                 "test_android_demo.py", "test_see_tier_real.py", "test_smollm2.py", "test_grid.py",
-                 "test_combined_recipe.py",
-                 "test_native_runners.py", "test_bench_targets.py", "test_layered_prune_tiny.py",
-                 "test_export_real.py", "test_llm_race.py"]
+LONGEST_FIRST = ["test_see_tiny.py", "test_see_real.py", "test_layered_prune_real.py",
+                 "test_export_tiny.py", "test_gptq.py", "test_minilm_build.py", "test_rotate.py",
+                 "test_smollm2.py", "test_android_demo.py", "test_grid.py", "test_see_tier_real.py",
+                 "test_native_generate.py", "test_native_runners.py", "test_bench_targets.py",
+                 "test_combined_recipe.py", "test_see_metric_real.py", "test_layered_prune_tiny.py",
+                 "test_llm_race.py", "test_export_real.py"]
 
 
 def _timeline(event: str, nodeid: str) -> None:
@@ -99,6 +99,24 @@ def built_once(name: str, tmp_path_factory, build) -> Path:
             build(part)
             part.rename(done)
     return done
+
+
+@pytest.fixture(scope="session")
+def dense_minilm_sts(tmp_path_factory) -> float:
+    """The real MiniLM's STS Spearman on STS-B dev pairs 751-1500 (the held-out half every
+    real-MiniLM quality test scores on): computed once for the suite (built_once), since it is
+    the same number in every file that compares with it."""
+    import json
+
+    def build(out: Path) -> None:
+        from pocketformer.data import DataSpec, load_for
+        from pocketformer.evaluation import evaluate
+        from pocketformer.models import load_model
+
+        value = evaluate(load_model("minilm"), "sts", load_for("pairs", DataSpec.parse(f"{STS_DEV}@0.5:1"))).value
+        (out / "value.json").write_text(json.dumps(value))
+
+    return json.loads((built_once("dense_minilm_sts", tmp_path_factory, build) / "value.json").read_text())
 
 
 @pytest.fixture(scope="session")

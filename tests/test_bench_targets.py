@@ -81,6 +81,10 @@ def test_qemu_instruction_counts_repeat_and_match_host_outputs(arts, tmp_path):
         # of 5 runs on 2026-12-03; MiniLM: 5e-7, docs/runtime_bench.md)
         tol = 1e-3 if a["format"] == "pte" else 3e-2
         assert ia > 1e5 and abs(ia - ib) / ia < tol, (a["artifact"], ia, ib)
+        # each of the two counted runs was made twice; the fewer main-thread instructions kept
+        counted = a["device"]["instructions_counted"]
+        assert [len(c) for c in counted["main_thread_repeats"]] == [2, 2]
+        assert counted["main_thread"] == [min(c) for c in counted["main_thread_repeats"]]
         vals = np.array(a["outputs"][0]["values"])
         assert np.abs(vals - expected[:vals.size]).max() < 1e-4
 
