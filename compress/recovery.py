@@ -502,6 +502,22 @@ def distill(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
                                lowrank=lowrank)
 
 
+def steps_for_passes(max_passes: float | None, batches: int) -> int | None:
+    """The step cap of `max_passes` passes over `batches` batches (at least 1); None: no cap."""
+    return None if max_passes is None else max(1, math.ceil(max_passes * batches))
+
+
+def schedule_progress(elapsed: float, budget_s: float, steps: int, max_steps: int | None
+                      ) -> tuple[float, str | None]:
+    """How far a training budget is through its schedule: the larger of the share of the time
+    spent and, with a step cap, the share of the steps made; and, once that reaches 1, what
+    ended it ("passes" when the steps got there first, else "time"), None before."""
+    time_frac = elapsed / budget_s if budget_s > 0 else 1.0
+    step_frac = steps / max_steps if max_steps is not None else 0.0
+    frac = max(time_frac, step_frac)
+    return frac, (("passes" if step_frac > time_frac else "time") if frac >= 1.0 else None)
+
+
 def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], batches,
                     opts: DistillOptions, *, label: str,
                     targets: TeacherTargets | None, lowrank: LowRank | None) -> dict:
@@ -523,8 +539,7 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
     if opts.max_passes is not None and not opts.max_passes > 0:
         raise BadInputError("must be > 0 (passes over the calibration batches)",
                             field="recovery_max_passes")
-    max_steps = (max(1, math.ceil(opts.max_passes * len(train))) if opts.max_passes is not None
-                 else None)
+    max_steps = steps_for_passes(opts.max_passes, len(train))
     device = torch.device(opts.device)
     precision = resolve_precision(opts.precision, device, label)
     torch.manual_seed(opts.seed)
@@ -606,11 +621,8 @@ def _distill_placed(loaded: LoadedModel, teacher: LoadedModel, kept: list[int], 
             for bi in order:
                 elapsed = time.perf_counter() - start
                 # progress through the schedule: time spent, or passes made when capped
-                time_frac = elapsed / budget if budget > 0 else 1.0
-                pass_frac = steps / max_steps if max_steps is not None else 0.0
-                frac = max(time_frac, pass_frac)
-                if frac >= 1.0:
-                    stopped_by = "passes" if pass_frac > time_frac else "time"
+                frac, stopped_by = schedule_progress(elapsed, budget, steps, max_steps)
+                if stopped_by is not None:
                     raise StopIteration
                 if held and frac >= next_check:
                     check_held()

@@ -35,7 +35,7 @@ from pocketformer.models.factored import (EntangledEmbedding, ExactRows, Factore
 from pocketformer.compress.recovery import (TeacherReplay, _kd_loss, _layer_outputs_hooks,
                                              check_device, check_precision, device_name,
                                              next_token_loss, on_device, resolve_precision,
-                                             student_autocast)
+                                             schedule_progress, steps_for_passes, student_autocast)
 from pocketformer.compress.registry import Calibration, register
 from pocketformer.errors import BadInputError
 from pocketformer.models import LoadedModel, layer_hidden
@@ -1218,19 +1218,17 @@ def _train_against_teacher(loaded: LoadedModel, teacher: LoadedModel, groups: li
     opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
     budget_s = minutes * 60
-    max_steps = None if max_passes is None else max(1, math.ceil(max_passes * len(batches)))
+    max_steps = steps_for_passes(max_passes, len(batches))
     start = time.perf_counter()
     steps = 0
-    stopped_by = "time"
+    stopped_by = None
     losses, anchor_losses, ce_losses = [], [], []
     try:
-        while time.perf_counter() - start < budget_s and stopped_by == "time":
+        while stopped_by is None:
             for bi in torch.randperm(len(batches), generator=gen).tolist():
-                time_frac = (time.perf_counter() - start) / budget_s
-                step_frac = steps / max_steps if max_steps is not None else 0.0
-                frac = max(time_frac, step_frac)
-                if frac >= 1:
-                    stopped_by = "passes" if step_frac > time_frac else "time"
+                frac, stopped_by = schedule_progress(time.perf_counter() - start, budget_s, steps,
+                                                     max_steps)
+                if stopped_by is not None:
                     break
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * (1 - frac)

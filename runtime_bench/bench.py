@@ -125,6 +125,7 @@ def bench_qemu(artifact: Path, cpu: str, cfg: BenchConfig, *, inputs: str | None
         raw_inputs, shapes = _raw_inputs(artifact, inputs, tmp)
         runs, counts = {}, {}
         for label, timed in (("a", 1), ("b", 1 + n)):
+            made = []
             for repeat in range(QEMU_REPEATS):
                 out = tmp / f"{label}{repeat}.json"
                 cmd = runner_command(bundle.binary, artifact.resolve(), raw_inputs, warmup=0,
@@ -134,9 +135,10 @@ def bench_qemu(artifact: Path, cpu: str, cfg: BenchConfig, *, inputs: str | None
                     kind = BadInputError if run.returncode == 2 else RuntimeFailure
                     raise kind(f"{bundle.binary.name} exited {run.returncode} under QEMU: "
                                f"{run.stderr.strip()[-800:]}", file=str(artifact), device=device)
-                counts.setdefault(label, []).append(run.main_thread_instructions)
-                if label not in runs or _main_count(run) < _main_count(runs[label][0]):
-                    runs[label] = (run, json.loads(out.read_text()))
+                made.append((run, out))
+            counts[label] = [run.main_thread_instructions for run, _ in made]
+            run, out = min(made, key=lambda m: _main_count(m[0]))     # the first of equal counts
+            runs[label] = (run, json.loads(out.read_text()))
         (run_a, _), (run_b, raw) = runs["a"], runs["b"]
         per_inf = qemu.per_inference(run_a, run_b, 1, 1 + n, main_thread=True)
         base = qemu.baseline(cpu)
