@@ -26,6 +26,7 @@ from pocketformer.export.parity import compare
 from pocketformer.export.quantize import (HEAD_SCHEMES, SCHEMES, QuantPlan, check_plan, quantize_for_executorch,
                                           quantize_onnx_dynamic, xnnpack_int4_per_channel)
 from pocketformer.export.runtimes import open_artifact, open_generator
+from pocketformer.export.xnnpack_passes import lean_xnnpack_passes
 
 FORMATS = ("onnx", "pte")
 QUANTIZATIONS = SCHEMES
@@ -325,7 +326,7 @@ def export_pte(module, inputs, path: Path, cfg: ExportConfig, *, dynamic_shapes=
             with xnnpack_form(module) if forward_form else contextlib.nullcontext() as form:
                 ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes,
                                          strict=False)
-            with xnnpack_int4_per_channel():
+            with xnnpack_int4_per_channel(), lean_xnnpack_passes() as passes:
                 edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
             report = delegation_report(edge.exported_program().graph_module)
             share = report.flops_share
@@ -355,6 +356,7 @@ def export_pte(module, inputs, path: Path, cfg: ExportConfig, *, dynamic_shapes=
                "non_delegated_ops": sorted(report.portable_ops)}
     if form:
         details["forward_form"] = form
+    details["xnnpack_passes"] = passes.to_dict()
     if cfg.etrecord:
         et_path = Path(f"{path}.etrecord")
         from executorch.devtools import generate_etrecord

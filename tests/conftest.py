@@ -31,7 +31,7 @@ LONGEST_FIRST = ["test_see_tiny.py", "test_see_real.py", "test_layered_prune_rea
                  "test_smollm2.py", "test_android_demo.py", "test_grid.py", "test_see_tier_real.py",
                  "test_native_generate.py", "test_native_runners.py", "test_bench_targets.py",
                  "test_combined_recipe.py", "test_see_metric_real.py", "test_layered_prune_tiny.py",
-                 "test_llm_race.py", "test_export_real.py"]
+                 "test_llm_race.py", "test_xnnpack_passes.py", "test_export_real.py"]
 
 
 def _timeline(event: str, nodeid: str) -> None:

@@ -106,6 +106,11 @@ def test_minilm_gptq_is_closer_to_fp32_and_the_shipped_file_keeps_sts(tmp_path):
     assert plan["gptq"]["relative_output_error_gptq"] < 0.7 * plan["gptq"]["relative_output_error_rtn"]
     assert plan["skipped"] == [] and plan["embeddings"].startswith("int8")
     assert rec.size_bytes < 0.3 * 4 * sum(p.numel() for p in loaded.model.parameters())
+    # lowered with the XNNPACK passes that have nothing to rewrite in it skipped
+    # (export/xnnpack_passes.py); the STS checks below are on that file
+    passes = rec.details["xnnpack_passes"]
+    assert {"FuseBatchNormPass", "ConvertToSDPAPass"} <= set(passes["skipped"]), passes
+    assert {"ConvertToLinearPass", "ConstPropPass"} <= set(passes["ran"]), passes
 
     held_out = load_for("pairs", DataSpec.parse(f"{STS_DEV}@0.5:0.7"))
     enc = loaded.tokenizer(held_out.sentences()[:128], padding=True, return_tensors="pt")
