@@ -42,8 +42,10 @@ class Block(nn.Module):
 
 
 class Convs(nn.Module):
-    """The operators the skipped passes look for: batch norm after a convolution, ReLU after a
-    convolution, padding, max pooling, bilinear upsampling, PReLU and a cat of six inputs."""
+    """Operators the skipped passes look for: batch norm after a convolution, ReLU after a
+    convolution, padding, bilinear upsampling and a cat of six inputs. (PReLU and max pooling
+    reach XNNPACK's partition in other forms, a `where` and `max_pool2d`, so their passes stay
+    skipped here too, and the bytes still match.)"""
 
     def __init__(self):
         super().__init__()
