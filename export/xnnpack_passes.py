@@ -47,6 +47,7 @@ def _calls(graph):
     return [n for n in graph.nodes if n.op == "call_function"]
 
 
+@functools.lru_cache(maxsize=1)
 def _operator_rules() -> dict:
     """Pass name -> whether its `call` finds something to rewrite in a graph: the node tests
     of its loop, read from ExecuTorch's sources (backends/xnnpack/_passes/*.py and
@@ -103,15 +104,10 @@ def _pattern_targets(name: str) -> tuple[frozenset, ...]:
     return tuple(frozenset(n.target for n in _calls(gm.graph)) for gm in _pattern_passes()[name]())
 
 
-@functools.lru_cache(maxsize=1)
-def _rules() -> dict:
-    return _operator_rules()
-
-
 def needed(pass_name: str, graph) -> bool:
     """Whether the XNNPACK pass `pass_name` can change `graph` (a torch.fx.Graph). A pass this
     module has no rule for is always needed."""
-    rules = _rules()
+    rules = _operator_rules()
     if pass_name in rules:
         return rules[pass_name](graph)
     if pass_name in _pattern_passes():
@@ -123,11 +119,11 @@ def needed(pass_name: str, graph) -> bool:
 class PassLog:
     """What `lean_xnnpack_passes` ran and skipped, and the seconds the passes took."""
 
-    def __init__(self):
+    def __init__(self, lean: bool):
+        self.lean = lean          # whether passes were skipped at all
         self.ran: dict[str, int] = {}
         self.skipped: dict[str, int] = {}
         self.seconds = 0.0
-        self.lean = False
 
     def to_dict(self) -> dict:
         return {"ran": dict(self.ran), "skipped": dict(self.skipped),
@@ -147,8 +143,7 @@ def lean_xnnpack_passes(enabled: bool | None = None):
     from executorch.exir.pass_base import ExportPass
     from executorch.exir.program._program import _transform
 
-    log = PassLog()
-    log.lean = enabled
+    log = PassLog(lean=enabled)
     original = XNNPACKPassManager.transform
 
     def transform(self):
